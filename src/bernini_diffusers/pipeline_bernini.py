@@ -1,0 +1,705 @@
+"""BerniniPipeline: the Bernini-R renderer (every task type and guidance mode) as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from . import media
+from .guidance import GUIDANCE_SPECS, Combo, Guidance
+from .tasks import (
+    DEFAULT_NEGATIVE_PROMPT,
+    TASKS,
+    GuidanceMode,
+    Need,
+    TaskSpec,
+    TaskType,
+    parse_guidance_mode,
+    parse_task_type,
+)
+from .text import encode_texts, positive_text, restore_tokenizer_pipeline
+from .transformer_bernini import BerniniTransformer3DModel, assign_source_ids
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+TRANSFORMER_FOLDERS = ("transformer", "transformer_2")
+
+
+def default_scheduler() -> UniPCMultistepScheduler:
+    """The renderer's sampler: UniPC (order 2, bh2) on flow sigmas, from the config shipped with the package."""
+    config = json.loads(resources.files(__package__).joinpath("scheduler_config/scheduler_config.json").read_text())
+    return UniPCMultistepScheduler.from_config(config)
+
+
+def official_flow_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The official (diffusers 0.35) unshifted flow sigmas `0.999 * (N - i) / N`; diffusers 0.42 uses another grid."""
+    n = num_inference_steps
+    return 0.999 * (n - np.arange(n)) / n
+
+
+@dataclass
+class BerniniPipelineOutput(BaseOutput):
+    r"""
+    Output of [`BerniniPipeline`].
+
+    Args:
+        frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
+            The decoded frames, `(batch_size, num_frames, height, width, 3)` for `"np"`, `(batch_size, num_frames, 3,
+            height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latent
+            `(1, 16, latent_frames, height / 8, width / 8)`.
+        fps (`float`):
+            The frame rate the frames were sampled at; `save` writes the video at it.
+    """
+
+    frames: Any
+    fps: float = 16
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the first result: a PNG for one frame, an H.264 MP4 at `fps` otherwise. Returns the path written."""
+        frames = self.frames
+        if isinstance(frames, torch.Tensor):
+            if frames.ndim == 5 and frames.shape[-1] != 3 and frames.shape[2] != 3:
+                raise ValueError("`save` needs decoded frames; this output holds latents (output_type='latent').")
+            frames = frames[0].permute(0, 2, 3, 1).float().cpu().numpy()  # (T, C, H, W) -> (T, H, W, C)
+        else:
+            frames = frames[0]
+        return media.write_output(frames, path, self.fps)
+
+
+@dataclass
+class _Conditions:
+    """Clean condition latents of one combo, in sequence order, with their source ids."""
+
+    latents: list[torch.Tensor]
+    ids: list[float]
+
+    def key(self) -> tuple:
+        return tuple((id(latent), source_id) for latent, source_id in zip(self.latents, self.ids))
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value))
+
+
+def _split_videos(video: Any) -> list[Any]:
+    """`video` as a list of videos: a path, decoded frames, or a list of either."""
+    if video is None:
+        return []
+    if _is_path(video) or isinstance(video, (np.ndarray, torch.Tensor)):
+        return [video]
+    if isinstance(video, (list, tuple)) and video:
+        first = video[0]
+        if isinstance(first, PIL.Image.Image) or (isinstance(first, np.ndarray) and first.ndim == 3):
+            return [list(video)]  # the frames of one video
+        return list(video)
+    raise ValueError(
+        f"`video`={video!r} is not supported; pass a path, a list of paths, or decoded frames "
+        "(a list of PIL images or a uint8 array [T, H, W, 3])."
+    )
+
+
+class BerniniPipeline(DiffusionPipeline):
+    r"""
+    The Bernini-R renderer: text-to-image, image editing, text-to-video, video editing, reference-to-video,
+    reference+video editing and ad insertion with one model, numerically equal to the official renderer.
+
+    Args:
+        tokenizer ([`~transformers.T5Tokenizer`]):
+            The UMT5 tokenizer; its stored `tokenizer.json` normalizer is kept (transformers 5 would drop it).
+        text_encoder ([`~transformers.UMT5EncoderModel`]):
+            The UMT5-XXL encoder.
+        vae ([`AutoencoderKLWan`]):
+            The Wan VAE; it runs in float32.
+        scheduler ([`UniPCMultistepScheduler`]):
+            UniPC on flow sigmas. `flow_shift` is set per call.
+        transformer ([`BerniniTransformer3DModel`]):
+            The high-noise expert (the only one of the 1.3B model).
+        transformer_2 ([`BerniniTransformer3DModel`], *optional*):
+            The low-noise expert; `None` for the single-expert 1.3B model.
+        boundary_ratio (`float`, *optional*, defaults to 0.875):
+            Steps whose integer timestep is `>= boundary_ratio * num_train_timesteps` use `transformer`, the others
+            `transformer_2`.
+        max_trained_src_id (`int`, defaults to 5):
+            The largest source id seen in training.
+        interpolate_src_id (`bool`, defaults to `True`):
+            Spread the ids of a combo with more sources than `max_trained_src_id` over `[1, max_trained_src_id]`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
+    _optional_components = ["transformer_2"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vae: AutoencoderKLWan,
+        scheduler: UniPCMultistepScheduler,
+        transformer: BerniniTransformer3DModel,
+        transformer_2: BerniniTransformer3DModel | None = None,
+        boundary_ratio: float | None = 0.875,
+        max_trained_src_id: int = 5,
+        interpolate_src_id: bool = True,
+    ):
+        super().__init__()
+        for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
+            if expert is not None and not isinstance(expert, BerniniTransformer3DModel):
+                raise ValueError(
+                    f"`{name}` must be a BerniniTransformer3DModel, got {type(expert).__name__}; load the weights "
+                    "with `BerniniTransformer3DModel.from_pretrained(...)` (the checkpoints are Wan-compatible)."
+                )
+        restore_tokenizer_pipeline(tokenizer)
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+        )
+        self.register_to_config(
+            boundary_ratio=boundary_ratio, max_trained_src_id=max_trained_src_id, interpolate_src_id=interpolate_src_id
+        )
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> BerniniPipeline:
+        r"""
+        Load a Bernini-R (or Wan2.2 / Wan2.1) diffusers folder or Hub repo, with Bernini experts and a float32 VAE.
+
+        Accepted layouts: a `model_index.json` (ours, or `WanPipeline` naming `WanTransformer3DModel`), or the same
+        folders with a root `config.json` of `model_type: bernini_renderer`. `torch_dtype` (or `dtype`) applies to
+        the experts and the text encoder; the VAE always loads in float32.
+        """
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+        hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+        if (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            root_config = {}
+        elif (path / "config.json").is_file():
+            index = None
+            root_config = json.loads((path / "config.json").read_text())
+            if root_config.get("model_type") != "bernini_renderer":
+                raise ValueError(
+                    f"{str(path)!r} has a config.json with model_type={root_config.get('model_type')!r}; expected "
+                    "'bernini_renderer' (or a model_index.json)."
+                )
+        else:
+            raise ValueError(
+                f"{str(path)!r} is not a diffusers model folder: it has neither model_index.json nor a config.json "
+                "of model_type 'bernini_renderer'."
+            )
+
+        model_kwargs = {k: kwargs[k] for k in ("variant", "low_cpu_mem_usage") if k in kwargs}
+        experts = {}
+        for name in TRANSFORMER_FOLDERS:
+            listed = index is None or (index.get(name) or [None])[0] is not None
+            skipped = name == "transformer_2" and root_config.get("skip_transformer_2", False)
+            if name in kwargs:
+                experts[name] = kwargs.pop(name)
+            elif listed and not skipped and (path / name / "config.json").is_file():
+                experts[name] = BerniniTransformer3DModel.from_pretrained(
+                    path, subfolder=name, torch_dtype=dtype, **model_kwargs
+                )
+            else:
+                experts[name] = None
+        if experts["transformer"] is None:
+            raise ValueError(f"{str(path)!r} has no `transformer/` folder.")
+        vae = kwargs.pop("vae", None) or AutoencoderKLWan.from_pretrained(
+            path, subfolder="vae", torch_dtype=torch.float32, **model_kwargs
+        )
+
+        if index is not None:
+            for key in hub_keys:
+                kwargs.pop(key, None)
+            if dtype is not None:
+                kwargs["torch_dtype"] = dtype
+            if experts["transformer_2"] is None:
+                kwargs.setdefault("boundary_ratio", None)
+            return super().from_pretrained(path, vae=vae, **experts, **kwargs)
+
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        tokenizer = kwargs.pop("tokenizer", None) or AutoTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = kwargs.pop("text_encoder", None) or UMT5EncoderModel.from_pretrained(
+            path / "text_encoder", dtype=dtype
+        )
+        scheduler = kwargs.pop("scheduler", None)
+        if scheduler is None:
+            has_scheduler = (path / "scheduler" / "scheduler_config.json").is_file()
+            scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler") if has_scheduler else None
+            scheduler = scheduler or default_scheduler()
+        boundary = root_config.get("switch_dit_boundary", 0.875)
+        return cls(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder.eval(),
+            vae=vae,
+            scheduler=scheduler,
+            transformer=experts["transformer"],
+            transformer_2=experts["transformer_2"],
+            boundary_ratio=boundary if experts["transformer_2"] is not None and boundary else None,
+            max_trained_src_id=root_config.get("max_trained_src_id", 5),
+            interpolate_src_id=root_config.get("interpolate_src_id", True),
+        )
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def check_inputs(
+        self,
+        spec: TaskSpec,
+        prompt,
+        negative_prompt,
+        system_prompt,
+        videos: list,
+        image,
+        images,
+        num_frames,
+        height,
+        width,
+        max_image_size,
+        fps,
+        num_inference_steps,
+        flow_shift,
+        scalars: dict[str, Any],
+        norm_threshold,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        """Validate every argument before any model work; each error names the argument, the value and what is allowed."""
+        task = spec.task.value
+        if not isinstance(prompt, str):
+            raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+        for name, value in (("negative_prompt", negative_prompt), ("system_prompt", system_prompt)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"`{name}` must be a string or None, got {type(value).__name__}.")
+
+        def need(name: str, rule: Need, given: bool, takes: str):
+            if rule is Need.NO and given:
+                raise ValueError(f"`{name}` is not accepted by task_type={task!r}; {takes}.")
+            if rule is Need.REQUIRED and not given:
+                raise ValueError(f"task_type={task!r} requires `{name}`; {takes}.")
+
+        takes = _describe_inputs(spec)
+        need("video", spec.video, bool(videos), takes)
+        need("image", spec.image, image is not None, takes)
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise ValueError(f"`images` must be a list of paths or PIL images, got {type(images).__name__}.")
+        need("images", spec.images, bool(images), takes)
+        low, high = spec.num_videos
+        if videos and not low <= len(videos) <= high:
+            expected = f"{low}" if low == high else f"{low} to {high}"
+            raise ValueError(f"task_type={task!r} takes {expected} video(s) in `video`, got {len(videos)}.")
+
+        def integer(name: str, value, minimum: int, maximum: int | None = None):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum or (
+                maximum is not None and value > maximum
+            ):
+                bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+                raise ValueError(f"`{name}`={value!r} must be an integer {bound}.")
+
+        rope_len = self.transformer.config.rope_max_seq_len
+        integer("num_frames", num_frames, 1, (rope_len - 1) * self.vae_scale_factor_temporal + 1)
+        max_pixels = rope_len * self.vae_scale_factor_spatial * 2
+        integer("height", height, 16, max_pixels)
+        integer("width", width, 16, max_pixels)
+        integer("max_image_size", max_image_size, 16, max_pixels)
+        integer("num_inference_steps", num_inference_steps, 1, 1000)
+        for name, value in (("fps", fps), ("flow_shift", flow_shift)):
+            if not _is_real(value) or value <= 0:
+                raise ValueError(f"`{name}`={value!r} must be a positive number.")
+        for name, value in scalars.items():
+            if not _is_real(value):
+                raise ValueError(f"`{name}`={value!r} must be a finite number.")
+        thresholds = [norm_threshold] if not isinstance(norm_threshold, (list, tuple)) else list(norm_threshold)
+        if not thresholds or not all(_is_real(v) and v >= 0 for v in thresholds):
+            raise ValueError(
+                f"`norm_threshold`={norm_threshold!r} must be a number >= 0 or a non-empty list of them (0 disables)."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(
+                f"`generator` must be a CPU torch.Generator (the official noise is drawn on the CPU), got one on "
+                f"{generator.device}."
+            )
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor or None, got {type(latents).__name__}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type`={output_type!r} is not supported; choose one of: {', '.join(OUTPUT_TYPES)}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+
+    def load_media(
+        self, videos: list, image, images, max_image_size: int, fps: float, num_frames: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """Read, sample and resize every input as upstream does: pixel tensors `[3, T, H, W]` in [-1, 1]."""
+        video_pixels = [
+            media.load_video(v, max_image_size, fps, num_frames, argument="video" if len(videos) == 1 else f"video[{i}]")
+            for i, v in enumerate(videos)
+        ]
+        image_pixels = None if image is None else media.load_image(image, max_image_size, argument="image")
+        reference_pixels = [
+            media.load_image(img, max_image_size, argument=f"images[{i}]") for i, img in enumerate(images or [])
+        ]
+        return video_pixels, image_pixels, reference_pixels
+
+    def output_geometry(
+        self, spec: TaskSpec, video_pixels, image_pixels, num_frames: int, height: int, width: int
+    ) -> tuple[int, int, int]:
+        """(frames, height, width): the first video's, else the source image's, else the arguments' (SPEC 2.3)."""
+        frames = num_frames
+        if video_pixels:
+            frames, height, width = video_pixels[0].shape[1:]
+        elif image_pixels is not None:
+            height, width = image_pixels.shape[2:]
+        if spec.is_image:
+            frames = 1
+        frames = (frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        return frames, media.make_divisible(height), media.make_divisible(width)
+
+    # ------------------------------------------------------------------------------------------------ encoders
+
+    def encode_prompt(self, positive: str, negative: str, device: torch.device, dtype: torch.dtype):
+        """Embeddings `[1, 512, D]` of the positive text (already prefixed and cleaned) and the raw negative text."""
+        positive_embeds = encode_texts(self.tokenizer, self.text_encoder, [positive], device, dtype)
+        negative_embeds = encode_texts(self.tokenizer, self.text_encoder, [negative], device, dtype)
+        return positive_embeds, negative_embeds
+
+    def _latents_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(shape).to(device)
+        std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(shape).to(device)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_condition(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """VAE `mode()` of one clip or image `[3, T, H, W]`, normalised: `[1, 16, T_lat, H/8, W/8]` float32."""
+        vae_device = get_module_execution_device(self.vae)
+        latent = self.vae.encode(pixels[None].to(vae_device, self.vae.dtype)).latent_dist.mode().float()
+        mean, std = self._latents_stats(latent.device)
+        return ((latent - mean) / std).to(device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        vae_device = get_module_execution_device(self.vae)
+        mean, std = self._latents_stats(vae_device)
+        latents = latents.to(vae_device, torch.float32) * std + mean
+        video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.video_processor.postprocess_video(video.float(), output_type=output_type)
+
+    def prepare_latents(self, shape: tuple[int, ...], generator, latents, device: torch.device) -> torch.Tensor:
+        """The initial noise, drawn in float32 on the CPU with `generator` (the first and only draw), then moved."""
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
+        return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32).to(device)
+
+    def build_conditions(self, video_latents, image_latent, reference_latents) -> dict[Combo, _Conditions]:
+        """The condition streams of each combo (SPEC 3.5) with their source ids, videos first."""
+        def with_ids(latents: list[torch.Tensor]) -> _Conditions:
+            ids = assign_source_ids(len(latents), self.config.max_trained_src_id, self.config.interpolate_src_id)
+            return _Conditions(list(latents), ids)
+
+        everything = [*video_latents, *([image_latent] if image_latent is not None else []), *reference_latents]
+        return {
+            Combo.NONE: _Conditions([], []),
+            Combo.V: with_ids(video_latents[:1]),
+            Combo.I: with_ids(reference_latents),
+            Combo.VI: with_ids(everything),
+        }
+
+    def plan_steps(
+        self, timesteps: list[int], omegas: dict[str, float], omega_scale: float, num_train_timesteps: int
+    ) -> list[tuple[int, dict[str, float]]]:
+        """Per step: which expert (0 high, 1 low) and which guidance weights, decided before the loop.
+
+        `t >= boundary` (on the integer timestep) uses the high-noise expert. At the first low-noise step the weights
+        are multiplied by `omega_scale`, once; they stay scaled to the end. A single expert never rescales.
+        """
+        two_experts = self.transformer_2 is not None and self.config.boundary_ratio is not None
+        boundary = self.config.boundary_ratio * num_train_timesteps if two_experts else None
+        plan, scaled = [], False
+        for t in timesteps:
+            expert = 1 if two_experts and t < boundary else 0
+            if expert == 1 and not scaled:
+                omegas = {name: value * omega_scale for name, value in omegas.items()}
+                scaled = True
+            plan.append((expert, omegas))
+        return plan
+
+    def _scheduler_for_call(self, flow_shift: float):
+        config = dict(self.scheduler.config)
+        shift_key = "flow_shift" if "flow_shift" in config else "shift"
+        return type(self.scheduler).from_config(config, **{shift_key: flow_shift})
+
+    # ------------------------------------------------------------------------------------------------ call
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str = None,
+        task_type: str | TaskType = "t2v",
+        video: Any = None,
+        image: str | os.PathLike | PIL.Image.Image | None = None,
+        images: Sequence[str | os.PathLike | PIL.Image.Image] | None = None,
+        negative_prompt: str | None = None,
+        system_prompt: str | None = None,
+        guidance_mode: str | GuidanceMode | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 848,
+        max_image_size: int = 848,
+        fps: float = 16,
+        num_inference_steps: int = 40,
+        flow_shift: float = 5.0,
+        omega_vid: float = 1.25,
+        omega_img: float = 4.5,
+        omega_txt: float = 4.0,
+        omega_scale: float = 0.8,
+        eta: float = 0.5,
+        momentum: float = 0.0,
+        norm_threshold: float | Sequence[float] = 50.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> BerniniPipelineOutput | tuple:
+        r"""
+        Run the Bernini-R renderer.
+
+        Args:
+            prompt (`str`):
+                What to generate or how to edit. The task's system prefix is prepended (no separator) after cleaning.
+            task_type (`str` or `TaskType`, defaults to `"t2v"`):
+                One of `t2i`, `t2v`, `i2i`, `v2v`, `mv2v`, `r2v`, `rv2v`, `ads2v`.
+            video (`str`, `list[str]` or frames, *optional*):
+                The source video (v2v, mv2v, rv2v) or `[source, insert]` (ads2v): paths, or decoded frames (a list of
+                PIL images or a uint8 array `[T, H, W, 3]`, taken to be at `fps`).
+            image (`str` or `PIL.Image.Image`, *optional*):
+                The source image of i2i.
+            images (`list[str | PIL.Image.Image]`, *optional*):
+                Reference images (r2v, rv2v; optional for i2i and ads2v).
+            negative_prompt (`str`, *optional*):
+                Tokenized raw, with no prefix and no cleaning. `None` uses the default Wan negative prompt.
+            system_prompt (`str`, *optional*):
+                The prefix of the positive prompt. `None` uses the task's.
+            guidance_mode (`str` or `GuidanceMode`, *optional*):
+                One of `t2v`, `t2v_apg`, `v2v`, `v2v_apg`, `v2v_chain`, `r2v_apg`, `rv2v`. `None` uses the task's default.
+            num_frames (`int`, defaults to 81):
+                Frames of a generated video; for video inputs, the cap on the frames taken from the source (4k+1).
+            height (`int`, defaults to 480):
+                Output height when no video or source image sets it.
+            width (`int`, defaults to 848):
+                Output width when no video or source image sets it.
+            max_image_size (`int`, defaults to 848):
+                Long-side limit of the input media (never upscaled; sizes snap to multiples of 16).
+            fps (`float`, defaults to 16):
+                The rate source videos are resampled to, and the output video's rate.
+            num_inference_steps (`int`, defaults to 40):
+                Denoising steps.
+            flow_shift (`float`, defaults to 5.0):
+                The flow shift of the UniPC sigmas, for this call.
+            omega_vid (`float`, defaults to 1.25):
+                Weight of the video condition (rv2v, v2v_chain).
+            omega_img (`float`, defaults to 4.5):
+                Weight of the image/reference condition (rv2v, r2v_apg).
+            omega_txt (`float`, defaults to 4.0):
+                Weight of the text.
+            omega_scale (`float`, defaults to 0.8):
+                Multiplies the omegas once, at the first low-noise step (two-expert models only).
+            eta (`float`, defaults to 0.5):
+                APG weight of the component parallel to the conditional prediction.
+            momentum (`float`, defaults to 0.0):
+                APG momentum.
+            norm_threshold (`float` or `list[float]`, defaults to 50.0):
+                APG per-frame norm clamp (0 disables); a list gives one value per APG link.
+            generator (`torch.Generator`, *optional*):
+                A CPU generator for the initial noise.
+            latents (`torch.Tensor`, *optional*):
+                Initial noise `[1, 16, T_lat, H/8, W/8]` instead of drawing it.
+            output_type (`str`, defaults to `"np"`):
+                `"np"`, `"pil"`, `"pt"`, or `"latent"` for the final normalised latent.
+            return_dict (`bool`, defaults to `True`):
+                Return a [`BerniniPipelineOutput`] instead of a tuple.
+            attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after each step.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors passed in `callback_kwargs`.
+
+        Returns:
+            [`BerniniPipelineOutput`] or `tuple`: the frames (or latent) and the fps.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs and read the media, before any model work.
+        task = parse_task_type(task_type)
+        spec = TASKS[task]
+        mode = spec.default_guidance_mode if guidance_mode is None else parse_guidance_mode(guidance_mode)
+        videos = _split_videos(video)
+        omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
+        scalars = {**omegas, "omega_scale": omega_scale, "eta": eta, "momentum": momentum}
+        self.check_inputs(
+            spec, prompt, negative_prompt, system_prompt, videos, image, images, num_frames, height, width,
+            max_image_size, fps, num_inference_steps, flow_shift, scalars, norm_threshold, generator, latents,
+            output_type, callback_on_step_end_tensor_inputs,
+        )
+        if spec.is_image:
+            num_frames = 1
+        video_pixels, image_pixels, reference_pixels = self.load_media(
+            videos, image, images, max_image_size, fps, num_frames
+        )
+        frames, height, width = self.output_geometry(spec, video_pixels, image_pixels, num_frames, height, width)
+
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        # 2. Encode the text: the positive with the task prefix, the negative raw.
+        positive = positive_text(prompt, task, system_prompt)
+        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(positive, negative, device, dtype)
+
+        # 3. Encode the conditions, each on its own, and group them into the combos guidance uses.
+        guidance = Guidance(mode, eta=eta, momentum=momentum, norm_threshold=norm_threshold)
+        video_latents = [self.encode_condition(p, device) for p in video_pixels]
+        image_latent = None if image_pixels is None else self.encode_condition(image_pixels, device)
+        reference_latents = [self.encode_condition(p, device) for p in reference_pixels]
+        combos = self.build_conditions(video_latents, image_latent, reference_latents)
+
+        # 4. Timesteps with the official flow sigmas and this call's shift.
+        scheduler = self._scheduler_for_call(flow_shift)
+        if scheduler.config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(sigmas=official_flow_sigmas(num_inference_steps), device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        sigmas = list(scheduler.sigmas.to(torch.float32).unbind(0))  # 0-dim float32 tensors
+        self._num_timesteps = len(timesteps)
+
+        # 5. The initial noise.
+        latent_shape = (
+            1,
+            self.transformer.config.in_channels,
+            (frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        latents = self.prepare_latents(latent_shape, generator, latents, device)
+
+        # 6. Decide each step's expert and weights, and which branches are the same forward.
+        plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
+        experts = (self.transformer, self.transformer_2)
+        branches = [(combos[b.combo], b.positive) for b in GUIDANCE_SPECS[mode].branches]
+        branch_keys = [(conditions.key(), positive) for conditions, positive in branches]
+
+        # 7. Denoising loop.
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                expert_index, weights = plan[i]
+                model = experts[expert_index]
+                model_input = latents.to(dtype)
+                timestep = t.expand(1)
+                outputs: dict[tuple, torch.Tensor] = {}
+                for (conditions, positive), key in zip(branches, branch_keys):
+                    if key in outputs:  # identical inputs (e.g. V == none without a video): one forward serves both
+                        continue
+                    outputs[key] = model(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds if positive else negative_prompt_embeds,
+                        condition_latents=conditions.latents or None,
+                        condition_source_ids=conditions.ids or None,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                branch_outputs = [outputs[key] for key in branch_keys]
+                link_weights = [weights[name] for name in guidance.spec.weights]
+                noise_pred = guidance(latents, branch_outputs, link_weights, sigmas[i])
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+
+        # 8. Decode.
+        if output_type == "latent":
+            result = latents
+        else:
+            result = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (result,)
+        return BerniniPipelineOutput(frames=result, fps=fps)
+
+
+def _describe_inputs(spec: TaskSpec) -> str:
+    parts = []
+    for name, rule in (("video", spec.video), ("image", spec.image), ("images", spec.images)):
+        if rule is not Need.NO:
+            parts.append(f"`{name}` ({rule.value})")
+    return f"it takes {', '.join(parts)}" if parts else "it takes text only"

@@ -1,0 +1,216 @@
+"""Tiny offline Bernini-R components, built in code, for tests, docs, benchmarks and `--model tiny`.
+
+Random weights with fixed seeds; the two experts get different seeds; head_dim is 128 as in the real models so the
+RoPE splits (44/42/42) and the source-id phase are exercised as they are at full size. No file is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tasks import DEFAULT_NEGATIVE_PROMPT
+from .transformer_bernini import BerniniTransformer3DModel
+
+TINY_TEXT_DIM = 32
+HIGH_NOISE_SEED, LOW_NOISE_SEED = 1, 2
+
+
+def _vocabulary() -> list[tuple[str, float]]:
+    """A Unigram vocabulary: specials, ASCII pieces, and the CJK characters of the default negative prompt."""
+    ascii_chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'\"-:;()&"
+    # The full-width comma is deliberately absent: only the NFKC normalizer turns it into ",".
+    cjk = sorted({c for c in DEFAULT_NEGATIVE_PROMPT if ord(c) > 0x2E80 and c != "，"})
+    pieces = ["▁" + c for c in ascii_chars] + list(ascii_chars) + cjk + ["▁"]
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - 0.001 * i) for i, p in enumerate(pieces)]
+
+
+def save_tiny_tokenizer(directory: str | os.PathLike) -> Path:
+    """Write a UMT5-style tokenizer folder (`tokenizer.json` with an NFKC normalizer, T5 config) to `directory`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.Unigram(_vocabulary(), unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "extra_ids": 0,
+        "model_max_length": 512,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def tiny_tokenizer():
+    """The tiny tokenizer, loaded the way transformers loads the real UMT5 folder, with its stored pipeline restored."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from .text import restore_tokenizer_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_tokenizer(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        restore_tokenizer_pipeline(tokenizer, Path(tmp) / "tokenizer.json")
+    tokenizer.name_or_path = "bernini-tiny"
+    return tokenizer
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+
+
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TINY_TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+
+
+def tiny_transformer(seed: int = HIGH_NOISE_SEED, **overrides) -> BerniniTransformer3DModel:
+    torch.manual_seed(seed)
+    return BerniniTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, **overrides}).eval()
+
+
+def tiny_scheduler():
+    from .pipeline_bernini import default_scheduler
+
+    return default_scheduler()
+
+
+def get_tiny_components(two_experts: bool = True) -> dict:
+    """Components for `BerniniPipeline(**components)`: the 14B layout (two experts) or the 1.3B one (one expert)."""
+    tokenizer = tiny_tokenizer()
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": tiny_text_encoder(len(tokenizer)),
+        "vae": tiny_vae(),
+        "scheduler": tiny_scheduler(),
+        "transformer": tiny_transformer(HIGH_NOISE_SEED),
+        "transformer_2": tiny_transformer(LOW_NOISE_SEED) if two_experts else None,
+        "boundary_ratio": 0.875 if two_experts else None,
+    }
+
+
+def tiny_pipeline(two_experts: bool = True):
+    from .pipeline_bernini import BerniniPipeline
+
+    return BerniniPipeline(**get_tiny_components(two_experts))
+
+
+def save_tiny_pretrained(directory: str | os.PathLike, layout: str = "wan", two_experts: bool = True) -> Path:
+    """Write a tiny model in a Hub layout.
+
+    `layout="wan"`: `Wan-AI/Wan2.2-T2V-A14B-Diffusers` style, a `model_index.json` naming `WanPipeline` and
+    `WanTransformer3DModel`. `layout="bernini"`: the same folders with a root `config.json` of
+    `model_type: bernini_renderer` instead of a model index. `layout="diffusers"`: `save_pretrained` of the
+    pipeline itself.
+    """
+    directory = Path(directory)
+    pipe = tiny_pipeline(two_experts)
+    pipe.save_pretrained(directory)
+    if layout == "diffusers":
+        return directory
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if layout == "wan":
+        index["_class_name"] = "WanPipeline"
+        for name in ("transformer", "transformer_2"):
+            if index.get(name, [None])[0] is not None:
+                index[name] = ["diffusers", "WanTransformer3DModel"]
+        index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+        index["expand_timesteps"] = False
+        index_path.write_text(json.dumps(index, indent=2))
+    elif layout == "bernini":
+        index_path.unlink()
+        config = {
+            "model_type": "bernini_renderer",
+            "shift": 3.0,
+            "switch_dit_boundary": 0.875 if two_experts else 0,
+            "skip_transformer_2": not two_experts,
+            "use_unipc": True,
+            "use_src_id_rotary_emb": True,
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        raise ValueError(f"`layout`={layout!r} is not supported; choose one of: wan, bernini, diffusers.")
+    # The real folders ship a T5 tokenizer config; transformers 5 rebuilds it without the stored normalizer.
+    save_tiny_tokenizer(directory / "tokenizer")
+    for name in ("transformer", "transformer_2"):
+        config_path = directory / name / "config.json"
+        if config_path.exists():
+            config = json.loads(config_path.read_text())
+            config["_class_name"] = "WanTransformer3DModel"
+            config_path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def make_test_image(path: str | os.PathLike, width: int = 48, height: int = 32, seed: int = 0) -> Path:
+    """A small random RGB PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_test_video(
+    path: str | os.PathLike, num_frames: int = 9, width: int = 48, height: int = 32, fps: float = 16, seed: int = 0
+) -> Path:
+    """A small MP4 of smooth random frames."""
+    from .media import write_output
+
+    rng = np.random.default_rng(seed)
+    base = rng.random((height, width, 3))
+    frames = np.stack([np.clip(base + 0.05 * t, 0, 1) for t in range(num_frames)])
+    return write_output(frames, path, fps)

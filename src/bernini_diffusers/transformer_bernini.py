@@ -1,0 +1,159 @@
+"""BerniniTransformer3DModel: diffusers' Wan transformer plus Bernini-R's multi-stream conditioning.
+
+The checkpoints are key-identical to `WanTransformer3DModel`; Bernini-R adds no weight. What it adds (SPEC section 3):
+clean condition latents (source videos, reference images) are patch-embedded one stream at a time and placed before
+the noisy target in one sequence with full attention and one timestep for all tokens; each stream gets its own 3D
+RoPE grid from (0, 0, 0) rotated by a constant source-id phase; the output keeps the target tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+
+def assign_source_ids(num_sources: int, max_trained_src_id: int = 5, interpolate: bool = True) -> list[float]:
+    """Source ids 1..n of the condition streams; past `max_trained_src_id` they are spread over [1, max] instead."""
+    if num_sources > max_trained_src_id and interpolate:
+        return torch.linspace(1.0, float(max_trained_src_id), num_sources, dtype=torch.float64).tolist()
+    return [float(i) for i in range(1, num_sources + 1)]
+
+
+def source_id_phase(source_id: float, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angles `s * theta^(-2k/head_dim)` of the 1-D RoPE over the whole head at position s, one per pair k (float64)."""
+    k = torch.arange(0, head_dim, 2, dtype=torch.float64)
+    return source_id * theta ** (-k / head_dim)
+
+
+def rotate_rope(freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, source_id: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the source-id phase to every pair's angle of diffusers' interleaved real RoPE (`[1, L, 1, D]` each)."""
+    head_dim = freqs_cos.shape[-1]
+    # pair k sits at positions 2k and 2k+1 of diffusers' repeat-interleaved layout: (D/2,) -> (D,)
+    phase = source_id_phase(source_id, head_dim).repeat_interleave(2).to(freqs_cos.device)
+    cos64, sin64 = freqs_cos.double(), freqs_sin.double()
+    # cos(a+b), sin(a+b): the complex product exp(i a) * exp(i b), in float64 as upstream
+    cos = cos64 * phase.cos() - sin64 * phase.sin()
+    sin = sin64 * phase.cos() + cos64 * phase.sin()
+    return cos.to(freqs_cos.dtype), sin.to(freqs_sin.dtype)
+
+
+class BerniniTransformer3DModel(WanTransformer3DModel):
+    r"""
+    The Bernini-R renderer expert: a [`WanTransformer3DModel`] that also attends to clean condition latents.
+
+    Called with `WanTransformer3DModel`'s own arguments and no conditions it is exactly `WanTransformer3DModel`.
+    With `condition_latents` (each `[B, C, T_i, H_i, W_i]`, any size) and their `condition_source_ids`, the streams
+    are packed before the target and the prediction for the target alone is returned.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        condition_latents: Sequence[torch.Tensor] | None = None,
+        condition_source_ids: Sequence[float] | None = None,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, num_channels, num_frames, height, width)`):
+                The noisy target latent.
+            timestep (`torch.LongTensor` of shape `(batch_size,)`):
+                The timestep, shared by the target and every condition token.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, sequence_len, text_dim)`):
+                The text embeddings.
+            encoder_hidden_states_image (`torch.Tensor`, *optional*):
+                Image embeddings of Wan's I2V models; only accepted without conditions.
+            return_dict (`bool`, defaults to `True`):
+                Whether to return a [`~models.modeling_outputs.Transformer2DModelOutput`] instead of a tuple.
+            attention_kwargs (`dict`, *optional*):
+                Passed through as in `WanTransformer3DModel`.
+            condition_latents (`list[torch.Tensor]`, *optional*):
+                Clean condition latents, each `(batch_size or 1, num_channels, frames_i, height_i, width_i)`, packed in
+                this order before the target.
+            condition_source_ids (`list[float]`, *optional*):
+                The source id of each condition stream (the target's is 0). Fractional ids are allowed.
+        """
+        if not condition_latents:
+            return super().forward(
+                hidden_states,
+                timestep,
+                encoder_hidden_states,
+                encoder_hidden_states_image=encoder_hidden_states_image,
+                return_dict=return_dict,
+                attention_kwargs=attention_kwargs,
+            )
+        if condition_source_ids is None or len(condition_source_ids) != len(condition_latents):
+            raise ValueError(
+                f"`condition_source_ids` must give one id per condition latent ({len(condition_latents)}), "
+                f"got {condition_source_ids!r}."
+            )
+        if encoder_hidden_states_image is not None:
+            raise ValueError("`encoder_hidden_states_image` cannot be combined with `condition_latents`.")
+        if timestep.ndim != 1:
+            raise ValueError(f"`timestep` must hold one value per sample, got shape {tuple(timestep.shape)}.")
+
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        dtype = self.patch_embedding.weight.dtype
+
+        # 1. Patch-embed each stream on its own; conditions first, the target last.
+        streams = [*condition_latents, hidden_states]
+        source_ids = [*condition_source_ids, 0.0]
+        tokens, rope_cos, rope_sin = [], [], []
+        for latent, source_id in zip(streams, source_ids):
+            latent = latent.to(dtype).expand(batch_size, -1, -1, -1, -1)
+            freqs_cos, freqs_sin = self.rope(latent)  # (1, L_i, 1, D) each, grid from (0, 0, 0)
+            if source_id != 0:
+                freqs_cos, freqs_sin = rotate_rope(freqs_cos, freqs_sin, float(source_id))
+            rope_cos.append(freqs_cos)
+            rope_sin.append(freqs_sin)
+            # (B, C, T, H, W) -> (B, inner, T', H', W') -> (B, L_i, inner)
+            tokens.append(self.patch_embedding(latent).flatten(2).transpose(1, 2))
+        hidden = torch.cat(tokens, dim=1).contiguous()  # (B, sum L_i, inner)
+        rotary_emb = (torch.cat(rope_cos, dim=1), torch.cat(rope_sin, dim=1))
+        num_target_tokens = tokens[-1].shape[1]
+
+        # 2. One timestep embedding for all tokens, and the text.
+        temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6 * inner) -> (B, 6, inner)
+
+        # 3. Full attention over every stream.
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden = self._gradient_checkpointing_func(block, hidden, encoder_hidden_states, timestep_proj, rotary_emb)
+            else:
+                hidden = block(hidden, encoder_hidden_states, timestep_proj, rotary_emb)
+
+        # 4. Keep the target tokens, then the output head.
+        output = self._output_head(hidden[:, -num_target_tokens:], temb, grid)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _output_head(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Modulated norm, projection and unpatchify: (B, L, inner) -> (B, C_out, T, H, W)."""
+        batch_size = hidden.shape[0]
+        p_t, p_h, p_w = self.config.patch_size
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = shift.to(hidden.device), scale.to(hidden.device)
+        hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = self.proj_out(hidden)  # (B, L, p_t * p_h * p_w * C_out)
+        # (B, T', H', W', p_t, p_h, p_w, C) -> (B, C, T', p_t, H', p_h, W', p_w) -> (B, C, T, H, W)
+        hidden = hidden.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
+        hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def num_tokens(latent_shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:
+    """Tokens of one stream of latent shape `(..., T, H, W)`."""
+    return math.prod(size // patch for size, patch in zip(latent_shape[-3:], patch_size))

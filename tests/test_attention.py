@@ -137,17 +137,17 @@ def test_missing_package_is_import_error_and_wrong_gpu_is_runtime_error(monkeypa
 
 
 def test_import_does_not_import_flash_attn(tmp_path):
-    # Installed-looking stand-ins: importing either one would show up in sys.modules.
-    (tmp_path / "flash_attn.py").write_text("")
-    (tmp_path / "flash_attn_interface.py").write_text("")
+    # Installed-looking stand-ins that fail loudly if anything imports them at package import time.
+    for name in ("flash_attn", "flash_attn_interface"):
+        (tmp_path / f"{name}.py").write_text("raise RuntimeError('imported at import time')\n")
     code = (
         "import sys, importlib.util\n"
         "assert importlib.util.find_spec('flash_attn') is not None\n"
-        "import bernini_diffusers.attention\n"
+        "import bernini_diffusers, bernini_diffusers.attention\n"
         "bad = [m for m in ('flash_attn', 'flash_attn_interface') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    env = {"PYTHONPATH": f"{tmp_path}:{SRC}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{tmp_path}:{SRC}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

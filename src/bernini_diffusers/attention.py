@@ -92,8 +92,10 @@ def _auto() -> tuple[str, str]:
     return "sdpa", "auto: no flash-attn installed"
 
 
-def resolve_attention_backend(name: str | None = None) -> str:
+def resolve_attention_backend(name: str | None = None, dtype: torch.dtype | None = None) -> str:
     """The concrete backend name ("sdpa", "fa2" or "fa3") for ``name``, the env var, or "auto".
+
+    ``dtype`` is the model's: flash kernels take only fp16/bf16, so ``auto`` keeps float32 models on sdpa.
 
     Raises ValueError for an unknown name, and ImportError or RuntimeError (with the install line) when an
     explicitly requested backend cannot run here.
@@ -108,7 +110,9 @@ def resolve_attention_backend(name: str | None = None) -> str:
     choice = raw.strip().lower()
     if choice not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {source}={raw!r}; expected one of {', '.join(ATTENTION_BACKENDS)}")
-    if choice == "auto":
+    if choice == "auto" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        choice, why = "sdpa", f"auto: {str(dtype).replace('torch.', '')} weights"
+    elif choice == "auto":
         choice, why = _auto()
     else:
         if (err := _unusable(choice)) is not None:
@@ -138,7 +142,7 @@ def set_attention_backend(model: torch.nn.Module, name: str | None = None) -> st
 
     Note that diffusers also makes the backend its process-wide active one.
     """
-    choice = resolve_attention_backend(name)
+    choice = resolve_attention_backend(name, getattr(model, "dtype", None))
     with _quiet_diffusers_modeling():
         model.set_attention_backend(_DIFFUSERS_NAMES[choice])
     return choice

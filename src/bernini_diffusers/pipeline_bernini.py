@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 
 from . import media
+from .attention import set_attention_backend
 from .guidance import GUIDANCE_SPECS, Combo, Guidance
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -183,6 +184,19 @@ class BerniniPipeline(DiffusionPipeline):
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self.set_attention_backend()
+
+    def set_attention_backend(self, name: str | None = None) -> str:
+        """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"` or `"fa3"`.
+
+        `None` reads `BERNINI_ATTENTION_BACKEND`, else `"auto"` (FA3 on Hopper, else FA2, else SDPA; float32
+        experts stay on SDPA). A backend that is chosen but missing raises with its install line.
+        """
+        choice = None
+        for expert in (self.transformer, self.transformer_2):
+            if expert is not None:
+                choice = set_attention_backend(expert, name)
+        return choice
 
     # ------------------------------------------------------------------------------------------------ loading
 

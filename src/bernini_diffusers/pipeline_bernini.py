@@ -234,7 +234,8 @@ class BerniniPipeline(DiffusionPipeline):
                 "of model_type 'bernini_renderer'."
             )
 
-        model_kwargs = {k: kwargs[k] for k in ("variant", "low_cpu_mem_usage") if k in kwargs}
+        config = index if index is not None else root_config
+        model_kwargs = {k: kwargs.pop(k) for k in ("variant", "low_cpu_mem_usage") if k in kwargs}
         experts = {}
         for name in TRANSFORMER_FOLDERS:
             listed = index is None or (index.get(name) or [None])[0] is not None
@@ -253,37 +254,36 @@ class BerniniPipeline(DiffusionPipeline):
             path, subfolder="vae", torch_dtype=torch.float32, **model_kwargs
         )
 
-        if index is not None:
-            for key in hub_keys:
-                kwargs.pop(key, None)
-            if dtype is not None:
-                kwargs["torch_dtype"] = dtype
-            if experts["transformer_2"] is None:
-                kwargs.setdefault("boundary_ratio", None)
-            return super().from_pretrained(path, vae=vae, **experts, **kwargs)
+        import transformers
 
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        tokenizer = kwargs.pop("tokenizer", None) or AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = kwargs.pop("text_encoder", None) or UMT5EncoderModel.from_pretrained(
-            path / "text_encoder", dtype=dtype
-        )
+        tokenizer = kwargs.pop("tokenizer", None) or transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = kwargs.pop("text_encoder", None)
+        if text_encoder is None:
+            encoder_class = (config.get("text_encoder") or [None, "UMT5EncoderModel"])[1]
+            text_encoder = getattr(transformers, encoder_class).from_pretrained(path / "text_encoder", dtype=dtype)
         scheduler = kwargs.pop("scheduler", None)
-        if scheduler is None:
-            has_scheduler = (path / "scheduler" / "scheduler_config.json").is_file()
-            scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler") if has_scheduler else None
-            scheduler = scheduler or default_scheduler()
-        boundary = root_config.get("switch_dit_boundary", 0.875)
+        if scheduler is None and (path / "scheduler" / "scheduler_config.json").is_file():
+            scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler")
+        if index is not None:
+            boundary = index.get("boundary_ratio", 0.875)
+        else:
+            boundary = root_config.get("switch_dit_boundary", 0.875) or None
+        if experts["transformer_2"] is None:
+            boundary = None
+        for key in hub_keys:
+            kwargs.pop(key, None)
+        if kwargs:
+            raise ValueError(f"BerniniPipeline.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
         return cls(
             tokenizer=tokenizer,
             text_encoder=text_encoder.eval(),
             vae=vae,
-            scheduler=scheduler,
+            scheduler=scheduler or default_scheduler(),
             transformer=experts["transformer"],
             transformer_2=experts["transformer_2"],
-            boundary_ratio=boundary if experts["transformer_2"] is not None and boundary else None,
-            max_trained_src_id=root_config.get("max_trained_src_id", 5),
-            interpolate_src_id=root_config.get("interpolate_src_id", True),
+            boundary_ratio=boundary,
+            max_trained_src_id=config.get("max_trained_src_id", 5),
+            interpolate_src_id=config.get("interpolate_src_id", True),
         )
 
     # ------------------------------------------------------------------------------------------------ inputs
@@ -691,7 +691,12 @@ class BerniniPipeline(DiffusionPipeline):
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

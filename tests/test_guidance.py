@@ -254,7 +254,7 @@ def test_chained_apg_one_link(mode, momentum):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
         # float64 inputs: the math runs in float64; the result goes to the scheduler as float32 (SPEC 7.2),
         # so it must be the float64 reference rounded to float32 (within one float32 ulp).
-        out64 = guidance64([x.double() for x in (latents,)][0], [o.double() for o in outputs], [w], sigma)
+        out64 = guidance64(latents.double(), [o.double() for o in outputs], [w], sigma)
         assert out64.dtype == torch.float32
         torch.testing.assert_close(out64, expected.float(), rtol=1.2e-7, atol=1e-10)
 
@@ -535,40 +535,39 @@ def _apg_float32_path(x, neg, pos, w, sigma, eta=0.5, tau=50.0):
     return ((x - (x0_u + w * out)) / sigma).float()
 
 
-def test_pipeline_loop_t2v_cfg(tiny_pipe):
-    latents = _initial_latents()
-    result = _run_pipe(tiny_pipe, "t2v", latents)
-    expected, _ = _hand_loop(tiny_pipe, latents, _cfg)
-    assert result.dtype == torch.float32
-    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
-
-
-def test_pipeline_loop_t2v_apg(tiny_pipe):
-    latents = _initial_latents()
-    result = _run_pipe(tiny_pipe, "t2v_apg", latents)
-    expected, _ = _hand_loop(tiny_pipe, latents, _apg_float32_path)
-    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
-    # the float64 reference: float32 x-space rounding (~1e-6 per step, over 1/sigma) is the only difference
-    expected64, _ = _hand_loop(tiny_pipe, latents, _apg)
-    torch.testing.assert_close(result, expected64, rtol=0, atol=1e-5)
-    # the two modes really differ on these inputs
-    cfg_result = _run_pipe(tiny_pipe, "t2v", latents)
-    assert not torch.allclose(cfg_result, result, atol=1e-4)
-
-
-@pytest.mark.parametrize(("mode", "combine"), [("t2v", _cfg), ("t2v_apg", _apg_float32_path)])
-def test_callback_on_step_end_sees_each_steps_latents(tiny_pipe, mode, combine):
-    """`callback_on_step_end` gets the latents after every step (the documented default tensor input)."""
-    latents = _initial_latents()
+def _run_with_callback(pipe, mode, latents):
     recorded = []
 
     def callback(pipe, i, t, callback_kwargs):
         recorded.append((i, int(t), callback_kwargs["latents"].clone()))
         return {}
 
-    result = _run_pipe(tiny_pipe, mode, latents, callback=callback)
-    expected, history = _hand_loop(tiny_pipe, latents, combine)
-    assert [(i, t) for i, t, _ in recorded] == [(0, 999), (1, 833)]
-    for (_, _, got), exp in zip(recorded, history):
+    result = _run_pipe(pipe, mode, latents, callback=callback)
+    assert [(i, t) for i, t, _ in recorded] == [(0, 999), (1, 833)]  # high expert, then low expert
+    return result, [x for _, _, x in recorded]
+
+
+def test_pipeline_loop_t2v_cfg(tiny_pipe):
+    latents = _initial_latents()
+    result, recorded = _run_with_callback(tiny_pipe, "t2v", latents)
+    expected, history = _hand_loop(tiny_pipe, latents, _cfg)
+    for got, exp in zip(recorded, history):  # after every step, via callback_on_step_end
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-6)
+    assert result.dtype == torch.float32
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+def test_pipeline_loop_t2v_apg(tiny_pipe):
+    latents = _initial_latents()
+    result, recorded = _run_with_callback(tiny_pipe, "t2v_apg", latents)
+    expected, history = _hand_loop(tiny_pipe, latents, _apg_float32_path)
+    for got, exp in zip(recorded, history):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-6)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+    # the float64 reference: float32 x-space rounding (~1e-6 per step, over 1/sigma) is the only difference
+    expected64, _ = _hand_loop(tiny_pipe, latents, _apg)
+    torch.testing.assert_close(result, expected64, rtol=0, atol=1e-5)
+    # CFG and APG really differ on these inputs, so the check above tells them apart
+    cfg_expected, _ = _hand_loop(tiny_pipe, latents, _cfg)
+    assert not torch.allclose(cfg_expected, result, atol=1e-4)

@@ -330,3 +330,23 @@ def test_model_cpu_offload_keeps_one_expert_on_the_gpu():
 
     pipe("x", task_type="t2v", callback_on_step_end=callback, generator=_gen(), **SMALL)
     assert all("cpu" in pair for pair in devices)
+
+
+def test_tiny_bf16_casts_like_from_pretrained(tmp_path):
+    save_tiny_pretrained(tmp_path / "wan", layout="wan")
+    loaded = BerniniPipeline.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16)
+    built = tiny_pipeline(torch_dtype=torch.bfloat16)
+    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
+        loaded_dtypes = {k: v.dtype for k, v in getattr(loaded, name).state_dict().items()}
+        built_dtypes = {k: v.dtype for k, v in getattr(built, name).state_dict().items()}
+        assert loaded_dtypes == built_dtypes, name
+
+
+def test_validate_call_checks_without_a_model(tmp_path):
+    BerniniPipeline.validate_call(prompt="x", task_type="t2v")
+    with pytest.raises(FileNotFoundError, match="video"):
+        BerniniPipeline.validate_call(prompt="x", task_type="v2v", video=str(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match="num_frames"):
+        BerniniPipeline.validate_call(prompt="x", task_type="t2v", num_frames=0)
+    with pytest.raises(ValueError, match="images"):
+        BerniniPipeline.validate_call(prompt="x", task_type="r2v")

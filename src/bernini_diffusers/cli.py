@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .tasks import TASKS, GuidanceMode, Need, TaskSpec, TaskType
 
-# The `BerniniPipeline.__call__` arguments the CLI passes through unchanged (same names, same defaults).
+# The `BerniniPipeline.__call__` arguments that have a same-named flag and are passed on by name.
 CALL_ARGUMENTS = (
     "prompt", "task_type", "video", "image", "images", "negative_prompt", "system_prompt", "guidance_mode",
     "num_frames", "height", "width", "max_image_size", "fps", "num_inference_steps", "flow_shift",
@@ -66,7 +66,7 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", "--config", dest="model", required=True, metavar="PATH|REPO|tiny",
-        help=f"diffusers folder or Hub repo of the weights; '{TINY_MODEL}' builds a random tiny model (noise, for tests)",
+        help=f"diffusers folder or Hub repo of the weights; '{TINY_MODEL}': a random tiny model (noise, for tests)",
     )
     model.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bf16 on an accelerator, fp32 on CPU)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -145,10 +145,7 @@ def load_pipeline(args: argparse.Namespace):
     if args.model == TINY_MODEL:
         from .testing import tiny_pipeline
 
-        pipe = tiny_pipeline()
-        for part in (pipe.text_encoder, pipe.transformer, pipe.transformer_2):  # the VAE stays float32
-            if part is not None and part.dtype != dtype:
-                part.to(dtype)
+        pipe = tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
         print(f"note: --model {TINY_MODEL} has random weights; its output is noise.", file=sys.stderr)
     else:
         pipe = BerniniPipeline.from_pretrained(args.model, torch_dtype=dtype)
@@ -169,9 +166,12 @@ def generate(args: argparse.Namespace) -> Path:
 
     from . import media
 
-    pipe = load_pipeline(args)
+    from .pipeline_bernini import BerniniPipeline
+
     kwargs = {name: getattr(args, name) for name in CALL_ARGUMENTS}
     kwargs["system_prompt"] = args.system_prompt or None  # the official CLI's "" means the task's own prefix
+    BerniniPipeline.validate_call(**kwargs)  # fail on bad input before loading the weights
+    pipe = load_pipeline(args)
     out = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
     return media.write_output(out.frames[0], args.output, out.fps)
 

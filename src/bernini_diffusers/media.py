@@ -196,6 +196,12 @@ def _to_uint8(frames: np.ndarray | Sequence[Image.Image]) -> np.ndarray:
     return (np.clip(frames.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps: float) -> Path:
     """Write one frame as PNG or several as H.264 MP4, atomically; returns the path actually written.
 
@@ -211,6 +217,7 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
     try:
         if len(pixels) == 1:
             Image.fromarray(pixels[0], "RGB").save(tmp, format="PNG")
@@ -222,7 +229,8 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
                 codec="libx264",
                 quality=10,
                 macro_block_size=1,
-                output_params=["-pix_fmt", "yuv420p", "-crf", "8"],
+                pixelformat="yuv420p",  # upstream also passes -pix_fmt yuv420p in output_params: the same encoding
+                output_params=["-crf", "8"],
             )
         os.replace(tmp, path)
     except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import numbers
 import os
@@ -288,8 +289,9 @@ class BerniniPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ inputs
 
+    @classmethod
     def check_inputs(
-        self,
+        cls,
         spec: TaskSpec,
         prompt,
         negative_prompt,
@@ -310,8 +312,13 @@ class BerniniPipeline(DiffusionPipeline):
         latents,
         output_type,
         callback_on_step_end_tensor_inputs,
+        limits: tuple[int, int, int] = (1024, 4, 8),
     ):
-        """Validate every argument before any model work; each error names the argument, the value and what is allowed."""
+        """Validate every argument before any model work; each error names the argument, the value and what is allowed.
+
+        `limits` is (the experts' `rope_max_seq_len`, the VAE's temporal and spatial factors); the defaults are the
+        released models'.
+        """
         task = spec.task.value
         if not isinstance(prompt, str):
             raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
@@ -343,9 +350,9 @@ class BerniniPipeline(DiffusionPipeline):
                 bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
                 raise ValueError(f"`{name}`={value!r} must be an integer {bound}.")
 
-        rope_len = self.transformer.config.rope_max_seq_len
-        integer("num_frames", num_frames, 1, (rope_len - 1) * self.vae_scale_factor_temporal + 1)
-        max_pixels = rope_len * self.vae_scale_factor_spatial * 2
+        rope_len, temporal, spatial = limits
+        integer("num_frames", num_frames, 1, (rope_len - 1) * temporal + 1)
+        max_pixels = rope_len * spatial * 2
         integer("height", height, 16, max_pixels)
         integer("width", width, 16, max_pixels)
         integer("max_image_size", max_image_size, 16, max_pixels)
@@ -372,11 +379,33 @@ class BerniniPipeline(DiffusionPipeline):
             raise ValueError(f"`latents` must be a torch.Tensor or None, got {type(latents).__name__}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type`={output_type!r} is not supported; choose one of: {', '.join(OUTPUT_TYPES)}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in cls._callback_tensor_inputs]
         if unknown:
             raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {cls._callback_tensor_inputs}."
             )
+
+    @classmethod
+    def validate_call(cls, **kwargs) -> None:
+        """Check the arguments of a call without a loaded model: the same errors `__call__` raises before any model
+        work (unknown task or mode, wrong media, values out of range), plus missing media files. For front ends that
+        want to fail before loading 30 GB of weights.
+        """
+        bound = inspect.signature(cls.__call__).bind(None, **kwargs)
+        bound.apply_defaults()
+        args = bound.arguments
+        spec, _, videos, scalars = _resolve_call(args)
+        cls.check_inputs(
+            spec, args["prompt"], args["negative_prompt"], args["system_prompt"], videos, args["image"],
+            args["images"], args["num_frames"], args["height"], args["width"], args["max_image_size"], args["fps"],
+            args["num_inference_steps"], args["flow_shift"], scalars, args["norm_threshold"], args["generator"],
+            args["latents"], args["output_type"], args["callback_on_step_end_tensor_inputs"],
+        )
+        named = [("video" if len(videos) == 1 else f"video[{i}]", v) for i, v in enumerate(videos)]
+        named += [("image", args["image"])] + [(f"images[{i}]", v) for i, v in enumerate(args["images"] or [])]
+        for name, value in named:
+            if _is_path(value) and not Path(value).is_file():
+                raise FileNotFoundError(f"`{name}`: no such file: {str(value)!r}")
 
     def load_media(
         self, videos: list, image, images, max_image_size: int, fps: float, num_frames: int
@@ -439,8 +468,6 @@ class BerniniPipeline(DiffusionPipeline):
     def prepare_latents(self, shape: tuple[int, ...], generator, latents, device: torch.device) -> torch.Tensor:
         """The initial noise, drawn in float32 on the CPU with `generator` (the first and only draw), then moved."""
         if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}.")
             return latents.to(device=device, dtype=torch.float32)
         return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32).to(device)
 
@@ -600,16 +627,15 @@ class BerniniPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs and read the media, before any model work.
-        task = parse_task_type(task_type)
-        spec = TASKS[task]
-        mode = spec.default_guidance_mode if guidance_mode is None else parse_guidance_mode(guidance_mode)
-        videos = _split_videos(video)
+        spec, mode, videos, scalars = _resolve_call(locals())
+        task = spec.task
         omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
-        scalars = {**omegas, "omega_scale": omega_scale, "eta": eta, "momentum": momentum}
+        rope_len = self.transformer.config.rope_max_seq_len
+        limits = (rope_len, self.vae_scale_factor_temporal, self.vae_scale_factor_spatial)
         self.check_inputs(
             spec, prompt, negative_prompt, system_prompt, videos, image, images, num_frames, height, width,
             max_image_size, fps, num_inference_steps, flow_shift, scalars, norm_threshold, generator, latents,
-            output_type, callback_on_step_end_tensor_inputs,
+            output_type, callback_on_step_end_tensor_inputs, limits=limits,
         )
         if spec.is_image:
             num_frames = 1
@@ -617,6 +643,15 @@ class BerniniPipeline(DiffusionPipeline):
             videos, image, images, max_image_size, fps, num_frames
         )
         frames, height, width = self.output_geometry(spec, video_pixels, image_pixels, num_frames, height, width)
+        latent_shape = (
+            1,
+            self.transformer.config.in_channels,
+            (frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
 
         self._current_timestep = None
         self._interrupt = False
@@ -647,13 +682,6 @@ class BerniniPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 5. The initial noise.
-        latent_shape = (
-            1,
-            self.transformer.config.in_channels,
-            (frames - 1) // self.vae_scale_factor_temporal + 1,
-            height // self.vae_scale_factor_spatial,
-            width // self.vae_scale_factor_spatial,
-        )
         latents = self.prepare_latents(latent_shape, generator, latents, device)
 
         # 6. Decide each step's expert and weights, and which branches are the same forward.
@@ -714,6 +742,15 @@ class BerniniPipeline(DiffusionPipeline):
         if not return_dict:
             return (result,)
         return BerniniPipelineOutput(frames=result, fps=fps)
+
+
+def _resolve_call(args: dict[str, Any]) -> tuple[TaskSpec, GuidanceMode, list, dict[str, Any]]:
+    """The task spec, the guidance mode, the list of videos and the scalar weights of a call's arguments."""
+    spec = TASKS[parse_task_type(args["task_type"])]
+    mode = args["guidance_mode"]
+    mode = spec.default_guidance_mode if mode is None else parse_guidance_mode(mode)
+    names = ("omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum")
+    return spec, mode, _split_videos(args["video"]), {name: args[name] for name in names}
 
 
 def _describe_inputs(spec: TaskSpec) -> str:

@@ -120,30 +120,48 @@ def tiny_transformer(seed: int = HIGH_NOISE_SEED, **overrides) -> BerniniTransfo
     return BerniniTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, **overrides}).eval()
 
 
+def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Cast to `dtype` as `from_pretrained(torch_dtype=...)` does, keeping `_keep_in_fp32_modules` in float32."""
+    if dtype is None or dtype == torch.float32:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if type(model).__module__.startswith("transformers.") and dtype != torch.float16:
+        keep = set()  # transformers keeps UMT5's `wo` in float32 for fp16 only
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def tiny_scheduler():
     from .pipeline_bernini import default_scheduler
 
     return default_scheduler()
 
 
-def get_tiny_components(two_experts: bool = True) -> dict:
-    """Components for `BerniniPipeline(**components)`: the 14B layout (two experts) or the 1.3B one (one expert)."""
+def get_tiny_components(two_experts: bool = True, torch_dtype: torch.dtype | None = None) -> dict:
+    """Components for `BerniniPipeline(**components)`: the 14B layout (two experts) or the 1.3B one (one expert).
+
+    `torch_dtype` applies to the experts and the text encoder as `from_pretrained` would; the VAE stays float32.
+    """
     tokenizer = tiny_tokenizer()
+    experts = [tiny_transformer(HIGH_NOISE_SEED), tiny_transformer(LOW_NOISE_SEED) if two_experts else None]
+    experts = [cast_like_from_pretrained(e, torch_dtype) if e is not None else None for e in experts]
     return {
         "tokenizer": tokenizer,
-        "text_encoder": tiny_text_encoder(len(tokenizer)),
+        "text_encoder": cast_like_from_pretrained(tiny_text_encoder(len(tokenizer)), torch_dtype),
         "vae": tiny_vae(),
         "scheduler": tiny_scheduler(),
-        "transformer": tiny_transformer(HIGH_NOISE_SEED),
-        "transformer_2": tiny_transformer(LOW_NOISE_SEED) if two_experts else None,
+        "transformer": experts[0],
+        "transformer_2": experts[1],
         "boundary_ratio": 0.875 if two_experts else None,
     }
 
 
-def tiny_pipeline(two_experts: bool = True):
+def tiny_pipeline(two_experts: bool = True, torch_dtype: torch.dtype | None = None):
     from .pipeline_bernini import BerniniPipeline
 
-    return BerniniPipeline(**get_tiny_components(two_experts))
+    return BerniniPipeline(**get_tiny_components(two_experts, torch_dtype))
 
 
 def save_tiny_pretrained(directory: str | os.PathLike, layout: str = "wan", two_experts: bool = True) -> Path:

@@ -10,7 +10,7 @@ contenders interleaved (bernini t2v, wan, bernini t2v_apg, wan, ...):
 The tiny models make the forward cheap, so this measures the pipeline's own per-call and per-step overhead (text
 encoding, scheduler setup, guidance, decode) rather than the transformer.
 
-Run: python benchmarks/bench_pipeline.py [--steps 10] [--repeats 10] [--json out.json]
+Run: python benchmarks/bench_pipeline.py [--steps 10] [--repeats 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PROMPT = "A red fox runs through fresh snow at sunrise."
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0], repeats=10, warmup=2)
+    parser = base_parser(__doc__.splitlines()[0], repeats=20, warmup=2)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of both pipelines")
     parser.add_argument("--num-frames", type=int, default=9)
     parser.add_argument("--height", type=int, default=64)
@@ -88,8 +88,8 @@ def main() -> None:
     tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
     print_header("bench_pipeline: BerniniPipeline (t2v) vs WanPipeline, tiny components", device, dtype)
     print(
-        f"{args.steps} steps, {args.num_frames} frames {args.height}x{args.width} (latent {list(latent)}, {tokens} tokens), "
-        f"2 forwards/step, output_type=np"
+        f"{args.steps} steps, {args.num_frames} frames {args.height}x{args.width} "
+        f"(latent {list(latent)}, {tokens} tokens), 2 forwards/step, output_type=np"
     )
     print(f"repeats={args.repeats} warmup={args.warmup}, interleaved, median per call\n")
 
@@ -123,7 +123,8 @@ def main() -> None:
                 stats[wan_key]["median_s"],
                 f"{ratio:.3f}",
                 f"{paired:.3f}",
-                f"{1000 * stats[ours_key]['median_s'] / args.steps:.1f} / {1000 * stats[wan_key]['median_s'] / args.steps:.1f}",
+                f"{1000 * stats[ours_key]['median_s'] / args.steps:.1f} / "
+                f"{1000 * stats[wan_key]['median_s'] / args.steps:.1f}",
             )
         )
     print_table(("bernini mode", "bernini s/call", "wan s/call", "ours/wan", "paired", "ms/step ours / wan"), rows)

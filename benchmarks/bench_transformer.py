@@ -9,7 +9,7 @@ Two comparisons, timed in one run with the contenders interleaved (ours, wan, ou
     per-stream RoPE with the float64 source-id rotation and the concatenation. Ours runs its output head on the
     target tokens only, Wan on all of them.
 
-Run: python benchmarks/bench_transformer.py [--repeats 6] [--frames 6 --height 32 --width 44] [--json out.json]
+Run: python benchmarks/bench_transformer.py [--repeats 20] [--frames 6 --height 32 --width 44] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def build_config(args) -> dict:
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0], repeats=6, warmup=1)
-    parser.add_argument("--frames", type=int, default=6, help="latent frames of the full sequence (even: halves for (b))")
+    parser = base_parser(__doc__.splitlines()[0], repeats=20, warmup=1)
+    parser.add_argument(
+        "--frames", type=int, default=6, help="latent frames of the full sequence (even: (b) halves it)"
+    )
     parser.add_argument("--height", type=int, default=32, help="latent height")
     parser.add_argument("--width", type=int, default=44, help="latent width")
     parser.add_argument("--text-len", type=int, default=512, help="text tokens (the pipeline always uses 512)")
@@ -97,8 +99,10 @@ def main() -> None:
 
     with torch.no_grad():
         # Same weights, same inputs, no conditions: the outputs must be identical.
-        max_diff = (ours(latent, timestep, text, return_dict=False)[0] - wan(latent, timestep, text, return_dict=False)[0])
-        max_diff = max_diff.abs().max().item()
+        out_ours = ours(latent, timestep, text, return_dict=False)[0]
+        out_wan = wan(latent, timestep, text, return_dict=False)[0]
+        max_diff = (out_ours - out_wan).abs().max().item()
+        del out_ours, out_wan
 
         contenders = {
             "ours (a)": lambda: ours(latent, timestep, text, return_dict=False),

@@ -350,3 +350,17 @@ def test_validate_call_checks_without_a_model(tmp_path):
         BerniniPipeline.validate_call(prompt="x", task_type="t2v", num_frames=0)
     with pytest.raises(ValueError, match="images"):
         BerniniPipeline.validate_call(prompt="x", task_type="r2v")
+
+
+def test_media_a_mode_does_not_use_are_not_encoded(tiny_pipe, media_dir, monkeypatch):
+    encoded = []
+    original = tiny_pipe.encode_condition
+    monkeypatch.setattr(tiny_pipe, "encode_condition", lambda p, d: encoded.append(tuple(p.shape)) or original(p, d))
+    media = _task_media(TaskType.RV2V, media_dir)
+    tiny_pipe("x", task_type="rv2v", guidance_mode="t2v", generator=_gen(), num_inference_steps=1, **media)
+    assert encoded == []  # text-only guidance: no condition at all
+    tiny_pipe("x", task_type="rv2v", guidance_mode="r2v_apg", generator=_gen(), num_inference_steps=1, **media)
+    assert encoded == [(3, 1, 32, 32), (3, 1, 64, 32)]  # the references alone
+    encoded.clear()
+    tiny_pipe("x", task_type="rv2v", generator=_gen(), num_inference_steps=1, **media)
+    assert len(encoded) == 3

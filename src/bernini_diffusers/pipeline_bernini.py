@@ -210,7 +210,10 @@ class BerniniPipeline(DiffusionPipeline):
         folders with a root `config.json` of `model_type: bernini_renderer`. `torch_dtype` (or `dtype`) applies to
         the experts and the text encoder; the VAE always loads in float32.
         """
-        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"`torch_dtype`={torch_dtype} and `dtype`={dtype} disagree; pass one of them.")
+        dtype = torch_dtype or dtype
         hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
         hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
         path = Path(pretrained_model_name_or_path)
@@ -664,7 +667,17 @@ class BerniniPipeline(DiffusionPipeline):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(positive, negative, device, dtype)
 
         # 3. Encode the conditions, each on its own, and group them into the combos guidance uses.
+        # Media the mode never looks at (e.g. references under v2v_chain's V) are not encoded.
         guidance = Guidance(mode, eta=eta, momentum=momentum, norm_threshold=norm_threshold)
+        needed = {branch.combo for branch in guidance.spec.branches}
+        if not needed & {Combo.V, Combo.VI}:
+            video_pixels = []
+        elif Combo.VI not in needed:
+            video_pixels = video_pixels[:1]
+        if Combo.VI not in needed:
+            image_pixels = None
+        if not needed & {Combo.I, Combo.VI}:
+            reference_pixels = []
         video_latents = [self.encode_condition(p, device) for p in video_pixels]
         image_latent = None if image_pixels is None else self.encode_condition(image_pixels, device)
         reference_latents = [self.encode_condition(p, device) for p in reference_pixels]

@@ -296,6 +296,14 @@ def test_output_save_writes_png_or_mp4(tiny_pipe, tmp_path):
     assert len(frames) == 5 and fps == 16
     image = tiny_pipe("x", task_type="t2i", generator=_gen(), **SMALL)
     assert image.save(tmp_path / "i.mp4").name == "i.png"
+    pt = tiny_pipe("x", task_type="t2v", generator=_gen(), output_type="pt", **SMALL)
+    assert len(read_video(pt.save(tmp_path / "pt.mp4"))[0]) == 5
+    pil = tiny_pipe("x", task_type="t2v", generator=_gen(), output_type="pil", **SMALL)
+    assert len(read_video(pil.save(tmp_path / "pil.mp4"))[0]) == 5
+    latent = tiny_pipe("x", task_type="t2v", generator=_gen(), output_type="latent", num_frames=9, height=32, width=48,
+                       num_inference_steps=1)
+    with pytest.raises(ValueError, match="latent"):
+        latent.save(tmp_path / "latent.mp4")
 
 
 def test_vae_encode_uses_the_mode_in_float32(tiny_pipe, monkeypatch):

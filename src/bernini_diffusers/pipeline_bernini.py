@@ -67,20 +67,21 @@ class BerniniPipelineOutput(BaseOutput):
             `(1, 16, latent_frames, height / 8, width / 8)`.
         fps (`float`):
             The frame rate the frames were sampled at; `save` writes the video at it.
+        output_type (`str`):
+            The `output_type` of the call.
     """
 
     frames: Any
     fps: float = 16
+    output_type: str = "np"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the first result: a PNG for one frame, an H.264 MP4 at `fps` otherwise. Returns the path written."""
-        frames = self.frames
-        if isinstance(frames, torch.Tensor):
-            if frames.ndim == 5 and frames.shape[-1] != 3 and frames.shape[2] != 3:
-                raise ValueError("`save` needs decoded frames; this output holds latents (output_type='latent').")
-            frames = frames[0].permute(0, 2, 3, 1).float().cpu().numpy()  # (T, C, H, W) -> (T, H, W, C)
-        else:
-            frames = frames[0]
+        if self.output_type == "latent":
+            raise ValueError("`save` needs decoded frames; this output holds latents (output_type='latent').")
+        frames = self.frames[0]
+        if self.output_type == "pt":
+            frames = frames.permute(0, 2, 3, 1).float().cpu().numpy()  # (T, C, H, W) -> (T, H, W, C)
         return media.write_output(frames, path, self.fps)
 
 
@@ -754,7 +755,7 @@ class BerniniPipeline(DiffusionPipeline):
 
         if not return_dict:
             return (result,)
-        return BerniniPipelineOutput(frames=result, fps=fps)
+        return BerniniPipelineOutput(frames=result, fps=fps, output_type=output_type)
 
 
 def _resolve_call(args: dict[str, Any]) -> tuple[TaskSpec, GuidanceMode, list, dict[str, Any]]:

@@ -325,6 +325,28 @@ def test_vae_encode_uses_the_mode_in_float32(tiny_pipe, monkeypatch):
     torch.testing.assert_close(a, (raw - mean) / std, rtol=0, atol=0)
 
 
+def test_model_cpu_offload_order_loads_each_expert_once():
+    """diffusers' model offload chain: loading the low-noise expert offloads the high-noise one; the loop never goes
+    back, so at most one expert is on the accelerator (run here with the CPU standing in for it)."""
+    pipe = tiny_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe.transformer_2._hf_hook.prev_module_hook.model is pipe.transformer
+    assert pipe.transformer._hf_hook.prev_module_hook.model is pipe.text_encoder
+    loads = []
+    for name in ("text_encoder", "transformer", "transformer_2", "vae"):
+        hook = getattr(pipe, name)._hf_hook
+        original = hook.pre_forward
+
+        def pre_forward(module, *args, _name=name, _original=original, **kwargs):
+            if not loads or loads[-1] != _name:
+                loads.append(_name)
+            return _original(module, *args, **kwargs)
+
+        hook.pre_forward = pre_forward
+    pipe("x", task_type="t2v", generator=_gen(), **SMALL)
+    assert loads == ["text_encoder", "transformer", "transformer_2", "vae"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_cpu_offload_keeps_one_expert_on_the_gpu():

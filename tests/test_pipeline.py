@@ -91,6 +91,13 @@ def test_video_output_follows_the_source_clip(tiny_pipe, media_dir):
     assert out.frames.shape == (1, 1, 64, 32, 3)  # 40x60 -> 32x64 (banker's rounding, SPEC A.5)
 
 
+@pytest.mark.parametrize("num_frames, expected", [(1, 1), (4, 5), (5, 5), (8, 9), (9, 9), (11, 9)])
+def test_generated_frame_count_follows_the_4k_plus_1_rule(num_frames, expected, tiny_pipe):
+    latent = tiny_pipe("x", task_type="t2v", num_frames=num_frames, height=32, width=32, num_inference_steps=1,
+                       generator=_gen(), output_type="latent").frames
+    assert latent.shape[2] == (expected - 1) // 4 + 1  # T_lat = (T // 4 * 4 + 1 - 1) / 4 + 1 (SPEC A.1)
+
+
 def test_rv2v_branches_streams_and_ids(tiny_pipe, media_dir, monkeypatch):
     spy = ForwardSpy(tiny_pipe, monkeypatch)
     tiny_pipe("edit", task_type="rv2v", generator=_gen(), num_inference_steps=1, **_task_media(TaskType.RV2V, media_dir))

@@ -436,7 +436,8 @@ class BerniniPipeline(DiffusionPipeline):
             height, width = image_pixels.shape[2:]
         if spec.is_image:
             frames = 1
-        frames = (frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        # Upstream's 4k+1 rule rounds 80 up to 81 (and 81 stays 81): `n // 4 * 4 + 1`.
+        frames = frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
         return frames, media.make_divisible(height), media.make_divisible(width)
 
     # ------------------------------------------------------------------------------------------------ encoders

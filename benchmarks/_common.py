@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from bernini_diffusers.testing import cast_like_from_pretrained
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -97,17 +99,7 @@ def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
 def cast_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move a diffusers model to `device` and `dtype` the way `from_pretrained(torch_dtype=...)` leaves it:
     the modules in `_keep_in_fp32_modules` (RoPE, time embedder, norms, ...) stay float32."""
-    model.to(device)
-    if dtype == torch.float32:
-        return model
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        if not keep.intersection(name.split(".")):
-            param.data = param.data.to(dtype)
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point() and not keep.intersection(name.split(".")):
-            buffer.data = buffer.data.to(dtype)
-    return model
+    return cast_like_from_pretrained(model.to(device), dtype)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -509,6 +509,12 @@ class BerniniPipeline(DiffusionPipeline):
             plan.append((expert, omegas))
         return plan
 
+    def _offload_if_hooked(self, module: torch.nn.Module) -> None:
+        """Send `module` back to the CPU now if `enable_model_cpu_offload` manages it (its hook reloads it later)."""
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if getattr(hook, "model", None) is module:
+                hook.offload()
+
     def _scheduler_for_call(self, flow_shift: float):
         config = dict(self.scheduler.config)
         shift_key = "flow_shift" if "flow_shift" in config else "shift"
@@ -684,6 +690,8 @@ class BerniniPipeline(DiffusionPipeline):
         image_latent = None if image_pixels is None else self.encode_condition(image_pixels, device)
         reference_latents = [self.encode_condition(p, device) for p in reference_pixels]
         combos = self.build_conditions(video_latents, image_latent, reference_latents)
+        if video_pixels or image_pixels is not None or reference_pixels:
+            self._offload_if_hooked(self.vae)  # under model offload it would otherwise sit out the whole loop
 
         # 4. Timesteps with the official flow sigmas and this call's shift.
         scheduler = self._scheduler_for_call(flow_shift)

@@ -397,3 +397,37 @@ def test_model_cpu_offload_keeps_one_expert_on_the_gpu(media_dir):
     assert all(high == "cpu" or low == "cpu" for high, low, _ in devices)
     assert all(vae == "cpu" for _, _, vae in devices)
     assert devices[0][0] == "cuda" and devices[-1][1] == "cuda"
+
+
+def test_tiny_bf16_casts_like_from_pretrained(tmp_path):
+    save_tiny_pretrained(tmp_path / "wan", layout="wan")
+    loaded = BerniniPipeline.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16)
+    built = tiny_pipeline(torch_dtype=torch.bfloat16)
+    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
+        loaded_dtypes = {k: v.dtype for k, v in getattr(loaded, name).state_dict().items()}
+        built_dtypes = {k: v.dtype for k, v in getattr(built, name).state_dict().items()}
+        assert loaded_dtypes == built_dtypes, name
+
+
+def test_validate_call_checks_without_a_model(tmp_path):
+    BerniniPipeline.validate_call(prompt="x", task_type="t2v")
+    with pytest.raises(FileNotFoundError, match="video"):
+        BerniniPipeline.validate_call(prompt="x", task_type="v2v", video=str(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match="num_frames"):
+        BerniniPipeline.validate_call(prompt="x", task_type="t2v", num_frames=0)
+    with pytest.raises(ValueError, match="images"):
+        BerniniPipeline.validate_call(prompt="x", task_type="r2v")
+
+
+def test_media_a_mode_does_not_use_are_not_encoded(tiny_pipe, media_dir, monkeypatch):
+    encoded = []
+    original = tiny_pipe.encode_condition
+    monkeypatch.setattr(tiny_pipe, "encode_condition", lambda p, d: encoded.append(tuple(p.shape)) or original(p, d))
+    media = _task_media(TaskType.RV2V, media_dir)
+    tiny_pipe("x", task_type="rv2v", guidance_mode="t2v", generator=_gen(), num_inference_steps=1, **media)
+    assert encoded == []  # text-only guidance: no condition at all
+    tiny_pipe("x", task_type="rv2v", guidance_mode="r2v_apg", generator=_gen(), num_inference_steps=1, **media)
+    assert encoded == [(3, 1, 32, 32), (3, 1, 64, 32)]  # the references alone
+    encoded.clear()
+    tiny_pipe("x", task_type="rv2v", generator=_gen(), num_inference_steps=1, **media)
+    assert len(encoded) == 3

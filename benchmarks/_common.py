@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bernini_diffusers.testing import cast_like_from_pretrained
+from bernini_diffusers.testing import cast_like_from_pretrained, get_tiny_components
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,6 +100,14 @@ def cast_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype)
     """Move a diffusers model to `device` and `dtype` the way `from_pretrained(torch_dtype=...)` leaves it:
     the modules in `_keep_in_fp32_modules` (RoPE, time embedder, norms, ...) stay float32."""
     return cast_like_from_pretrained(model.to(device), dtype)
+
+
+def tiny_components(device: torch.device, dtype: torch.dtype) -> dict:
+    """The tiny two-expert components, with both experts cast as `from_pretrained(torch_dtype=dtype)` and on `device`."""
+    components = get_tiny_components(two_experts=True)
+    for name in ("transformer", "transformer_2"):
+        cast_model(components[name], device, dtype)
+    return components
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

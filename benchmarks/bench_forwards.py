@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import base_parser, cast_model, print_header, print_table, setup, synchronize, write_json
+from _common import base_parser, print_header, print_table, setup, synchronize, tiny_components, write_json
 
 from bernini_diffusers import BerniniPipeline
 from bernini_diffusers.guidance import GUIDANCE_SPECS
 from bernini_diffusers.tasks import GuidanceMode
-from bernini_diffusers.testing import get_tiny_components, make_test_image, make_test_video
+from bernini_diffusers.testing import make_test_image, make_test_video
 
 # SPEC 7.3: forwards per run at 40 steps, i.e. per step x 40.
 SPEC_STEPS = 40
@@ -63,9 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = setup(args)
 
-    components = get_tiny_components(two_experts=True)
-    for name in ("transformer", "transformer_2"):
-        cast_model(components[name], device, dtype)
+    components = tiny_components(device, dtype)
     pipe = BerniniPipeline(**components).to(device)
     pipe.set_progress_bar_config(disable=True)
     counter = ForwardCounter((pipe.transformer, pipe.transformer_2))

@@ -18,19 +18,18 @@ from __future__ import annotations
 import torch
 from _common import (
     base_parser,
-    cast_model,
     interleaved,
     paired_ratio,
     print_header,
     print_table,
     setup,
     summary,
+    tiny_components,
     write_json,
 )
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
 from bernini_diffusers import BerniniPipeline
-from bernini_diffusers.testing import get_tiny_components
 
 TARGET = 1.05
 PROMPT = "A red fox runs through fresh snow at sunrise."
@@ -46,9 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = setup(args)
 
-    components = get_tiny_components(two_experts=True)
-    for name in ("transformer", "transformer_2"):
-        cast_model(components[name], device, dtype)
+    components = tiny_components(device, dtype)
     bernini = BerniniPipeline(**components).to(device)
     wan = WanPipeline(
         tokenizer=components["tokenizer"],

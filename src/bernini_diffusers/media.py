@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
+    "existing_path",
     "make_divisible",
     "target_size",
     "to_model_tensor",
@@ -73,7 +74,7 @@ def to_model_tensor(frames: list[Image.Image], max_image_size: int) -> torch.Ten
     return pixels.permute(3, 0, 1, 2).contiguous()
 
 
-def _existing_path(value: PathLike, argument: str) -> Path:
+def existing_path(value: PathLike, argument: str) -> Path:
     path = Path(value)
     if not path.exists():
         raise FileNotFoundError(f"`{argument}`: no such file: '{path}'")
@@ -85,7 +86,7 @@ def load_image(image: PathLike | Image.Image, max_image_size: int, *, argument: 
     if isinstance(image, Image.Image):
         rgb = image.convert("RGB")
     elif isinstance(image, (str, os.PathLike)):
-        path = _existing_path(image, argument)
+        path = existing_path(image, argument)
         try:
             with Image.open(path) as opened:
                 rgb = opened.convert("RGB")
@@ -120,7 +121,7 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_fr
 
 def read_video(path: PathLike, *, argument: str = "video") -> tuple[list[Image.Image], float]:
     """Decode every frame of a video file with ffmpeg; returns the RGB frames and the file's fps."""
-    path = _existing_path(path, argument)
+    path = existing_path(path, argument)
     try:
         reader = imageio.get_reader(path, "ffmpeg")
         try:

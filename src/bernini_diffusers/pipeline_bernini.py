@@ -398,18 +398,26 @@ class BerniniPipeline(DiffusionPipeline):
         bound = inspect.signature(cls.__call__).bind(None, **kwargs)
         bound.apply_defaults()
         args = bound.arguments
-        spec, _, videos, scalars = _resolve_call(args)
+        _, _, videos = cls._check_call(args)
+        named = [("video" if len(videos) == 1 else f"video[{i}]", v) for i, v in enumerate(videos)]
+        named += [("image", args["image"])] + [(f"images[{i}]", v) for i, v in enumerate(args["images"] or [])]
+        for name, value in named:
+            if _is_path(value):
+                media.existing_path(value, name)
+
+    @classmethod
+    def _check_call(
+        cls, args: dict[str, Any], limits: tuple[int, int, int] = (1024, 4, 8)
+    ) -> tuple[TaskSpec, GuidanceMode, list]:
+        """Resolve the task, the guidance mode and the videos of a call's arguments, then `check_inputs` them."""
+        spec, mode, videos, scalars = _resolve_call(args)
         cls.check_inputs(
             spec, args["prompt"], args["negative_prompt"], args["system_prompt"], videos, args["image"],
             args["images"], args["num_frames"], args["height"], args["width"], args["max_image_size"], args["fps"],
             args["num_inference_steps"], args["flow_shift"], scalars, args["norm_threshold"], args["generator"],
-            args["latents"], args["output_type"], args["callback_on_step_end_tensor_inputs"],
+            args["latents"], args["output_type"], args["callback_on_step_end_tensor_inputs"], limits=limits,
         )
-        named = [("video" if len(videos) == 1 else f"video[{i}]", v) for i, v in enumerate(videos)]
-        named += [("image", args["image"])] + [(f"images[{i}]", v) for i, v in enumerate(args["images"] or [])]
-        for name, value in named:
-            if _is_path(value) and not Path(value).is_file():
-                raise FileNotFoundError(f"`{name}`: no such file: {str(value)!r}")
+        return spec, mode, videos
 
     def load_media(
         self, videos: list, image, images, max_image_size: int, fps: float, num_frames: int
@@ -638,16 +646,11 @@ class BerniniPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs and read the media, before any model work.
-        spec, mode, videos, scalars = _resolve_call(locals())
-        task = spec.task
-        omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
         rope_len = self.transformer.config.rope_max_seq_len
         limits = (rope_len, self.vae_scale_factor_temporal, self.vae_scale_factor_spatial)
-        self.check_inputs(
-            spec, prompt, negative_prompt, system_prompt, videos, image, images, num_frames, height, width,
-            max_image_size, fps, num_inference_steps, flow_shift, scalars, norm_threshold, generator, latents,
-            output_type, callback_on_step_end_tensor_inputs, limits=limits,
-        )
+        spec, mode, videos = self._check_call(locals(), limits)
+        task = spec.task
+        omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
         if spec.is_image:
             num_frames = 1
         video_pixels, image_pixels, reference_pixels = self.load_media(

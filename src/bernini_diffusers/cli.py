@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     _add_generate_parser(subparsers)
+    from .demo import add_demo_parser  # these modules import nothing heavy at module level
+    from .hub_export.cli import add_export_parser
+
+    add_export_parser(subparsers)
+    add_demo_parser(subparsers)
     return parser
 
 

@@ -1,11 +1,526 @@
-"""The Gradio demo (being built). Gradio is imported inside the functions that need it."""
+"""The Gradio demo: every Bernini-R task in one page.
+
+`bernini demo --model ...` serves it; `create_demo(pipe)` builds the same page around a pipeline you already hold
+(in a notebook, `create_demo(pipe).launch()`). The page is driven by the task table: picking a task fills its default
+guidance mode and shows only the media it takes. Requests map onto one `BerniniPipeline` call with `build_call`, the
+result is written with `media.write_output` into the save folder and shown inline.
+
+Only the standard library and the task table are imported at module level (the command line imports this module to
+build its parser); gradio, torch and the pipeline load inside the functions that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import numbers
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_task_type
+
+# The generation parameters the page exposes, named as `BerniniPipeline.__call__` arguments. Their defaults are read
+# from that signature, so the page and the pipeline cannot drift apart.
+GENERATION_PARAMETERS = (
+    "negative_prompt", "system_prompt", "guidance_mode", "num_frames", "height", "width", "max_image_size", "fps",
+    "num_inference_steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum",
+    "norm_threshold",
+)  # fmt: skip
+MEDIA_INPUTS = ("video", "insert_video", "image", "images")
+DEFAULT_TASK = TaskType.T2V
+DEFAULT_SEED = 42  # the official command line's
+DEFAULT_SAVE_DIR = "outputs/demo"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+
+def default_values() -> dict[str, Any]:
+    """The page's initial values: the pipeline's own defaults, with the task's guidance mode and the texts spelled out.
+
+    `negative_prompt=None` means the standard Wan negative prompt: the page shows that text. `system_prompt=None`
+    means the task's prefix: the page leaves the box empty and shows the prefix as its placeholder.
+    """
+    from .pipeline_bernini import BerniniPipeline
+
+    parameters = inspect.signature(BerniniPipeline.__call__).parameters
+    values = {name: parameters[name].default for name in GENERATION_PARAMETERS}
+    values["task_type"] = DEFAULT_TASK.value
+    values["guidance_mode"] = TASKS[DEFAULT_TASK].default_guidance_mode.value
+    values["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
+    values["system_prompt"] = ""
+    values["seed"] = DEFAULT_SEED
+    return values
+
+
+@dataclass(frozen=True)
+class MediaLayout:
+    """Which media inputs a task shows, and their labels."""
+
+    video: bool
+    insert_video: bool
+    image: bool
+    images: bool
+    image_label: str
+    images_label: str
+
+
+def _need_label(label: str, need: Need) -> str:
+    return f"{label} (optional)" if need is Need.OPTIONAL else label
+
+
+def media_layout(spec: TaskSpec) -> MediaLayout:
+    """The media inputs of a task, from the task table.
+
+    The single image goes to `image` when the task takes a source image (i2i); otherwise, for tasks with references,
+    it is the first reference (image0), as in the official demo.
+    """
+    takes_source = spec.image is not Need.NO
+    takes_references = spec.images is not Need.NO
+    if takes_source:
+        image_label, images_label = "Source image", _need_label("Reference images", spec.images)
+    else:
+        image_label = _need_label("Reference image (image0)", spec.images)
+        images_label = _need_label("More reference images (after image0)", spec.images)
+    return MediaLayout(
+        video=spec.video is not Need.NO,
+        insert_video=spec.num_videos[1] > 1,
+        image=takes_source or takes_references,
+        images=takes_references,
+        image_label=image_label,
+        images_label=images_label,
+    )
+
+
+def describe_task(spec: TaskSpec) -> str:
+    """One line for the page: what the task does and what it takes."""
+    takes = []
+    if spec.video is not Need.NO:
+        takes.append("a source video and an insert video" if spec.num_videos[1] > 1 else "a source video")
+    if spec.image is not Need.NO:
+        takes.append("a source image")
+    if spec.images is not Need.NO:
+        takes.append("reference images" + (" (optional)" if spec.images is Need.OPTIONAL else ""))
+    output = "one image" if spec.is_image else "a video"
+    return (
+        f"**{spec.task.value}**: {spec.description}. Takes {', '.join(takes) or 'text only'}; makes {output}. "
+        f"Default guidance: `{spec.default_guidance_mode.value}`."
+    )
+
+
+def build_call(
+    task_type: str | TaskType,
+    prompt: str,
+    *,
+    video: str | None = None,
+    insert_video: str | None = None,
+    image: str | None = None,
+    images: list[str] | None = None,
+    **parameters: Any,
+) -> dict[str, Any]:
+    r"""
+    The `BerniniPipeline.__call__` keyword arguments of one request from the page (everything but `generator`).
+
+    Media the task does not take are dropped (the page hides those inputs, but they may still hold an earlier
+    upload); missing media the task needs are left for the pipeline to reject with its own message.
+
+    Args:
+        task_type (`str` or `TaskType`):
+            The task picked in the page.
+        prompt (`str`):
+            The prompt, already enhanced if the enhancer ran.
+        video (`str`, *optional*):
+            The source video.
+        insert_video (`str`, *optional*):
+            The insert video of ads2v; `video` becomes `[video, insert_video]`.
+        image (`str`, *optional*):
+            The single image: the source image of i2i, else prepended to `images` as the first reference.
+        images (`list[str]`, *optional*):
+            Reference images.
+        parameters:
+            The values of `GENERATION_PARAMETERS`. An empty `system_prompt` or `guidance_mode` means the task's own.
+            Image tasks always get `num_frames=1`.
+
+    Returns:
+        `dict`: keyword arguments for `BerniniPipeline.__call__`.
+    """
+    unknown = sorted(set(parameters) - set(GENERATION_PARAMETERS))
+    if unknown:
+        raise ValueError(f"build_call got unknown parameters {unknown}; allowed: {', '.join(GENERATION_PARAMETERS)}.")
+    spec = TASKS[parse_task_type(task_type)]
+    layout = media_layout(spec)
+
+    videos = [video] if layout.video else []
+    if layout.insert_video:
+        videos.append(insert_video)
+    videos = [v for v in videos if v]
+    call_video = None
+    if videos:
+        call_video = videos if layout.insert_video else videos[0]
+
+    references = list(images or []) if layout.images else []
+    call_image = None
+    if image and layout.image:
+        if spec.image is not Need.NO:
+            call_image = image
+        else:
+            references.insert(0, image)
+
+    kwargs: dict[str, Any] = dict(parameters)
+    kwargs.update(
+        prompt=prompt,
+        task_type=spec.task.value,
+        video=call_video,
+        image=call_image,
+        images=references or None,
+    )
+    if not kwargs.get("system_prompt"):
+        kwargs["system_prompt"] = None
+    if not kwargs.get("guidance_mode"):
+        kwargs["guidance_mode"] = None
+    if spec.is_image:
+        kwargs["num_frames"] = 1
+    return kwargs
+
+
+def _output_name(task: str, seed: int) -> str:
+    # Time first so the folder lists in order; the random part keeps two results of the same second apart.
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}_{task}_seed{seed}"
+
+
+def generate(
+    pipe,
+    values: Mapping[str, Any],
+    *,
+    save_dir: str | Path = DEFAULT_SAVE_DIR,
+    prompt_enhancer=None,
+    progress=None,
+) -> tuple[Path, str]:
+    r"""
+    Run one request of the page: enhance the prompt (optional), call the pipeline, write the result.
+
+    Args:
+        pipe (`BerniniPipeline`):
+            The loaded pipeline.
+        values (`Mapping[str, Any]`):
+            `task_type`, `prompt`, `seed`, the media inputs (`MEDIA_INPUTS`) and `GENERATION_PARAMETERS`.
+        save_dir (`str` or `Path`):
+            Where the PNG or MP4 is written (atomically, by `media.write_output`).
+        prompt_enhancer (*optional*):
+            An object with `enhance(prompt, task_type, video=..., image=..., images=...) -> str`, e.g.
+            `bernini_diffusers.prompt_enhancer.PromptEnhancer`. If it fails, the raw prompt is used.
+        progress (`Callable`, *optional*):
+            Called as `progress((step, total), desc=...)` before the model work and after every denoising step
+            (`gr.Progress` in the page).
+
+    Returns:
+        `tuple[Path, str]`: the file written and the prompt used.
+
+    Raises:
+        `ValueError` or `FileNotFoundError` for bad input, before any model work.
+    """
+    import torch
+
+    from . import media
+
+    def report(*args, **kwargs):
+        if progress is not None:
+            progress(*args, **kwargs)
+
+    prompt = values.get("prompt") or ""
+    seed = values.get("seed")
+    if not isinstance(seed, numbers.Real) or isinstance(seed, bool) or not float(seed).is_integer() or not (
+        0 <= seed < 2**63
+    ):
+        raise ValueError(f"`seed`={seed!r} must be an integer in [0, 2**63).")
+    seed = int(seed)
+    kwargs = build_call(
+        values["task_type"],
+        prompt,
+        **{name: values.get(name) for name in MEDIA_INPUTS},
+        **{name: values[name] for name in GENERATION_PARAMETERS if name in values},
+    )
+    type(pipe).validate_call(**kwargs)  # bad input fails here, before the enhancer or the model run
+
+    if prompt_enhancer is not None and prompt.strip():
+        report(0.0, desc="Enhancing the prompt")
+        try:
+            enhanced = prompt_enhancer.enhance(
+                prompt, kwargs["task_type"], video=kwargs["video"], image=kwargs["image"], images=kwargs["images"]
+            )
+        except Exception as err:  # the official demo falls back to the raw prompt whatever went wrong
+            print(f"warning: the prompt enhancer failed ({err}); using the raw prompt.", file=sys.stderr)
+            enhanced = None
+        if isinstance(enhanced, str) and enhanced.strip():
+            kwargs["prompt"] = enhanced
+
+    steps = kwargs["num_inference_steps"]
+    report((0, steps), desc="Denoising", unit="steps")
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        report((step + 1, steps), desc="Denoising", unit="steps")
+        return callback_kwargs
+
+    out = pipe(
+        **kwargs,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    )
+    path = media.write_output(out.frames[0], Path(save_dir) / _output_name(kwargs["task_type"], seed), out.fps)
+    return path, kwargs["prompt"]
+
+
+def create_demo(
+    pipe,
+    *,
+    save_dir: str | Path = DEFAULT_SAVE_DIR,
+    prompt_enhancer=None,
+    defaults: Mapping[str, Any] | None = None,
+    title: str = "Bernini-R",
+):
+    r"""
+    Build the demo page around a loaded pipeline.
+
+    Args:
+        pipe (`BerniniPipeline`):
+            The pipeline every request runs on. One generation runs at a time; the others wait in the queue.
+        save_dir (`str` or `Path`, defaults to `"outputs/demo"`):
+            Where results are written. Gradio serves files under the working directory and the temporary folder;
+            for a folder elsewhere pass it to `launch(allowed_paths=[save_dir])`.
+        prompt_enhancer (*optional*):
+            Runs before each generation (see `generate`); the page shows the prompt used.
+        defaults (`Mapping[str, Any]`, *optional*):
+            Initial values that replace `default_values()`, e.g. `{"num_inference_steps": 20}`.
+        title (`str`):
+            The page title.
+
+    Returns:
+        `gr.Blocks`: call `.launch()` on it.
+    """
+    import gradio as gr
+
+    values = default_values()
+    unknown = sorted(set(defaults or {}) - set(values))
+    if unknown:
+        raise ValueError(f"`defaults` has unknown names {unknown}; allowed: {', '.join(sorted(values))}.")
+    values.update(defaults or {})
+    start = TASKS[parse_task_type(values["task_type"])]
+    layout = media_layout(start)
+    save_dir = Path(save_dir)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {title}\nByteDance's video renderer: generation and editing of images and videos from text, source "
+            "media and reference images. Pick a task, give its inputs, generate."
+        )
+        with gr.Row():
+            with gr.Column():
+                task = gr.Dropdown(
+                    [(f"{s.task.value}: {s.description}", s.task.value) for s in TASKS.values()],
+                    value=start.task.value, label="Task", elem_id="task_type",
+                )
+                task_info = gr.Markdown(describe_task(start), elem_id="task_info")
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
+                with gr.Row():
+                    video = gr.Video(label="Source video", sources=["upload"], visible=layout.video, elem_id="video")
+                    insert_video = gr.Video(
+                        label="Insert video", sources=["upload"], visible=layout.insert_video, elem_id="insert_video"
+                    )
+                with gr.Row():
+                    image = gr.Image(
+                        label=layout.image_label, type="filepath", sources=["upload"], visible=layout.image,
+                        elem_id="image",
+                    )
+                    images = gr.File(
+                        label=layout.images_label, file_count="multiple", file_types=["image"],
+                        visible=layout.images, elem_id="images",
+                    )
+                guidance_mode = gr.Dropdown(
+                    [m.value for m in GuidanceMode], value=values["guidance_mode"], label="Guidance mode",
+                    info="filled with the task's default; any mode works with any task", elem_id="guidance_mode",
+                )
+                with gr.Row():
+                    num_frames = gr.Number(
+                        values["num_frames"], label="Frames", precision=0, minimum=1, interactive=not start.is_image,
+                        info="4k+1; with a source video, the cap", elem_id="num_frames",
+                    )
+                    height = gr.Number(
+                        values["height"], label="Height", precision=0, minimum=16,
+                        info="without a source video or image", elem_id="height",
+                    )
+                    width = gr.Number(
+                        values["width"], label="Width", precision=0, minimum=16,
+                        info="without a source video or image", elem_id="width",
+                    )
+                with gr.Row():
+                    num_inference_steps = gr.Number(
+                        values["num_inference_steps"], label="Steps", precision=0, minimum=1,
+                        elem_id="num_inference_steps",
+                    )
+                    seed = gr.Number(values["seed"], label="Seed", precision=0, minimum=0, elem_id="seed")
+                with gr.Accordion("Advanced", open=False):
+                    negative_prompt = gr.Textbox(
+                        values["negative_prompt"], label="Negative prompt", lines=2, elem_id="negative_prompt"
+                    )
+                    system_prompt = gr.Textbox(
+                        values["system_prompt"], label="System prompt", placeholder=start.system_prompt,
+                        info="empty: the task's own prefix (shown greyed)", elem_id="system_prompt",
+                    )
+                    with gr.Row():
+                        max_image_size = gr.Number(
+                            values["max_image_size"], label="Max image size", precision=0, minimum=16,
+                            info="long-side limit of the inputs", elem_id="max_image_size",
+                        )
+                        fps = gr.Number(
+                            values["fps"], label="FPS", minimum=1, info="source videos are resampled to it",
+                            elem_id="fps",
+                        )
+                        flow_shift = gr.Number(values["flow_shift"], label="Flow shift", elem_id="flow_shift")
+                    with gr.Row():
+                        omega_vid = gr.Number(values["omega_vid"], label="ω video", step=0.05, elem_id="omega_vid")
+                        omega_img = gr.Number(values["omega_img"], label="ω image", step=0.05, elem_id="omega_img")
+                        omega_txt = gr.Number(values["omega_txt"], label="ω text", step=0.05, elem_id="omega_txt")
+                        omega_scale = gr.Number(
+                            values["omega_scale"], label="ω scale", step=0.05,
+                            info="from the low-noise expert on", elem_id="omega_scale",
+                        )
+                    with gr.Row():
+                        eta = gr.Number(values["eta"], label="APG η", step=0.05, elem_id="eta")
+                        momentum = gr.Number(values["momentum"], label="APG momentum", step=0.05, elem_id="momentum")
+                        norm_threshold = gr.Number(
+                            values["norm_threshold"], label="APG norm threshold", minimum=0, info="0 disables",
+                            elem_id="norm_threshold",
+                        )
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                result_video = gr.Video(
+                    label="Result", interactive=False, visible=not start.is_image, elem_id="result_video"
+                )
+                result_image = gr.Image(
+                    label="Result", type="filepath", interactive=False, visible=start.is_image, elem_id="result_image"
+                )
+                download = gr.File(label="Download", interactive=False, elem_id="download")
+                prompt_used = gr.Textbox(label="Prompt used", interactive=False, elem_id="prompt_used")
+
+        inputs = {
+            "task_type": task, "prompt": prompt, "seed": seed, "video": video, "insert_video": insert_video,
+            "image": image, "images": images, "negative_prompt": negative_prompt, "system_prompt": system_prompt,
+            "guidance_mode": guidance_mode, "num_frames": num_frames, "height": height, "width": width,
+            "max_image_size": max_image_size, "fps": fps, "num_inference_steps": num_inference_steps,
+            "flow_shift": flow_shift, "omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt,
+            "omega_scale": omega_scale, "eta": eta, "momentum": momentum, "norm_threshold": norm_threshold,
+        }  # fmt: skip
+        names = {component: name for name, component in inputs.items()}
+
+        def on_task(task_type: str):
+            spec = TASKS[parse_task_type(task_type)]
+            shown = media_layout(spec)
+            return (
+                describe_task(spec),
+                gr.update(value=spec.default_guidance_mode.value),
+                gr.update(visible=shown.video),
+                gr.update(visible=shown.insert_video),
+                gr.update(visible=shown.image, label=shown.image_label),
+                gr.update(visible=shown.images, label=shown.images_label),
+                gr.update(interactive=not spec.is_image),
+                gr.update(placeholder=spec.system_prompt),
+                gr.update(visible=not spec.is_image),
+                gr.update(visible=spec.is_image),
+            )
+
+        task.change(
+            on_task,
+            inputs=task,
+            outputs=[
+                task_info, guidance_mode, video, insert_video, image, images, num_frames, system_prompt,
+                result_video, result_image,
+            ],
+            queue=False,  # a layout change must not wait behind a running generation
+        )
+
+        def on_generate(data: dict, progress=gr.Progress()):
+            request = {names[component]: value for component, value in data.items()}
+            try:
+                path, used = generate(
+                    pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress
+                )
+            except (ValueError, FileNotFoundError) as err:  # bad input: shown in the page, the server carries on
+                raise gr.Error(str(err), print_exception=False) from None
+            is_image = path.suffix == ".png"
+            return (
+                gr.update(value=None if is_image else str(path), visible=not is_image),
+                gr.update(value=str(path) if is_image else None, visible=is_image),
+                str(path),
+                used,
+            )
+
+        run.click(
+            on_generate,
+            inputs=set(inputs.values()),
+            outputs=[result_video, result_image, download, prompt_used],
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
+    # One pipeline, one generation at a time: the rest wait in the queue, with their position shown.
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+# ------------------------------------------------------------------------------------------------ command line
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="serve the Gradio demo")
-    parser.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("`bernini demo` is not built yet.")))
+    """Register `bernini demo`: the model flags of `bernini generate` plus the official demo's server flags."""
+    from . import cli
+
+    parser = subparsers.add_parser(
+        "demo", help="serve the Gradio demo", formatter_class=cli._HelpFormatter,
+        description="Serve every Bernini-R task in a web page (Gradio). One generation runs at a time.",
+    )
+    cli.add_model_arguments(parser.add_argument_group("model"))
+    server = parser.add_argument_group("demo")
+    server.add_argument("--flow_shift", type=float, default=5.0, help="the page's initial flow shift")
+    server.add_argument("--ulysses", type=int, default=1, help="must be 1: the demo runs in one process")
+    server.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 0.0.0.0 serves the whole network")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
+    server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    server.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where the PNG/MP4 results are written")
+    server.add_argument(
+        "--use_pe", action="store_true",
+        help="rewrite each prompt first, as `bernini generate --use_pe` does (the raw prompt if that fails)",
+    )
+    server.add_argument(
+        "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the enhancer's own)"
+    )
+    parser.set_defaults(func=serve)
     return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the pipeline named by the flags and serve the page until interrupted."""
+    from . import cli
+
+    if args.ulysses != 1:
+        raise ValueError(
+            f"`ulysses`={args.ulysses}: the demo serves one pipeline in one process; use 1 here, and run multi-GPU "
+            "jobs with `torchrun --nproc_per_node N -m bernini_diffusers.cli generate --ulysses N ...`."
+        )
+    if not 0 < args.port < 65536:
+        raise ValueError(f"`port`={args.port} must be in [1, 65535].")
+    enhancer = None
+    if args.use_pe:
+        from .prompt_enhancer import PromptEnhancer
+
+        enhancer = PromptEnhancer(model=args.pe_model)
+    pipe = cli.load_pipeline(args)
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults={"flow_shift": args.flow_shift})
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+        allowed_paths=[str(save_dir.resolve())],
+    )

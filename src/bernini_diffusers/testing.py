@@ -232,3 +232,131 @@ def make_test_video(
     base = rng.random((height, width, 3))
     frames = np.stack([np.clip(base + 0.05 * t, 0, 1) for t in range(num_frames)])
     return write_output(frames, path, fps)
+
+
+# ------------------------------------------------------------------------------------------------ Hub layouts
+
+ORIGINAL_SEEDS = {"transformer": 11, "transformer_2": 12}  # differ from the tiny experts': the base's weights lose
+
+
+def save_original_checkpoint(
+    directory: str | os.PathLike, model: torch.nn.Module, expert: str = "transformer", num_shards: int = 3,
+    raw_twins: bool = True,
+) -> Path:
+    """Write `model`'s weights as an original Bernini-R expert checkpoint (`ByteDance/Bernini-R` layout).
+
+    Keys are `ema.diff_dec.transformer[_2].*` (the weights) plus, with `raw_twins`, the raw twins
+    `diff_dec.transformer[_2].*` holding other values (weights + 1), spread over `num_shards` files
+    `model-0000i-of-0000N.safetensors` with a `model.safetensors.index.json`; with two shards or more a twin never
+    shares a shard with its EMA copy.
+    """
+    from safetensors.torch import save_file
+
+    from .hub_export.convert import original_key
+
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for i, (key, value) in enumerate(model.state_dict().items()):
+        parts[i % num_shards][original_key(key, expert)] = value.detach().clone().contiguous()
+        if raw_twins:
+            twin = value + 1 if value.is_floating_point() else value
+            parts[(i + 1) % num_shards][original_key(key, expert, ema=False)] = twin.detach().clone().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for shard, part in enumerate(parts):
+        filename = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file(part, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, filename))
+    total = sum(t.numel() * t.element_size() for part in parts for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def save_tiny_original_checkpoints(directory: str | os.PathLike, num_shards: int = 3) -> Path:
+    """`bernini_renderer_high/` and `bernini_renderer_low/` of tiny experts seeded `ORIGINAL_SEEDS`, as in
+    `ByteDance/Bernini-R`; they fit the configs of `save_tiny_pretrained`'s experts."""
+    from .loading import CHECKPOINT_FOLDERS
+
+    directory = Path(directory)
+    for expert, seed in ORIGINAL_SEEDS.items():
+        save_original_checkpoint(directory / CHECKPOINT_FOLDERS[expert], tiny_transformer(seed), expert, num_shards)
+    return directory
+
+
+def write_random_original_checkpoint(
+    directory: str | os.PathLike, config: dict, expert: str = "transformer", shard_size: int = 256 * 2**20,
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> list[Path]:
+    """An original-layout checkpoint of random EMA weights for a transformer `config`, written shard by shard (each
+    at most `shard_size` bytes unless one tensor is larger) so that no more than a shard is ever in memory."""
+    from safetensors.torch import save_file
+
+    from .hub_export.convert import expected_tensors, expert_skeleton, original_key
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = expected_tensors(expert_skeleton(config))
+    groups, current, size = [], [], 0
+    for name, (shape, _) in shapes.items():
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if current and size + nbytes > shard_size:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    groups.append(current)
+    generator = torch.Generator().manual_seed(seed)
+    files, weight_map = [], {}
+    for i, group in enumerate(groups):
+        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        part = {original_key(n, expert): torch.randn(s, generator=generator).to(dtype) for n, s in group}
+        save_file(part, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, filename))
+        files.append(directory / filename)
+        del part
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return files
+
+
+def save_to_hub_cache(
+    folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, revision: str = "main",
+    listing: bool = True,
+) -> Path:
+    """Lay `folder` out in a Hugging Face cache exactly as huggingface_hub downloads a repo, and return the snapshot.
+
+    `models--owner--name/blobs/<hash>` holds each file's bytes (named by the git blob sha1, or the sha256 for
+    LFS-tracked safetensors), `snapshots/<commit>/<path>` are relative symlinks to the blobs, `refs/<revision>` holds
+    the commit, and with `listing` `trees/<commit>.json` is the repo's file listing that `snapshot_download` caches.
+    """
+    import hashlib
+
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    storage = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    commit = digest.hexdigest()
+    snapshot = storage / "snapshots" / commit
+    entries = {}
+    for path in files:
+        data = path.read_bytes()
+        relative = path.relative_to(folder).as_posix()
+        blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        lfs = path.suffix == ".safetensors"
+        blob = storage / "blobs" / (hashlib.sha256(data).hexdigest() if lfs else blob_id)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        entries[relative] = {"size": len(data), "blob_id": blob_id}
+        if lfs:
+            entries[relative].update(lfs_sha256=blob.name, lfs_size=len(data))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / revision).write_text(commit)
+    if listing:
+        (storage / "trees").mkdir(exist_ok=True)
+        (storage / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": entries}))
+    return snapshot

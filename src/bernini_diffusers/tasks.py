@@ -130,8 +130,18 @@ def parse_task_type(value: str | TaskType) -> TaskType:
         raise _choice_error("task_type", value, [t.value for t in TaskType]) from None
 
 
+# Modes of the full Bernini model (planner + renderer): they weight the planner's ViT tokens, which the renderer has
+# not. The official command line lists them beside the renderer's; here they are named in a clear error.
+PLANNER_GUIDANCE_MODES = ("vae_txt_vit_wapg", "r2v_wapg", "rv2v_wapg")
+
+
 def parse_guidance_mode(value: str | GuidanceMode) -> GuidanceMode:
     try:
         return GuidanceMode(value)
     except ValueError:
+        if value in PLANNER_GUIDANCE_MODES:
+            raise ValueError(
+                f"`guidance_mode`={value!r} belongs to the full Bernini planner model (it weights the planner's ViT "
+                f"tokens); the Bernini-R renderer supports: {', '.join(g.value for g in GuidanceMode)}."
+            ) from None
         raise _choice_error("guidance_mode", value, [g.value for g in GuidanceMode]) from None

@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -37,10 +38,12 @@ from .tasks import (
 from .text import encode_texts, positive_text, restore_tokenizer_pipeline
 from .transformer_bernini import BerniniTransformer3DModel, assign_source_ids
 
+if TYPE_CHECKING:
+    from .parallel import ParallelState
+
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-TRANSFORMER_FOLDERS = ("transformer", "transformer_2")
 
 
 def default_scheduler() -> UniPCMultistepScheduler:
@@ -53,6 +56,28 @@ def official_flow_sigmas(num_inference_steps: int) -> np.ndarray:
     """The official (diffusers 0.35) unshifted flow sigmas `0.999 * (N - i) / N`; diffusers 0.42 uses another grid."""
     n = num_inference_steps
     return 0.999 * (n - np.arange(n)) / n
+
+
+def official_euler_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The unshifted sigmas of the official Euler fallback: `linspace(1, 0.003 / 1.002, N)` in float32, as upstream."""
+    return torch.linspace(1.0, 0.003 / 1.002, num_inference_steps, dtype=torch.float32).numpy()
+
+
+class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow-matching Euler sampler with the official update `x + v * (sigma_next - sigma)` kept in float32.
+
+    diffusers casts the updated sample back to the model output's dtype, which is bf16 under the CFG modes with bf16
+    experts; the official fallback keeps the sample in float32. Used when `use_unipc` is off (`--no-use_unipc`).
+    """
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        # A 0-dim float32 factor leaves a bf16 product in bf16, as upstream; the sum is float32.
+        prev_sample = sample.float() + model_output * (sigma_next - sigma)
+        self._step_index += 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
 
 @dataclass
@@ -146,6 +171,11 @@ class BerniniPipeline(DiffusionPipeline):
             The largest source id seen in training.
         interpolate_src_id (`bool`, defaults to `True`):
             Spread the ids of a combo with more sources than `max_trained_src_id` over `[1, max_trained_src_id]`.
+        use_unipc (`bool`, defaults to `True`):
+            Sample with `scheduler` (UniPC). `False` uses the official fallback instead: flow-matching Euler
+            ([`FlowMatchEulerScheduler`]) on the sigmas `linspace(1, 0.003 / 1.002, N)` shifted by `flow_shift`.
+        use_src_id_rotary_emb (`bool`, defaults to `True`):
+            Add each condition stream's source-id phase to its RoPE. `False` gives every stream id 0 (no phase).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
@@ -163,6 +193,8 @@ class BerniniPipeline(DiffusionPipeline):
         boundary_ratio: float | None = 0.875,
         max_trained_src_id: int = 5,
         interpolate_src_id: bool = True,
+        use_unipc: bool = True,
+        use_src_id_rotary_emb: bool = True,
     ):
         super().__init__()
         for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -183,6 +215,7 @@ class BerniniPipeline(DiffusionPipeline):
         self.register_to_config(
             boundary_ratio=boundary_ratio, max_trained_src_id=max_trained_src_id, interpolate_src_id=interpolate_src_id
         )
+        self.register_to_config(use_unipc=use_unipc, use_src_id_rotary_emb=use_src_id_rotary_emb)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -200,96 +233,111 @@ class BerniniPipeline(DiffusionPipeline):
                 choice = set_attention_backend(expert, name)
         return choice
 
+    # ------------------------------------------------------------------------------------------------ parallelism
+
+    def enable_parallelism(self, ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
+        r"""
+        Run this pipeline across the processes of a `torchrun` launch: Ulysses sequence parallelism, branch
+        parallelism, and data parallelism over case lists with the processes left over.
+
+        Call it on every process, after loading and before the first call; every process then makes the same calls
+        with the same arguments and seed, and only the one whose [`~BerniniPipeline.is_writer`] is `True` writes.
+        The default process group is initialised from torchrun's environment if the script has not done so (NCCL for
+        CUDA tensors on the local rank's device, gloo for CPU ones); xfuser builds the groups where it is installed,
+        plain `torch.distributed` groups with yunchang's Ulysses groups otherwise. Calling it again switches degrees.
+
+        ```py
+        # torchrun --nproc-per-node 8 script.py
+        pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", torch_dtype=torch.bfloat16)
+        state = pipe.enable_parallelism(ulysses_degree=4, branch_degree=2)
+        pipe.to(state.device)
+        out = pipe("turn the car red", task_type="v2v", video="car.mp4", generator=torch.Generator().manual_seed(42))
+        if pipe.is_writer:
+            out.save("red.mp4")
+        ```
+
+        Args:
+            ulysses_degree (`int`, defaults to 1):
+                Processes that split each forward's token sequence (consecutive ranks). It must divide the experts'
+                attention heads: 40 for the 14B experts (1, 2, 4, 5, 8, 10, 20, 40), 12 for the 1.3B model (1, 2, 3,
+                4, 6, 12).
+            branch_degree (`int`, defaults to 1):
+                Groups of `ulysses_degree` processes that compute a step's guidance branches at the same time (2 to 4
+                distinct forwards per step, dealt round-robin); the outputs are exchanged and combined as in one
+                process.
+
+        Returns:
+            [`~parallel.ParallelState`]: this process's ranks (`data_rank`, `branch_rank`, `ulysses_rank`), degrees
+            (`data_degree` = processes / (`ulysses_degree` x `branch_degree`)), `device`, `is_writer`, and
+            `assign_cases(cases)` for this process's share of a case list.
+        """
+        from .parallel import enable_parallelism
+
+        self._parallel_state = enable_parallelism(self, ulysses_degree=ulysses_degree, branch_degree=branch_degree)
+        return self._parallel_state
+
+    def disable_parallelism(self) -> None:
+        """Undo [`~BerniniPipeline.enable_parallelism`]: every process runs whole calls on its own again."""
+        if getattr(self, "_parallel_state", None) is not None:
+            from .parallel import disable_parallelism
+
+            disable_parallelism(self)
+        self._parallel_state = None
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes results: always in a single process; under
+        [`~BerniniPipeline.enable_parallelism`], only the first process of each data group (Ulysses rank 0 of branch
+        group 0), so that each result is written once."""
+        state = getattr(self, "_parallel_state", None)
+        return state is None or state.is_writer
+
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> BerniniPipeline:
         r"""
-        Load a Bernini-R (or Wan2.2 / Wan2.1) diffusers folder or Hub repo, with Bernini experts and a float32 VAE.
+        Load Bernini-R from a folder or a Hub repo, with Bernini experts and a float32 VAE.
 
-        Accepted layouts: a `model_index.json` (ours, or `WanPipeline` naming `WanTransformer3DModel`), or the same
-        folders with a root `config.json` of `model_type: bernini_renderer`. `torch_dtype` (or `dtype`) applies to
-        the experts and the text encoder; the VAE always loads in float32.
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A diffusers folder or repo id: `ByteDance/Bernini-R-Diffusers`, `ByteDance/Bernini-R-1.3B-Diffusers`,
+                a `Wan-AI/Wan2.2-T2V-A14B-Diffusers`-style `model_index.json` folder, a `bernini export` or
+                `save_pretrained` folder; or an official config folder (root `config.json` of `model_type:
+                bernini_renderer` naming its base in `wan22_base`), whose base supplies the components.
+            torch_dtype (`torch.dtype`, *optional*):
+                dtype of the experts and the text encoder (`dtype` is accepted too); the VAE always loads in float32.
+            high_noise_ckpt (`str` or `os.PathLike`, *optional*):
+                An original high-noise expert checkpoint (`ByteDance/Bernini-R` layout) that replaces the base's
+                `transformer` weights: a folder, an index or `.safetensors` file, or a Hub path
+                `owner/name[@revision][/folder]`. Must come with `low_noise_ckpt`.
+            low_noise_ckpt (`str` or `os.PathLike`, *optional*):
+                The low-noise expert's original checkpoint (for `transformer_2`), in the same forms.
+            variant (`str`, *optional*):
+                Load weight files of this variant (e.g. `"bf16"`) where a component has them.
+            revision, cache_dir, local_files_only, token, force_download:
+                Passed to huggingface_hub for a repo id, as in diffusers.
+            kwargs:
+                Ready-made components (`vae=...`, `transformer=...`) or pipeline settings (`boundary_ratio`, ...)
+                replace what the folder holds.
+
+        Only safetensors are read; a pickle file where weights are expected is an error naming it.
         """
-        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
-        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-            raise ValueError(f"`torch_dtype`={torch_dtype} and `dtype`={dtype} disagree; pass one of them.")
-        dtype = torch_dtype or dtype
-        hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
-        hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
-        path = Path(pretrained_model_name_or_path)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
+        from .loading import load_pipeline
 
-            path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
-        if (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
-            root_config = {}
-        elif (path / "config.json").is_file():
-            index = None
-            root_config = json.loads((path / "config.json").read_text())
-            if root_config.get("model_type") != "bernini_renderer":
-                raise ValueError(
-                    f"{str(path)!r} has a config.json with model_type={root_config.get('model_type')!r}; expected "
-                    "'bernini_renderer' (or a model_index.json)."
-                )
-        else:
-            raise ValueError(
-                f"{str(path)!r} is not a diffusers model folder: it has neither model_index.json nor a config.json "
-                "of model_type 'bernini_renderer'."
-            )
+        return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 
-        config = index if index is not None else root_config
-        model_kwargs = {k: kwargs.pop(k) for k in ("variant", "low_cpu_mem_usage") if k in kwargs}
-        experts = {}
-        for name in TRANSFORMER_FOLDERS:
-            listed = index is None or (index.get(name) or [None])[0] is not None
-            skipped = name == "transformer_2" and root_config.get("skip_transformer_2", False)
-            if name in kwargs:
-                experts[name] = kwargs.pop(name)
-            elif listed and not skipped and (path / name / "config.json").is_file():
-                experts[name] = BerniniTransformer3DModel.from_pretrained(
-                    path, subfolder=name, torch_dtype=dtype, **model_kwargs
-                )
-            else:
-                experts[name] = None
-        if experts["transformer"] is None:
-            raise ValueError(f"{str(path)!r} has no `transformer/` folder.")
-        vae = kwargs.pop("vae", None) or AutoencoderKLWan.from_pretrained(
-            path, subfolder="vae", torch_dtype=torch.float32, **model_kwargs
-        )
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        r"""
+        Save as diffusers does, plus the modules that let `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
+        load the folder (`BerniniPipeline.from_pretrained` needs none). Weights are always safetensors.
 
-        import transformers
+        `push_to_hub=True` (with `repo_id`, `private`, `commit_message`, `token`, `create_pr`) uploads the folder
+        after it is complete.
+        """
+        from .loading import save_pipeline
 
-        tokenizer = kwargs.pop("tokenizer", None) or transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = kwargs.pop("text_encoder", None)
-        if text_encoder is None:
-            encoder_class = (config.get("text_encoder") or [None, "UMT5EncoderModel"])[1]
-            text_encoder = getattr(transformers, encoder_class).from_pretrained(path / "text_encoder", dtype=dtype)
-        scheduler = kwargs.pop("scheduler", None)
-        if scheduler is None and (path / "scheduler" / "scheduler_config.json").is_file():
-            scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler")
-        if index is not None:
-            boundary = index.get("boundary_ratio", 0.875)
-        else:
-            boundary = root_config.get("switch_dit_boundary", 0.875) or None
-        if experts["transformer_2"] is None:
-            boundary = None
-        for key in hub_keys:
-            kwargs.pop(key, None)
-        if kwargs:
-            raise ValueError(f"BerniniPipeline.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
-        return cls(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder.eval(),
-            vae=vae,
-            scheduler=scheduler or default_scheduler(),
-            transformer=experts["transformer"],
-            transformer_2=experts["transformer_2"],
-            boundary_ratio=boundary,
-            max_trained_src_id=config.get("max_trained_src_id", 5),
-            interpolate_src_id=config.get("interpolate_src_id", True),
-        )
+        save_pipeline(self, save_directory, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -488,6 +536,8 @@ class BerniniPipeline(DiffusionPipeline):
         """The condition streams of each combo (SPEC 3.5) with their source ids, videos first."""
         def with_ids(latents: list[torch.Tensor]) -> _Conditions:
             ids = assign_source_ids(len(latents), self.config.max_trained_src_id, self.config.interpolate_src_id)
+            if not self.config.get("use_src_id_rotary_emb", True):
+                ids = [0.0] * len(latents)  # id 0 adds no phase: every stream keeps the plain 3-D RoPE
             return _Conditions(list(latents), ids)
 
         everything = [*video_latents, *([image_latent] if image_latent is not None else []), *reference_latents]
@@ -517,6 +567,48 @@ class BerniniPipeline(DiffusionPipeline):
             plan.append((expert, omegas))
         return plan
 
+    def predict_branches(
+        self,
+        model: BerniniTransformer3DModel,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        branches: Sequence[tuple[_Conditions, bool]],
+        branch_keys: Sequence[tuple],
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> list[torch.Tensor]:
+        """One step's prediction of every guidance branch, in branch order.
+
+        Branches with the same key (identical conditions and text, e.g. V == none without a video) share one forward.
+        Under branch parallelism the distinct forwards are dealt to the branch groups and exchanged, so every process
+        returns all of them.
+        """
+        forwards: dict[tuple, Callable[[], torch.Tensor]] = {}
+        for (conditions, positive), key in zip(branches, branch_keys):
+            if key in forwards:
+                continue
+
+            def forward(conditions=conditions, positive=positive) -> torch.Tensor:
+                return model(
+                    hidden_states=latents,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds if positive else negative_prompt_embeds,
+                    condition_latents=conditions.latents or None,
+                    condition_source_ids=conditions.ids or None,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+
+            forwards[key] = forward
+        parallel = getattr(self, "_parallel_state", None)
+        if parallel is None:
+            outputs = [forward() for forward in forwards.values()]
+        else:
+            outputs = parallel.run_branches(list(forwards.values()), like=latents)
+        by_key = dict(zip(forwards, outputs))
+        return [by_key[key] for key in branch_keys]
+
     def _offload_if_hooked(self, module: torch.nn.Module) -> None:
         """Send `module` back to the CPU now if `enable_model_cpu_offload` manages it (its hook reloads it later)."""
         for hook in getattr(self, "_all_hooks", None) or []:
@@ -524,6 +616,9 @@ class BerniniPipeline(DiffusionPipeline):
                 hook.offload()
 
     def _scheduler_for_call(self, flow_shift: float):
+        if not self.config.get("use_unipc", True):
+            num_train_timesteps = self.scheduler.config.num_train_timesteps
+            return FlowMatchEulerScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
         config = dict(self.scheduler.config)
         shift_key = "flow_shift" if "flow_shift" in config else "shift"
         return type(self.scheduler).from_config(config, **{shift_key: flow_shift})
@@ -698,7 +793,9 @@ class BerniniPipeline(DiffusionPipeline):
 
         # 4. Timesteps with the official flow sigmas and this call's shift.
         scheduler = self._scheduler_for_call(flow_shift)
-        if scheduler.config.get("use_flow_sigmas", False):
+        if isinstance(scheduler, FlowMatchEulerScheduler):
+            scheduler.set_timesteps(sigmas=official_euler_sigmas(num_inference_steps), device=device)
+        elif scheduler.config.get("use_flow_sigmas", False):
             scheduler.set_timesteps(sigmas=official_flow_sigmas(num_inference_steps), device=device)
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
@@ -709,6 +806,9 @@ class BerniniPipeline(DiffusionPipeline):
 
         # 5. The initial noise.
         latents = self.prepare_latents(latent_shape, generator, latents, device)
+        parallel = getattr(self, "_parallel_state", None)
+        if parallel is not None:
+            latents = parallel.broadcast(latents)  # one noise for every process of a data group, whatever its seed
 
         # 6. Decide each step's expert and weights, and which branches are the same forward.
         plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
@@ -726,20 +826,10 @@ class BerniniPipeline(DiffusionPipeline):
                 model = experts[expert_index]
                 model_input = latents.to(dtype)
                 timestep = t.expand(1)
-                outputs: dict[tuple, torch.Tensor] = {}
-                for (conditions, positive), key in zip(branches, branch_keys):
-                    if key in outputs:  # identical inputs (e.g. V == none without a video): one forward serves both
-                        continue
-                    outputs[key] = model(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds if positive else negative_prompt_embeds,
-                        condition_latents=conditions.latents or None,
-                        condition_source_ids=conditions.ids or None,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                branch_outputs = [outputs[key] for key in branch_keys]
+                branch_outputs = self.predict_branches(
+                    model, model_input, timestep, branches, branch_keys, prompt_embeds, negative_prompt_embeds,
+                    attention_kwargs,
+                )
                 link_weights = [weights[name] for name in guidance.spec.weights]
                 noise_pred = guidance(latents, branch_outputs, link_weights, sigmas[i])
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]

@@ -51,6 +51,14 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
     are packed before the target and the prediction for the target alone is returned.
     """
 
+    # Sequence parallelism is declared here and applied by `bernini_diffusers.parallel`. Only the attention modules
+    # named below mix tokens across the packed sequence; every other layer works token by token (cross-attention
+    # reads the whole text). When `sequence_parallel` is set, `forward` hands the packed tokens and their RoPE to its
+    # `split` after patch-embedding and to its `gather` before the output head; the named modules get a processor
+    # that attends over the whole sequence.
+    _sequence_parallel_attention: tuple[str, ...] = ("attn1",)
+    sequence_parallel: Any = None
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -82,7 +90,7 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             condition_source_ids (`list[float]`, *optional*):
                 The source id of each condition stream (the target's is 0). Fractional ids are allowed.
         """
-        if not condition_latents:
+        if not condition_latents and self.sequence_parallel is None:
             return super().forward(
                 hidden_states,
                 timestep,
@@ -91,13 +99,17 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
                 return_dict=return_dict,
                 attention_kwargs=attention_kwargs,
             )
-        if condition_source_ids is None or len(condition_source_ids) != len(condition_latents):
+        condition_latents = list(condition_latents or [])
+        if condition_latents and (condition_source_ids is None or len(condition_source_ids) != len(condition_latents)):
             raise ValueError(
                 f"`condition_source_ids` must give one id per condition latent ({len(condition_latents)}), "
                 f"got {condition_source_ids!r}."
             )
+        condition_source_ids = list(condition_source_ids or []) if condition_latents else []
         if encoder_hidden_states_image is not None:
-            raise ValueError("`encoder_hidden_states_image` cannot be combined with `condition_latents`.")
+            raise ValueError(
+                "`encoder_hidden_states_image` cannot be combined with `condition_latents` or sequence parallelism."
+            )
         if timestep.ndim != 1:
             raise ValueError(f"`timestep` must hold one value per sample, got shape {tuple(timestep.shape)}.")
 
@@ -122,6 +134,9 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
         hidden = torch.cat(tokens, dim=1).contiguous()  # (B, sum L_i, inner)
         rotary_emb = (torch.cat(rope_cos, dim=1), torch.cat(rope_sin, dim=1))
         num_target_tokens = tokens[-1].shape[1]
+        if self.sequence_parallel is not None:
+            # (B, S, inner) -> (B, S_local, inner): this process's slice of the tokens, RoPE sliced alike
+            hidden, rotary_emb = self.sequence_parallel.split(hidden, rotary_emb)
 
         # 2. One timestep embedding for all tokens, and the text.
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
@@ -135,6 +150,8 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
                 hidden = block(hidden, encoder_hidden_states, timestep_proj, rotary_emb)
 
         # 4. Keep the target tokens, then the output head.
+        if self.sequence_parallel is not None:
+            hidden = self.sequence_parallel.gather(hidden)  # (B, S_local, inner) -> (B, S, inner)
         output = self._output_head(hidden[:, -num_target_tokens:], temb, grid)
         if not return_dict:
             return (output,)

@@ -1,0 +1,139 @@
+"""Ulysses sequence parallelism on GPUs: one expert forward on one GPU (U=1) against the same forward on N GPUs (U=N).
+
+The model has the 14B experts' width (40 heads x 128, ffn 13824, text 4096) with fewer layers (`--layers`, 4 by
+default; the real experts have 40, and the time per layer is what scales). The input is a packed sequence of
+`--streams` streams of `--frames x --height x --width` latent each: the default 21 x 60 x 106 is 480x848 at 81 frames,
+33,390 tokens per stream, so `--streams 2` is a v2v branch (66,780 tokens). 33,390 is not a multiple of 4 or 8, so the
+padding path is measured too. Both contenders use the same attention backend (`--attention_backend`, auto by
+default), bf16 weights, the same seed and inputs; U=1 runs on rank 0 while the others wait. The script also prints
+max |U=N - U=1| of the outputs.
+
+Run:  torchrun --nproc-per-node 8 benchmarks/bench_parallel.py [--streams 2] [--layers 4] [--repeats 5]
+Without CUDA GPUs (or without torchrun) it says what it needs and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=21, help="latent frames per stream")
+    parser.add_argument("--height", type=int, default=60, help="latent height")
+    parser.add_argument("--width", type=int, default=106, help="latent width")
+    parser.add_argument("--streams", type=int, default=2, help="streams in the packed sequence (conditions + target)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (the 14B experts have 40)")
+    parser.add_argument("--heads", type=int, default=40, help="attention heads (14B: 40, 1.3B: 12)")
+    parser.add_argument("--attention_backend", default="auto", choices=["auto", "sdpa", "fa2", "fa3"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards of each contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards of each contender first")
+    return parser.parse_args()
+
+
+def build(args: argparse.Namespace, device: torch.device):
+    from bernini_diffusers import BerniniTransformer3DModel
+    from bernini_diffusers.attention import set_attention_backend
+    from bernini_diffusers.testing import cast_like_from_pretrained
+
+    torch.manual_seed(0)
+    model = BerniniTransformer3DModel(
+        num_attention_heads=args.heads, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+        freq_dim=256, ffn_dim=13824, num_layers=args.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    )
+    # bf16 as from_pretrained(torch_dtype=torch.bfloat16) leaves it: RoPE, time embedder and norms stay float32
+    model = cast_like_from_pretrained(model.to(device), torch.bfloat16).eval()
+    backend = set_attention_backend(model, args.attention_backend)
+    g = torch.Generator("cpu").manual_seed(1)
+    shape = (1, 16, args.frames, args.height, args.width)
+    streams = [torch.randn(shape, generator=g).to(device, torch.bfloat16) for _ in range(args.streams)]
+    text = torch.randn(1, 512, 4096, generator=g).to(device, torch.bfloat16)
+    inputs = dict(
+        hidden_states=streams[-1],
+        timestep=torch.tensor([900], device=device),
+        encoder_hidden_states=text,
+        condition_latents=streams[:-1] or None,
+        condition_source_ids=[float(i + 1) for i in range(args.streams - 1)] or None,
+        return_dict=False,
+    )
+    return model, inputs, backend
+
+
+def timed(fn, repeats: int, warmup: int) -> tuple[list[float], torch.Tensor]:
+    import torch.distributed as dist
+
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def main() -> int:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        print("bench_parallel.py measures Ulysses on CUDA GPUs (one per process, at least 2); this machine has none.")
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        print("bench_parallel.py compares 1 GPU with N: launch it with `torchrun --nproc-per-node N` (N >= 2, "
+              f"N <= {torch.cuda.device_count()} here).", file=sys.stderr)
+        return 2
+    if args.heads % world:
+        print(f"--heads {args.heads} is not divisible by the {world} processes; choose N among the divisors of it.",
+              file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from bernini_diffusers.parallel import UlyssesSequence, init_parallel_state, parallelize_model
+
+    state = init_parallel_state(ulysses_degree=world)
+    model, inputs, backend = build(args, state.device)
+    tokens = args.streams * args.frames * (args.height // 2) * (args.width // 2)
+
+    with torch.no_grad():
+        # U=1: rank 0 alone, the others wait at the barrier after it.
+        single_times, single = [], None
+        if state.rank == 0:
+            for _ in range(args.warmup):
+                model(**inputs)
+            for _ in range(args.repeats):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                single = model(**inputs)[0]
+                torch.cuda.synchronize()
+                single_times.append(time.perf_counter() - start)
+        dist.barrier()
+        parallelize_model(model, UlyssesSequence(state.ulysses_group, world, state.ulysses_rank))
+        parallel_times, parallel = timed(lambda: model(**inputs)[0], args.repeats, args.warmup)
+
+    if state.rank == 0:
+        one, many = statistics.median(single_times), statistics.median(parallel_times)
+        print(f"{torch.cuda.get_device_name(state.device)} x {world}, bf16, attention {backend}, engine {state.engine}")
+        print(f"{args.layers} layers x {args.heads} heads, {args.streams} streams, {tokens} tokens "
+              f"(padded to {-(-tokens // world) * world})")
+        print(f"U=1: {one:.4f} s/forward   U={world}: {many:.4f} s/forward   speed-up {one / many:.2f}x "
+              f"(efficiency {one / many / world:.0%})")
+        print(f"max |U={world} - U=1| = {(parallel.float() - single.float()).abs().max().item():.3e}")
+        print(f"RESULT ulysses_speedup={one / many:.3f} gpus={world} tokens={tokens}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

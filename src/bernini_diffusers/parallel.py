@@ -1,0 +1,626 @@
+"""Many processes, one pipeline: Ulysses sequence parallelism, branch parallelism and data parallelism over cases.
+
+This is the only module that imports the distributed engine: yunchang (xDiT's sequence-parallel attention) for the
+Ulysses all-to-all, and xfuser's process-group setup where xfuser is installed (it needs a GPU); without xfuser the
+groups are plain `torch.distributed` groups, with yunchang's `set_seq_parallel_pg` for the Ulysses groups. Both are
+imported only when a degree above 1 asks for them.
+
+Rank layout. The world is `data_degree x branch_degree x ulysses_degree` processes, Ulysses innermost over
+consecutive ranks (so a Ulysses group shares one node's fast links), then branch, then data:
+
+    rank = (data_rank * branch_degree + branch_rank) * ulysses_degree + ulysses_rank
+
+With 8 GPUs, `ulysses_degree=4, branch_degree=2` gives one data group (ranks 0-7), the Ulysses groups {0-3} and
+{4-7}, and the branch groups {0, 4}, {1, 5}, {2, 6}, {3, 7}. `ulysses_degree=2, branch_degree=2` gives two data
+groups, {0-3} and {4-7}, each working on its own share of the cases. The first rank of each data group (Ulysses
+rank 0 of branch group 0) writes that group's results.
+
+- **Ulysses** (SPEC section 10): the packed token sequence (conditions, then target) is zero-padded to a multiple of
+  the degree and split into contiguous slices. In each self-attention an all-to-all gathers the sequence and
+  scatters the heads, the padding is dropped, attention runs over the whole sequence for the local heads, and an
+  all-to-all scatters the sequence back. The text is not split. The heads must divide by the degree.
+- **Branch**: the distinct forwards of a denoising step (2 to 4 guidance branches) are dealt round-robin to the
+  branch groups, computed at the same time and exchanged with an all-gather, so every process combines all of them
+  with the same guidance code as a single process.
+- **Data**: `assign_cases(cases, data_rank, data_degree)` gives each data group `cases[data_rank::data_degree]`.
+
+Every rank of a data group holds the same latents at every step: the initial noise is broadcast from the group's
+first rank, and the guidance and scheduler steps run identically everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+T = TypeVar("T")
+
+_YUNCHANG_INSTALL = 'pip install yunchang (or pip install "bernini_diffusers[xdit]")'
+# diffusers' backend names whose kernels yunchang also provides (its attn_type), for the attention over the
+# gathered sequence; any other backend runs through diffusers' dispatcher as it does without parallelism.
+_YUNCHANG_FLASH = {"flash": "FA", "_flash_3": "FA3"}
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of `n`, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_degree(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}`={value!r} must be an integer >= 1.")
+    return value
+
+
+def check_ulysses_degree(num_heads: int, ulysses_degree: int, model_name: str = "the model") -> None:
+    """Raise a ValueError naming the degrees that work unless `ulysses_degree` divides `num_heads`.
+
+    Each process attends with `num_heads / ulysses_degree` heads after the all-to-all, so the split must be even:
+    the 14B experts have 40 heads (1, 2, 4, 5, 8, 10, 20, 40), the 1.3B model 12 (1, 2, 3, 4, 6, 12).
+    """
+    _check_degree("ulysses_degree", ulysses_degree)
+    if num_heads % ulysses_degree:
+        raise ValueError(
+            f"`ulysses_degree`={ulysses_degree} does not divide the {num_heads} attention heads of {model_name}; "
+            f"use one of {', '.join(map(str, divisors(num_heads)))}."
+        )
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    r"""
+    Where each rank sits in a world of `data x branch x ulysses` processes (Ulysses innermost, then branch, then data).
+
+    Args:
+        world_size (`int`):
+            The number of processes.
+        ulysses_degree (`int`, defaults to 1):
+            Processes that split one sequence (consecutive ranks).
+        branch_degree (`int`, defaults to 1):
+            Groups of `ulysses_degree` processes that compute different guidance branches of one step.
+    """
+
+    world_size: int
+    ulysses_degree: int = 1
+    branch_degree: int = 1
+
+    def __post_init__(self):
+        _check_degree("world_size", self.world_size)
+        _check_degree("ulysses_degree", self.ulysses_degree)
+        _check_degree("branch_degree", self.branch_degree)
+        per_case = self.ulysses_degree * self.branch_degree
+        if self.world_size % per_case:
+            multiples = ", ".join(str(per_case * k) for k in range(1, 4))
+            raise ValueError(
+                f"{self.world_size} processes cannot form groups of ulysses_degree x branch_degree = "
+                f"{self.ulysses_degree} x {self.branch_degree} = {per_case}; launch a multiple of {per_case} "
+                f"processes ({multiples}, ...) or choose degrees whose product divides {self.world_size}."
+            )
+
+    @property
+    def data_degree(self) -> int:
+        """How many data groups (each working on its own cases) the world holds."""
+        return self.world_size // (self.ulysses_degree * self.branch_degree)
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """`(data_rank, branch_rank, ulysses_rank)` of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"`rank`={rank!r} must be in [0, {self.world_size}).")
+        ulysses_rank = rank % self.ulysses_degree
+        branch_rank = rank // self.ulysses_degree % self.branch_degree
+        return rank // (self.ulysses_degree * self.branch_degree), branch_rank, ulysses_rank
+
+    def rank_of(self, data_rank: int, branch_rank: int, ulysses_rank: int) -> int:
+        return (data_rank * self.branch_degree + branch_rank) * self.ulysses_degree + ulysses_rank
+
+    def ulysses_groups(self) -> list[list[int]]:
+        """The ranks that split one sequence: consecutive blocks of `ulysses_degree`."""
+        return [
+            [self.rank_of(d, b, u) for u in range(self.ulysses_degree)]
+            for d in range(self.data_degree)
+            for b in range(self.branch_degree)
+        ]
+
+    def branch_groups(self) -> list[list[int]]:
+        """The ranks that exchange branch outputs: one per branch group, same data group and Ulysses rank."""
+        return [
+            [self.rank_of(d, b, u) for b in range(self.branch_degree)]
+            for d in range(self.data_degree)
+            for u in range(self.ulysses_degree)
+        ]
+
+    def data_groups(self) -> list[list[int]]:
+        """The ranks that work on the same cases: consecutive blocks of `branch_degree x ulysses_degree`."""
+        size = self.branch_degree * self.ulysses_degree
+        return [list(range(d * size, (d + 1) * size)) for d in range(self.data_degree)]
+
+
+def assign_cases(cases: Sequence[T], data_rank: int, data_degree: int) -> list[T]:
+    """The cases of data group `data_rank` out of `data_degree`: `cases[data_rank::data_degree]`, order kept.
+
+    Every case goes to exactly one group, and the assignment depends only on the list, so every rank of a group
+    computes the same share without talking to the others.
+    """
+    _check_degree("data_degree", data_degree)
+    if not isinstance(data_rank, int) or not 0 <= data_rank < data_degree:
+        raise ValueError(f"`data_rank`={data_rank!r} must be an integer in [0, {data_degree}).")
+    return list(cases)[data_rank::data_degree]
+
+
+# ------------------------------------------------------------------------------------------------ Ulysses
+
+
+class UlyssesSequence:
+    r"""
+    One Ulysses group's view of a packed sequence: the `sequence_parallel` seam of [`BerniniTransformer3DModel`]
+    (`split` after patch-embedding, `gather` before the output head) and the all-to-all attention its self-attention
+    processors call in between.
+
+    Args:
+        group (`torch.distributed.ProcessGroup`):
+            The Ulysses group (yunchang's `PROCESS_GROUP.ULYSSES_PG`).
+        degree (`int`):
+            The group's size.
+        rank (`int`):
+            This process's rank in the group; it holds slice `rank` of the sequence.
+    """
+
+    def __init__(self, group, degree: int, rank: int):
+        self.group = group
+        self.degree = degree
+        self.rank = rank
+        # Tokens of the packed sequence of the forward under way, set by `split`; the processors read it to drop
+        # the padding. Forwards run one after another in a process, so one value serves both experts.
+        self.length: int | None = None
+
+    def split(
+        self, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's contiguous slice of the tokens `(B, S, C)` and of their RoPE `(1, S, 1, D)` each."""
+        self.length = hidden_states.shape[1]
+        return self._slice(hidden_states), (self._slice(rotary_emb[0]), self._slice(rotary_emb[1]))
+
+    def _slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        # (N, S, ...) -> (N, ceil(S / U), ...); the last slices are completed with zeros
+        chunk = -(-self.length // self.degree)
+        start = min(self.rank * chunk, self.length)
+        piece = tensor[:, start : start + chunk]
+        if piece.shape[1] < chunk:
+            piece = torch.cat([piece, piece.new_zeros(piece.shape[0], chunk - piece.shape[1], *piece.shape[2:])], 1)
+        return piece.contiguous()
+
+    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice, concatenated and unpadded: `(B, S_local, C) -> (B, S, C)` on every rank."""
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(hidden_states) for _ in range(self.degree)]
+        dist.all_gather(pieces, hidden_states.contiguous(), group=self.group)
+        return torch.cat(pieces, dim=1)[:, : self.length]
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention of the local slice over the whole sequence: `(B, S_local, H, D)` each -> `(B, S_local, H, D)`.
+
+        `attend(q, k, v)` runs on `(B, S, H / U, D)` tensors that hold the whole unpadded sequence.
+        """
+        from yunchang.comm.all_to_all import SeqAllToAll4D
+
+        batch, local = query.shape[:2]
+        padded = local * self.degree
+        # One all-to-all for q, k and v: (3B, S_pad / U, H, D) -> (3B, S_pad, H / U, D), scatter heads, gather tokens.
+        qkv = SeqAllToAll4D.apply(self.group, torch.cat([query, key, value]), 2, 1)
+        # The padding sits at the end of the gathered sequence; cut off, no query or key ever sees it.
+        query, key, value = qkv[:, : self.length].split(batch)
+        out = attend(query, key, value)  # (B, S, H / U, D)
+        if padded > self.length:
+            out = torch.cat([out, out.new_zeros(batch, padded - self.length, *out.shape[2:])], dim=1)
+        # (B, S_pad, H / U, D) -> (B, S_pad / U, H, D): scatter tokens, gather heads
+        return SeqAllToAll4D.apply(self.group, out.contiguous(), 1, 2)
+
+
+def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # diffusers' Wan rotation (interleaved pairs), the same operations so a slice is rotated bit for bit as the whole.
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D) -> 2 x (B, S, H, D / 2)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class UlyssesAttnProcessor:
+    r"""
+    The self-attention (`attn1`) of a diffusers Wan block over a sequence split across a Ulysses group.
+
+    Projections, the q/k RMS norms and RoPE work token by token, so they run on the local slice (RoPE with the
+    slice's own frequencies, which equals rotating the whole sequence after the all-to-all). The attention itself
+    goes through [`UlyssesSequence.attention`]: yunchang's all-to-all, the padding dropped, the kernel of the
+    expert's attention backend (FlashAttention 2/3 through yunchang's `attn_type`, anything else through diffusers'
+    dispatcher as without parallelism), and the all-to-all back.
+
+    Args:
+        sequence ([`UlyssesSequence`]):
+            The group's shared view of the sequence.
+        replaced (`object`, *optional*):
+            The processor this one stands in for, put back by `disable_parallelism`.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, sequence: UlyssesSequence, replaced: Any = None):
+        self.sequence = sequence
+        self.replaced = replaced
+        self._attention_backend = getattr(replaced, "_attention_backend", None)
+        self._flash: tuple[str, Callable] | None = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError(
+                "UlyssesAttnProcessor serves unmasked self-attention only (`attn1` of a Wan block); got "
+                f"encoder_hidden_states={'set' if encoder_hidden_states is not None else None}, "
+                f"attention_mask={'set' if attention_mask is not None else None}."
+            )
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)  # RMS over the heads of one token: local
+        # (B, S_local, H * D) -> (B, S_local, H, D)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+        hidden_states = self.sequence.attention(query, key, value, self._attend)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)  # (B, S_local, H, D) -> (B, S_local, H * D)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        backend = getattr(self._attention_backend, "value", self._attention_backend)
+        if backend in _YUNCHANG_FLASH and query.is_cuda:
+            if self._flash is None or self._flash[0] != backend:
+                from yunchang.kernels import AttnType, select_flash_attn_impl
+
+                attn_type = getattr(AttnType, _YUNCHANG_FLASH[backend])
+                self._flash = (backend, select_flash_attn_impl(attn_type, stage="fwd-bwd"))
+            out = self._flash[1](query, key, value, dropout_p=0.0, softmax_scale=query.shape[-1] ** -0.5, causal=False)
+            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+        )
+
+
+def _sequence_parallel_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules the model declares as mixing tokens across the sequence."""
+    names = set(getattr(model, "_sequence_parallel_attention", ()))
+    return [module for path, module in model.named_modules() if path.rsplit(".", 1)[-1] in names]
+
+
+def parallelize_model(model: torch.nn.Module, sequence: UlyssesSequence) -> None:
+    """Split `model`'s packed sequence over `sequence`'s group: set its seam and its self-attention processors."""
+    if not hasattr(type(model), "sequence_parallel"):
+        raise ValueError(f"{type(model).__name__} declares no sequence-parallel seam (`sequence_parallel`).")
+    for module in _sequence_parallel_modules(model):
+        if not isinstance(module.processor, UlyssesAttnProcessor):
+            module.set_processor(UlyssesAttnProcessor(sequence, replaced=module.processor))
+    model.sequence_parallel = sequence
+
+
+def unparallelize_model(model: torch.nn.Module) -> None:
+    """Undo `parallelize_model`: the original processors (with the backend chosen meanwhile) and no seam."""
+    for module in _sequence_parallel_modules(model):
+        processor = module.processor
+        if isinstance(processor, UlyssesAttnProcessor):
+            if hasattr(processor.replaced, "_attention_backend"):
+                processor.replaced._attention_backend = processor._attention_backend
+            module.set_processor(processor.replaced)
+    if getattr(model, "sequence_parallel", None) is not None:
+        model.sequence_parallel = None
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class ParallelState:
+    r"""
+    This process's place in a parallel run, and the collectives the pipeline and the command line use.
+
+    Args:
+        layout ([`ParallelLayout`]):
+            The world's degrees.
+        rank (`int`):
+            The global rank.
+        local_rank (`int`):
+            The rank on this node (the CUDA device index).
+        device (`torch.device`):
+            The device this process should run on: `cuda:<local_rank>`, or the CPU.
+        engine (`str`):
+            Who built the groups: `"xfuser"`, `"torch"` (plain groups with yunchang's Ulysses groups), or `"none"` for
+            a single process.
+        ulysses_group, branch_group, data_group (`torch.distributed.ProcessGroup`, *optional*):
+            This rank's groups; `None` where the group would hold this rank alone.
+    """
+
+    layout: ParallelLayout
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    engine: str = "none"
+    ulysses_group: Any = None
+    branch_group: Any = None
+    data_group: Any = None
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def ulysses_degree(self) -> int:
+        return self.layout.ulysses_degree
+
+    @property
+    def branch_degree(self) -> int:
+        return self.layout.branch_degree
+
+    @property
+    def data_degree(self) -> int:
+        return self.layout.data_degree
+
+    @property
+    def data_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[0]
+
+    @property
+    def branch_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[1]
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[2]
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes its data group's results: Ulysses rank 0 of branch group 0."""
+        return self.branch_rank == 0 and self.ulysses_rank == 0
+
+    def assign_cases(self, cases: Sequence[T]) -> list[T]:
+        """This data group's share of `cases`: `cases[data_rank::data_degree]`."""
+        return assign_cases(cases, self.data_rank, self.data_degree)
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The data group's first rank's `tensor`, in place on every rank of the group (e.g. the initial noise)."""
+        if self.data_group is not None:
+            import torch.distributed as dist
+
+            dist.broadcast(tensor, src=self.layout.data_groups()[self.data_rank][0], group=self.data_group)
+        return tensor
+
+    def broadcast_object(self, obj: T) -> T:
+        """The data group's first rank's picklable `obj` on every rank of the group (e.g. a list of pending cases)."""
+        if self.data_group is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.layout.data_groups()[self.data_rank][0], group=self.data_group)
+        return box[0]
+
+    def run_branches(self, forwards: Sequence[Callable[[], torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
+        """Run one step's distinct forwards and return all their outputs, in order, on every rank.
+
+        With `branch_degree` B > 1, branch group b runs forwards b, b + B, b + 2B, ... (round-robin; with fewer
+        forwards than groups some groups idle), then an all-gather across the branch group hands every rank the
+        others' outputs. `like` has the outputs' shape and dtype (what an idle group sends).
+        """
+        if self.branch_group is None:
+            return [forward() for forward in forwards]
+        import torch.distributed as dist
+
+        degree, mine = self.branch_degree, self.branch_rank
+        slots = -(-len(forwards) // degree)
+        outputs = [forwards[i]() for i in range(mine, len(forwards), degree)]
+        # Every group sends `slots` outputs so the all-gather has one shape; filler slots are never read.
+        filler = outputs[0] if outputs else like
+        outputs += [torch.zeros_like(filler)] * (slots - len(outputs))
+        stacked = torch.stack(outputs)  # (slots, *output shape)
+        gathered = [torch.empty_like(stacked) for _ in range(degree)]
+        dist.all_gather(gathered, stacked, group=self.branch_group)
+        return [gathered[i % degree][i // degree] for i in range(len(forwards))]
+
+
+def _find_group(groups: list[list[int]], rank: int):
+    """Create every group (all ranks must, in the same order) and return this rank's."""
+    import torch.distributed as dist
+
+    own = None
+    for ranks in groups:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            own = group
+    return own
+
+
+def _check_group(name: str, group, expected: list[int]) -> None:
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group)
+    if list(ranks) != expected:
+        raise RuntimeError(f"the {name} group holds ranks {ranks}, expected {expected} (see the rank layout).")
+
+
+def _launch_environment(ulysses_degree: int, branch_degree: int) -> tuple[int, int, int]:
+    """`(world_size, rank, local_rank)`, initialising the default process group from torchrun's variables if needed."""
+    import torch.distributed as dist
+
+    per_case = ulysses_degree * branch_degree
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        return dist.get_world_size(), rank, local_rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if per_case > 1:
+            raise ValueError(
+                f"ulysses_degree x branch_degree = {per_case} needs {per_case} processes, but this one runs alone; "
+                f"launch it with `torchrun --nproc-per-node {per_case} ...`."
+            )
+        return 1, 0, int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} is not; launch with torchrun.")
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; parallel runs need it.")
+    ParallelLayout(world_size, ulysses_degree, branch_degree)  # a bad world size fails before the rendezvous
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        # CUDA tensors go through NCCL, CPU ones (objects, CPU latents) through gloo, as upstream.
+        dist.init_process_group("cuda:nccl,cpu:gloo")
+    else:
+        dist.init_process_group("gloo")
+    return world_size, rank, local_rank
+
+
+def _use_xfuser() -> bool:
+    if not torch.cuda.is_available() or importlib.util.find_spec("xfuser") is None:
+        return False
+    try:
+        import xfuser.core.distributed  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken install falls back to plain groups, said once
+        logger.warning(f"xfuser is installed but does not import ({err}); using plain torch.distributed groups.")
+        return False
+    return True
+
+
+def _xfuser_groups(layout: ParallelLayout, rank: int, local_rank: int) -> dict[str, Any]:
+    from xfuser.core.distributed import (
+        get_cfg_group,
+        get_sp_group,
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+    from xfuser.core.distributed.parallel_state import destroy_model_parallel
+    from yunchang.globals import PROCESS_GROUP
+
+    init_distributed_environment(rank=rank, world_size=layout.world_size, local_rank=local_rank)
+    if model_parallel_is_initialized():
+        current = (get_sp_group().ulysses_world_size, get_cfg_group().world_size)
+        if current != (layout.ulysses_degree, layout.branch_degree):
+            destroy_model_parallel()
+    if not model_parallel_is_initialized():
+        # xfuser's order "tp-sp-pp-cfg-dp" puts sequence innermost, then cfg (our branches), then data: our layout.
+        initialize_model_parallel(
+            data_parallel_degree=layout.data_degree,
+            classifier_free_guidance_degree=layout.branch_degree,
+            sequence_parallel_degree=layout.ulysses_degree,
+            ulysses_degree=layout.ulysses_degree,
+            ring_degree=1,
+        )
+    data_rank, branch_rank, ulysses_rank = layout.coordinates(rank)
+    groups = {"ulysses_group": None, "branch_group": None}
+    if layout.ulysses_degree > 1:
+        groups["ulysses_group"] = PROCESS_GROUP.ULYSSES_PG
+        _check_group("Ulysses", groups["ulysses_group"], layout.ulysses_groups()[rank // layout.ulysses_degree])
+    if layout.branch_degree > 1:
+        groups["branch_group"] = get_cfg_group().device_group
+        index = data_rank * layout.ulysses_degree + ulysses_rank
+        _check_group("branch", groups["branch_group"], layout.branch_groups()[index])
+    return groups
+
+
+def _torch_groups(layout: ParallelLayout, rank: int) -> dict[str, Any]:
+    groups = {"ulysses_group": None, "branch_group": None}
+    if layout.ulysses_degree > 1:
+        from yunchang import set_seq_parallel_pg
+        from yunchang.globals import PROCESS_GROUP
+
+        set_seq_parallel_pg(layout.ulysses_degree, 1, rank, layout.world_size)
+        groups["ulysses_group"] = PROCESS_GROUP.ULYSSES_PG
+        _check_group("Ulysses", groups["ulysses_group"], layout.ulysses_groups()[rank // layout.ulysses_degree])
+    if layout.branch_degree > 1:
+        groups["branch_group"] = _find_group(layout.branch_groups(), rank)
+    return groups
+
+
+def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
+    """Join the torchrun world (initialising the process group if needed) and build this rank's groups."""
+    _check_degree("ulysses_degree", ulysses_degree)
+    _check_degree("branch_degree", branch_degree)
+    if ulysses_degree > 1 and importlib.util.find_spec("yunchang") is None:
+        raise ImportError(f"ulysses_degree={ulysses_degree} needs yunchang (xDiT's sequence-parallel attention): "
+                          f"{_YUNCHANG_INSTALL}")
+    world_size, rank, local_rank = _launch_environment(ulysses_degree, branch_degree)
+    layout = ParallelLayout(world_size, ulysses_degree, branch_degree)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        return ParallelState(layout, rank, local_rank, device, "none")
+    # Without Ulysses or branch groups there is nothing for xfuser to set up.
+    engine = "xfuser" if ulysses_degree * branch_degree > 1 and _use_xfuser() else "torch"
+    groups = _xfuser_groups(layout, rank, local_rank) if engine == "xfuser" else _torch_groups(layout, rank)
+    data_group = None
+    if ulysses_degree * branch_degree > 1:
+        data_group = _find_group(layout.data_groups(), rank)
+    state = ParallelState(layout, rank, local_rank, device, engine, data_group=data_group, **groups)
+    if rank == 0:
+        logger.info(
+            f"parallel: {world_size} processes = data {layout.data_degree} x branch {branch_degree} x "
+            f"ulysses {ulysses_degree} ({engine} groups)"
+        )
+    return state
+
+
+def enable_parallelism(pipe, ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
+    """Check the degrees against the pipeline's experts, join the world, and split the experts' sequences.
+
+    Used by `BerniniPipeline.enable_parallelism`, which documents the arguments. Any parallelism enabled before is
+    undone first, so a script can switch degrees.
+    """
+    _check_degree("ulysses_degree", ulysses_degree)
+    _check_degree("branch_degree", branch_degree)
+    experts = {name: getattr(pipe, name, None) for name in ("transformer", "transformer_2")}
+    experts = {name: model for name, model in experts.items() if model is not None}
+    for name, model in experts.items():
+        check_ulysses_degree(model.config.num_attention_heads, ulysses_degree, f"`{name}`")
+    disable_parallelism(pipe)
+    state = init_parallel_state(ulysses_degree, branch_degree)
+    if state.ulysses_group is not None:
+        sequence = UlyssesSequence(state.ulysses_group, ulysses_degree, state.ulysses_rank)
+        for model in experts.values():
+            parallelize_model(model, sequence)
+    return state
+
+
+def disable_parallelism(pipe) -> None:
+    """Give the pipeline's experts back their own processors and whole sequences; the process groups stay."""
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            unparallelize_model(model)

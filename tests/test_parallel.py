@@ -1,0 +1,382 @@
+"""Parallel inference: rank layout, case assignment and argument checks in this process; Ulysses, branch and data
+parallelism in `torchrun` processes (gloo, CPU, fp32), each run compared with the single-process result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from bernini_diffusers import BerniniPipeline
+from bernini_diffusers.parallel import ParallelLayout, assign_cases, check_ulysses_degree, divisors
+from bernini_diffusers.testing import tiny_transformer
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+CASES = ("t2v", "v2v", "r2v", "rv2v")
+# Distinct forwards per step of each case's default guidance mode (t2v_apg, v2v_apg, r2v_apg, rv2v).
+FORWARDS_PER_STEP = {"t2v": 2, "v2v": 2, "r2v": 3, "rv2v": 4}
+STEPS = 3  # SMALL["num_inference_steps"] in the worker
+ATOL = 1e-5
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ------------------------------------------------------------------------------------------------ in this process
+
+
+@pytest.mark.parametrize("world, ulysses, branch", [(8, 4, 2), (8, 2, 2), (8, 8, 1), (8, 1, 4), (6, 3, 1), (1, 1, 1)])
+def test_layout_groups_partition_the_world(world, ulysses, branch):
+    layout = ParallelLayout(world, ulysses, branch)
+    assert layout.data_degree == world // (ulysses * branch)
+    for groups, size in (
+        (layout.ulysses_groups(), ulysses),
+        (layout.branch_groups(), branch),
+        (layout.data_groups(), ulysses * branch),
+    ):
+        assert sorted(r for g in groups for r in g) == list(range(world))
+        assert all(len(g) == size for g in groups)
+    # Ulysses groups are consecutive ranks (one node's fast links), data groups consecutive blocks.
+    assert all(g == list(range(g[0], g[0] + ulysses)) for g in layout.ulysses_groups())
+    for rank in range(world):
+        d, b, u = layout.coordinates(rank)
+        assert layout.rank_of(d, b, u) == rank
+        assert rank in layout.ulysses_groups()[rank // ulysses]
+        assert rank in layout.data_groups()[d]
+
+
+def test_layout_of_eight_gpus_as_documented():
+    layout = ParallelLayout(8, ulysses_degree=4, branch_degree=2)
+    assert layout.ulysses_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert layout.branch_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.data_groups() == [list(range(8))]
+    layout = ParallelLayout(8, ulysses_degree=2, branch_degree=2)
+    assert layout.data_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert layout.branch_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert [layout.coordinates(r) for r in (0, 3, 5)] == [(0, 0, 0), (0, 1, 1), (1, 0, 1)]
+
+
+def test_layout_rejects_a_world_the_degrees_do_not_divide():
+    with pytest.raises(ValueError, match=r"6 processes .* 4 x 1 = 4") as err:
+        ParallelLayout(6, ulysses_degree=4)
+    assert "4, 8, 12" in str(err.value)
+    with pytest.raises(ValueError, match="branch_degree"):
+        ParallelLayout(4, branch_degree=0)
+
+
+@pytest.mark.parametrize("data_degree", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("num_cases", [0, 1, 5, 12])
+def test_case_assignment_covers_every_case_exactly_once(num_cases, data_degree):
+    cases = [f"case{i}.json" for i in range(num_cases)]
+    shares = [assign_cases(cases, r, data_degree) for r in range(data_degree)]
+    assert sorted(c for share in shares for c in share) == sorted(cases)
+    assert sum(map(len, shares)) == num_cases  # no case twice
+    for r, share in enumerate(shares):
+        assert share == cases[r::data_degree]  # deterministic, order kept
+    with pytest.raises(ValueError, match="data_rank"):
+        assign_cases(cases, data_degree, data_degree)
+
+
+def test_heads_must_divide_by_the_ulysses_degree(tiny_pipe_1p3b):
+    # The 1.3B layout: one expert with 12 heads (head_dim 16 keeps it small; the check only reads the config).
+    expert = tiny_transformer(num_attention_heads=12, attention_head_dim=16)
+    pipe = BerniniPipeline(**{**tiny_pipe_1p3b.components, "transformer": expert}, boundary_ratio=None)
+    for degree in (5, 8):
+        with pytest.raises(ValueError) as err:
+            pipe.enable_parallelism(ulysses_degree=degree)
+        message = str(err.value)
+        assert f"`ulysses_degree`={degree}" in message and "12 attention heads" in message
+        assert "1, 2, 3, 4, 6, 12" in message
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())  # failed before any rendezvous
+    assert divisors(40) == [1, 2, 4, 5, 8, 10, 20, 40]
+    check_ulysses_degree(40, 8)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"ulysses_degree": 0}, "ulysses_degree"),
+    ({"ulysses_degree": "2"}, "ulysses_degree"),
+    ({"ulysses_degree": True}, "ulysses_degree"),
+    ({"branch_degree": 0}, "branch_degree"),
+    ({"branch_degree": 1.5}, "branch_degree"),
+])
+def test_bad_degrees_raise_naming_the_argument(tiny_pipe, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`="):
+        tiny_pipe.enable_parallelism(**kwargs)
+
+
+def test_several_processes_need_torchrun(tiny_pipe, monkeypatch):
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        tiny_pipe.enable_parallelism(ulysses_degree=2)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 4"):
+        tiny_pipe.enable_parallelism(ulysses_degree=2, branch_degree=2)
+    assert tiny_pipe.is_writer
+
+
+def test_one_process_is_its_own_writer_and_unchanged(tiny_pipe, monkeypatch):
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    kwargs = dict(task_type="t2v", num_frames=1, height=16, width=16, num_inference_steps=2, output_type="latent")
+    before = tiny_pipe("x", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    state = tiny_pipe.enable_parallelism()
+    try:
+        assert (state.world_size, state.data_degree, state.engine, state.is_writer) == (1, 1, "none", True)
+        assert state.assign_cases(["a", "b"]) == ["a", "b"]
+        assert tiny_pipe.is_writer
+        after = tiny_pipe("x", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    finally:
+        tiny_pipe.disable_parallelism()
+    assert torch.equal(before, after)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+def _torchrun_command(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def _start(command: list[str], **kwargs) -> subprocess.Popen:
+    """Start `command` without inherited torchrun variables (and one thread per process: 2 cores are shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for var in TORCHRUN_VARS:
+        env.pop(var, None)
+    return subprocess.Popen(command, env=env, text=True, **kwargs)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process under it. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave the workers running."""
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(timeout=30)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for `proc` and return its output; on a timeout or a failure kill it and its workers and fail, so no
+    process outlives the test."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        output, _ = proc.communicate()
+        pytest.fail(f"the parallel processes did not finish within {timeout} s:\n{(output or '')[-6000:]}")
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun exited with {proc.returncode}:\n{(output or '')[-6000:]}")
+    return output or ""
+
+
+def _launch(out: Path, nproc: int, *args: str, timeout: float = 300) -> list[dict]:
+    """Run the worker under `torchrun --standalone` (a free port) and read every rank's report."""
+    proc = _start(_torchrun_command(nproc, str(WORKER), str(out), *args), stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT)  # fmt: skip
+    _finish(proc, timeout)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def cpu_reports(tmp_path_factory):
+    """One launch of 4 CPU processes: phases U=2 (two data groups), B=2 (two data groups), U=2 x B=2, data only."""
+    return _launch(tmp_path_factory.mktemp("parallel"), 4)
+
+
+def _phase(report: dict, ulysses: int, branch: int) -> dict:
+    return next(p for p in report["phases"] if (p["ulysses_degree"], p["branch_degree"]) == (ulysses, branch))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("ulysses, branch", [(2, 1), (2, 2)], ids=["U2", "U2xB2"])
+@pytest.mark.parametrize("case", CASES)
+def test_ulysses_equals_single_process(cpu_reports, case, ulysses, branch):
+    for report in cpu_reports:
+        result = _phase(report, ulysses, branch)["cases"][case]
+        assert result["max_abs_diff"] <= ATOL, (report["rank"], result["max_abs_diff"])
+        # Every forward's first block saw half of the (padded) sequence.
+        assert result["lengths"] and all(local == -(-full // 2) for local, full in result["lengths"])
+    odd = {full % 2 for _, full in _phase(cpu_reports[0], ulysses, branch)["cases"][case]["lengths"]}
+    assert (1 in odd) == (case in ("r2v", "rv2v"))  # the references make odd sequences, so padding happened
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", CASES)
+def test_branch_parallel_equals_single_process(cpu_reports, case):
+    for report in cpu_reports:
+        phase = _phase(report, 1, 2)
+        result = phase["cases"][case]
+        assert result["max_abs_diff"] <= ATOL, (report["rank"], result["max_abs_diff"])
+        assert all(local == full for local, full in result["lengths"])  # whole sequences, no Ulysses
+        # Round-robin: branch group b runs forwards b, b + 2, ...; together every forward once per step.
+        mine = len(range(phase["state"]["branch_rank"], FORWARDS_PER_STEP[case], 2))
+        assert result["forwards"] == STEPS * mine
+
+
+@pytest.mark.multiprocess
+def test_ulysses_and_branch_together_split_the_forwards(cpu_reports):
+    for report in cpu_reports:
+        phase = _phase(report, 2, 2)
+        mine = len(range(phase["state"]["branch_rank"], FORWARDS_PER_STEP["rv2v"], 2))
+        assert phase["cases"]["rv2v"]["forwards"] == STEPS * mine
+
+
+@pytest.mark.multiprocess
+def test_an_idle_branch_group_still_receives_every_output(cpu_reports):
+    for report in cpu_reports:
+        for branch_phase in ((1, 2), (2, 2)):
+            phase = _phase(report, *branch_phase)
+            exchange = phase["idle_exchange"]
+            assert exchange["calls"] == (1 if phase["state"]["branch_rank"] == 0 else 0)
+            assert exchange["outputs"] == [[[7.0] * 3] * 2]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("ulysses, branch", [(2, 1), (2, 2)], ids=["U2", "U2xB2"])
+def test_each_ranks_attention_slice_equals_the_single_process_attention(cpu_reports, ulysses, branch):
+    valid = []
+    for report in cpu_reports:
+        layer = _phase(report, ulysses, branch)["layer"]
+        assert layer["local_tokens"] == 7  # 13 tokens, padded to 14, split in two
+        assert layer["slice_max_abs_diff"] <= 1e-6 and layer["gathered_max_abs_diff"] <= 1e-6
+        assert layer["gathered_shape"] == [1, 13, 256]
+        valid.append(layer["valid_tokens"])
+    assert sorted(set(valid)) == [6, 7]  # the second slice ends with the padding
+
+
+@pytest.mark.multiprocess
+def test_ranks_writers_and_case_shares_follow_the_layout(cpu_reports):
+    world = len(cpu_reports)
+    for ulysses, branch in ((2, 1), (1, 2), (2, 2), (1, 1)):
+        layout = ParallelLayout(world, ulysses, branch)
+        shares = []
+        for report in cpu_reports:
+            rank, phase = report["rank"], _phase(report, ulysses, branch)
+            state = phase["state"]
+            data_rank, branch_rank, ulysses_rank = layout.coordinates(rank)
+            coordinates = (state["data_rank"], state["branch_rank"], state["ulysses_rank"])
+            assert coordinates == (data_rank, branch_rank, ulysses_rank)
+            assert state["data_degree"] == layout.data_degree and state["engine"] == "torch"
+            assert state["is_writer"] == state["pipe_is_writer"] == (branch_rank == 0 and ulysses_rank == 0)
+            first = layout.data_groups()[data_rank][0]
+            assert phase["broadcast_object"] == f"from rank {first}"
+            assert phase["assigned"] == list(range(10))[data_rank::layout.data_degree]
+            if state["is_writer"]:
+                shares += phase["assigned"]
+            expected = {"UlyssesAttnProcessor", "WanAttnProcessor"} if ulysses > 1 else {"WanAttnProcessor"}
+            assert set(phase["processors"]) == expected
+        assert sorted(shares) == list(range(10))  # the writers together cover every case once
+
+
+@pytest.mark.multiprocess
+def test_every_rank_of_a_data_group_uses_its_first_ranks_noise(cpu_reports):
+    for report in cpu_reports:
+        for ulysses, branch in ((2, 1), (1, 2), (2, 2)):
+            assert _phase(report, ulysses, branch)["own_seed_max_abs_diff"] <= ATOL
+
+
+@pytest.mark.multiprocess
+def test_disable_parallelism_restores_single_process_runs(cpu_reports):
+    for report in cpu_reports:
+        after = report["after_disable"]
+        assert after["max_abs_diff"] == 0.0
+        assert after["processors"] == ["WanAttnProcessor"]
+        assert all(local == full for local, full in after["lengths"])
+
+
+@pytest.mark.multiprocess
+def test_cli_batch_on_two_data_groups_killed_then_resumed_with_ulysses(tmp_path):
+    """`torchrun -m bernini_diffusers.cli generate --inputs`: two data groups share a batch, a kill part-way leaves
+    whole outputs only, and the restart (here as one Ulysses group) runs just the missing cases, each written once,
+    with one process's results."""
+    from PIL import Image
+
+    from bernini_diffusers import cli
+
+    entries = [{"task_type": "t2i", "prompt": f"a ball number {i}"} for i in range(6)]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    out = tmp_path / "out"
+    fast = ["--model", "tiny", "--num_frames", "5", "--height", "32", "--width", "48", "--num_inference_steps", "2"]
+    argv = ["generate", *fast, "--inputs", str(batch), "--output", f"{out}/"]
+    names = [f"{i:04d}_t2i.png" for i in range(1, len(entries) + 1)]
+
+    killed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("[!.]*.png")) and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        _kill_tree(killed)  # torchrun and both ranks, as a crash would
+    # A kill during a write leaves a hidden temporary, never a partial output under the final name.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
+    assert 1 <= len(before) < len(names), before  # killed part-way
+
+    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, "--ulysses", "2"),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    output = _finish(resumed, timeout=300)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
+    assert sorted(after) == names
+    assert all(after[name] == stamp for name, stamp in before.items())  # finished cases were not redone
+    assert not list(out.glob(".*tmp*"))
+    printed = [Path(line).name for line in output.splitlines() if line.startswith(str(out))]
+    assert sorted(printed) == sorted(set(names) - set(before)), output[-3000:]  # one writer, each case once
+
+    # One case of each run against a single process (a batch of those two cases).
+    picked = [sorted(before)[0], sorted(set(names) - set(before))[0]]
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps(entries[names.index(name)]) + "\n" for name in picked))
+    assert cli.main(["generate", *fast, "--inputs", str(two), "--output", f"{tmp_path / 'single'}/"]) == 0
+    for number, name in enumerate(picked, start=1):
+        with Image.open(out / name) as a, Image.open(tmp_path / "single" / f"{number:04d}_t2i.png") as b:
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
+        assert diff <= 1, (name, diff)  # Ulysses sums in another order: at most one step of rounding
+
+
+# ------------------------------------------------------------------------------------------------ GPUs
+
+
+def _gpu_backends() -> list:
+    from bernini_diffusers.attention import available_backends
+
+    usable = available_backends() if torch.cuda.is_available() else {}
+    return [
+        pytest.param("sdpa", "fp32", 1e-4, id="sdpa-fp32"),
+        pytest.param("fa2", "bf16", 5e-2, id="fa2-bf16", marks=pytest.mark.skipif(
+            not usable.get("fa2"), reason="needs flash-attn on a CUDA GPU")),
+        pytest.param("fa3", "bf16", 5e-2, id="fa3-bf16", marks=pytest.mark.skipif(
+            not usable.get("fa3"), reason="needs flash_attn_interface on a Hopper GPU")),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")
+@pytest.mark.parametrize("backend, dtype, atol", _gpu_backends())
+def test_gpu_ulysses_and_branch_parallel_equal_one_gpu(tmp_path, backend, dtype, atol):
+    reports = _launch(tmp_path, 2, "--device", "cuda", "--dtype", dtype, "--backend", backend)
+    for report in reports:
+        for ulysses, branch in ((2, 1), (1, 2)):
+            phase = _phase(report, ulysses, branch)
+            assert phase["state"]["engine"] in ("torch", "xfuser")
+            for case in CASES:
+                assert phase["cases"][case]["max_abs_diff"] <= atol, (report["rank"], ulysses, branch, case)
+        layer = _phase(report, 2, 1)["layer"]
+        assert layer["slice_max_abs_diff"] <= atol and layer["gathered_max_abs_diff"] <= atol

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
+from chat_server import ChatServer
 from PIL import Image
 
 from bernini_diffusers import cli, demo
@@ -218,48 +216,13 @@ def test_generate_rejects_bad_input_before_model_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-class ChatEndpoint:
-    """A local OpenAI-compatible chat-completions endpoint that answers every request with `answer`."""
-
-    def __init__(self, answer: str):
-        self.requests: list[dict] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                endpoint.requests.append(request)
-                message = {"role": "assistant", "content": answer}
-                body = json.dumps({
-                    "id": "chatcmpl-0", "object": "chat.completion", "created": 0, "model": request["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-                }).encode()  # fmt: skip
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
 ENHANCED = "A shiny red car drives along a coastal road at sunset."
 
 
 @pytest.fixture
 def chat_endpoint():
-    endpoint = ChatEndpoint(ENHANCED)
+    endpoint = ChatServer()
+    endpoint.default = (200, ChatServer.completion(ENHANCED))
     yield endpoint
     endpoint.close()
 
@@ -269,7 +232,7 @@ def test_prompt_enhancer_runs_first_with_the_routed_media(tiny_pipe, tmp_path, m
     enhancer = PromptEnhancer(model="pe-model", api_key="k", base_url=chat_endpoint.base_url, max_retries=0)
     path, used = demo.generate(tiny_pipe, values, save_dir=tmp_path, prompt_enhancer=enhancer)
     assert used == ENHANCED and path.exists()
-    (request,) = chat_endpoint.requests
+    (request,) = [r["body"] for r in chat_endpoint.requests]
     assert request["model"] == "pe-model"
     parts = request["messages"][1]["content"]
     assert "red car" in parts[0]["text"]
@@ -386,9 +349,9 @@ def pick_task(page, task: str):
 
 @pytest.mark.timeout(180)
 def test_page_in_a_browser(served_demo, browser, tmp_path):
-    from bernini_diffusers.testing import make_test_image, make_test_video
-
     from playwright.sync_api import expect
+
+    from bernini_diffusers.testing import make_test_image, make_test_video
 
     url, save_dir, chat_endpoint = served_demo
     video = make_test_video(tmp_path / "in.mp4", num_frames=9, width=48, height=32, fps=16, seed=3)
@@ -410,14 +373,24 @@ def test_page_in_a_browser(served_demo, browser, tmp_path):
     page.wait_for_selector("#video video")
     page.locator("#prompt textarea").fill("make it red")
     page.locator("#num_inference_steps input").fill("4")
+    # The progress bar (fed by the pipeline's step callback) can come and go faster than a poll: record it as the
+    # page changes instead.
+    page.evaluate(
+        """() => {
+            window.sawProgress = false;
+            new MutationObserver(() => {
+                if (document.body.textContent.includes("Denoising")) window.sawProgress = true;
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
     page.locator("#generate").click()
-    page.get_by_text("Denoising").first.wait_for()  # the progress bar, fed by the pipeline's step callback
     result = page.wait_for_selector("#result_video video[src]", timeout=60_000)
+    assert page.evaluate("window.sawProgress"), "no progress bar was shown during sampling"
     served = page.request.get(result.get_attribute("src"))
     assert served.ok and len(served.body()) > 0
     assert page.locator("#download a").first.get_attribute("href")
     expect(page.locator("#prompt_used textarea")).to_have_value(ENHANCED)  # --use_pe rewrote it first
-    assert [r["model"] for r in chat_endpoint.requests] == ["pe-model"]
+    assert [r["body"]["model"] for r in chat_endpoint.requests] == ["pe-model"]
     (written,) = save_dir.glob("*_v2v_seed42.mp4")
     assert served.body() == written.read_bytes()
     frames, _ = read_video(written)

@@ -10,7 +10,7 @@ from diffusers import UniPCMultistepScheduler, WanPipeline
 from bernini_diffusers import BerniniPipeline, BerniniTransformer3DModel
 from bernini_diffusers.guidance import GUIDANCE_SPECS
 from bernini_diffusers.pipeline_bernini import official_flow_sigmas
-from bernini_diffusers.tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, GuidanceMode, TaskType
+from bernini_diffusers.tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, TaskType
 from bernini_diffusers.testing import get_tiny_components, save_tiny_pretrained, tiny_pipeline
 
 SMALL = dict(num_frames=5, height=32, width=48, num_inference_steps=3)

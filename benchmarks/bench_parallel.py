@@ -65,7 +65,9 @@ def build(args: argparse.Namespace, device: torch.device):
     return model, inputs, backend
 
 
-def timed(fn, repeats: int, warmup: int) -> tuple[list[float], torch.Tensor]:
+def timed(fn, repeats: int, warmup: int, together: bool = True) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each timed call of `fn` and its last output. `together`: every rank calls `fn`, so each call starts
+    after a barrier; otherwise this rank runs alone."""
     import torch.distributed as dist
 
     out = None
@@ -74,7 +76,8 @@ def timed(fn, repeats: int, warmup: int) -> tuple[list[float], torch.Tensor]:
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
-        dist.barrier()
+        if together:
+            dist.barrier()
         start = time.perf_counter()
         out = fn()
         torch.cuda.synchronize()
@@ -92,31 +95,31 @@ def main() -> int:
         print("bench_parallel.py compares 1 GPU with N: launch it with `torchrun --nproc-per-node N` (N >= 2, "
               f"N <= {torch.cuda.device_count()} here).", file=sys.stderr)
         return 2
-    if args.heads % world:
-        print(f"--heads {args.heads} is not divisible by the {world} processes; choose N among the divisors of it.",
-              file=sys.stderr)
-        return 2
 
     import torch.distributed as dist
 
-    from bernini_diffusers.parallel import UlyssesSequence, init_parallel_state, parallelize_model
+    from bernini_diffusers.parallel import (
+        UlyssesSequence,
+        check_ulysses_degree,
+        init_parallel_state,
+        parallelize_model,
+    )
+    from bernini_diffusers.transformer_bernini import num_tokens
 
+    try:
+        check_ulysses_degree(args.heads, world, f"the benchmark model (--heads {args.heads})")
+    except ValueError as err:  # U is the process count here: say which counts to launch
+        print(f"{err} Launch that many processes (torchrun --nproc-per-node).", file=sys.stderr)
+        return 2
     state = init_parallel_state(ulysses_degree=world)
     model, inputs, backend = build(args, state.device)
-    tokens = args.streams * args.frames * (args.height // 2) * (args.width // 2)
+    tokens = args.streams * num_tokens((args.frames, args.height, args.width))
 
     with torch.no_grad():
         # U=1: rank 0 alone, the others wait at the barrier after it.
         single_times, single = [], None
         if state.rank == 0:
-            for _ in range(args.warmup):
-                model(**inputs)
-            for _ in range(args.repeats):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                single = model(**inputs)[0]
-                torch.cuda.synchronize()
-                single_times.append(time.perf_counter() - start)
+            single_times, single = timed(lambda: model(**inputs)[0], args.repeats, args.warmup, together=False)
         dist.barrier()
         parallelize_model(model, UlyssesSequence(state.ulysses_group, world, state.ulysses_rank))
         parallel_times, parallel = timed(lambda: model(**inputs)[0], args.repeats, args.warmup)

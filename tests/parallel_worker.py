@@ -2,8 +2,8 @@
 
 Every rank builds the same tiny pipeline, computes the single-process result of each case first, then enables each
 parallel layout the world size allows and runs the cases again. It writes what it measured (max |parallel - single|
-per case, sequence lengths seen by the first block, forwards it ran, its ranks) to OUT/rank<r>.json; the test
-process makes the assertions. Run by hand:
+per case, sequence lengths seen by the first block, forwards it ran, whether it decoded, its ranks) to
+OUT/rank<r>.json; the test process makes the assertions. Run by hand:
 
     torchrun --standalone --nproc-per-node 4 tests/parallel_worker.py OUT [--device cuda --dtype bf16 --backend fa2]
 """
@@ -23,6 +23,8 @@ from bernini_diffusers.testing import tiny_pipeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = dict(num_frames=5, height=32, width=48, num_inference_steps=3, output_type="latent")
+# One step to decoded frames: enough to see which ranks decode.
+DECODED = {**SMALL, "num_inference_steps": 1, "output_type": "np"}
 # (ulysses_degree, branch_degree) of each phase; the data degree is what the world size leaves.
 PHASES = [(2, 1), (1, 2), (2, 2), (1, 1)]
 
@@ -47,6 +49,10 @@ def cases() -> dict[str, dict]:
 
 def run(pipe, case: dict, seed: int = 42) -> torch.Tensor:
     return pipe(**case, **SMALL, generator=torch.Generator("cpu").manual_seed(seed)).frames.float().cpu()
+
+
+def run_decoded(pipe, case: dict) -> np.ndarray | None:
+    return pipe(**case, **DECODED, generator=torch.Generator("cpu").manual_seed(42)).frames
 
 
 def processors(pipe) -> list[str]:
@@ -119,6 +125,7 @@ def main() -> None:
         pipe.set_attention_backend(args.backend)
     all_cases = cases()
     reference = {name: run(pipe, case) for name, case in all_cases.items()}
+    reference_frames = run_decoded(pipe, all_cases["t2v"])
     probe = Probe(pipe)
     report: dict = {"rank": rank, "world_size": world, "phases": []}
 
@@ -156,6 +163,9 @@ def main() -> None:
             first = state.layout.data_groups()[state.data_rank][0]
             out = run(pipe, all_cases["t2v"], seed=42 + rank - first)
             phase["own_seed_max_abs_diff"] = (out - reference["t2v"]).abs().max().item()
+            # Only the writer decodes (SPEC 10); its frames are the single process's.
+            frames = run_decoded(pipe, all_cases["t2v"])
+            phase["decoded"] = None if frames is None else float(np.abs(frames - reference_frames).max())
         if branch > 1:
             # One forward for two branch groups: group 1 idles and still receives the output.
             calls = []

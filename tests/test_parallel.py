@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from bernini_diffusers import BerniniPipeline
+from bernini_diffusers import BerniniPipeline, BerniniPipelineOutput
 from bernini_diffusers.parallel import ParallelLayout, assign_cases, check_ulysses_degree, divisors
 from bernini_diffusers.testing import tiny_transformer
 
@@ -134,6 +134,13 @@ def test_one_process_is_its_own_writer_and_unchanged(tiny_pipe, monkeypatch):
     finally:
         tiny_pipe.disable_parallelism()
     assert torch.equal(before, after)
+
+
+def test_a_process_that_does_not_write_cannot_save(tmp_path):
+    out = BerniniPipelineOutput(frames=None, fps=16, output_type="np")  # what a non-writing rank gets back
+    with pytest.raises(ValueError, match="is_writer"):
+        out.save(tmp_path / "x.mp4")
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
@@ -289,6 +296,17 @@ def test_every_rank_of_a_data_group_uses_its_first_ranks_noise(cpu_reports):
     for report in cpu_reports:
         for ulysses, branch in ((2, 1), (1, 2), (2, 2)):
             assert _phase(report, ulysses, branch)["own_seed_max_abs_diff"] <= ATOL
+
+
+@pytest.mark.multiprocess
+def test_only_the_writer_decodes(cpu_reports):
+    for report in cpu_reports:
+        for ulysses, branch in ((2, 1), (1, 2), (2, 2)):
+            phase = _phase(report, ulysses, branch)
+            if phase["state"]["is_writer"]:
+                assert phase["decoded"] is not None and phase["decoded"] <= ATOL, (report["rank"], phase["decoded"])
+            else:
+                assert phase["decoded"] is None, report["rank"]  # no VAE decode, no frames
 
 
 @pytest.mark.multiprocess

@@ -18,7 +18,8 @@ rank 0 of branch group 0) writes that group's results.
 - **Ulysses** (SPEC section 10): the packed token sequence (conditions, then target) is zero-padded to a multiple of
   the degree and split into contiguous slices. In each self-attention an all-to-all gathers the sequence and
   scatters the heads, the padding is dropped, attention runs over the whole sequence for the local heads, and an
-  all-to-all scatters the sequence back. The text is not split. The heads must divide by the degree.
+  all-to-all scatters the sequence back. The text is not split. The output head runs on each slice and its
+  projections are gathered. The heads must divide by the degree.
 - **Branch**: the distinct forwards of a denoising step (2 to 4 guidance branches) are dealt round-robin to the
   branch groups, computed at the same time and exchanged with an all-gather, so every process combines all of them
   with the same guidance code as a single process.
@@ -37,6 +38,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -44,9 +48,6 @@ logger = logging.get_logger(__name__)
 T = TypeVar("T")
 
 _YUNCHANG_INSTALL = 'pip install yunchang (or pip install "bernini_diffusers[xdit]")'
-# diffusers' backend names whose kernels yunchang also provides (its attn_type), for the attention over the
-# gathered sequence; any other backend runs through diffusers' dispatcher as it does without parallelism.
-_YUNCHANG_FLASH = {"flash": "FA", "_flash_3": "FA3"}
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -164,8 +165,8 @@ def assign_cases(cases: Sequence[T], data_rank: int, data_degree: int) -> list[T
 class UlyssesSequence:
     r"""
     One Ulysses group's view of a packed sequence: the `sequence_parallel` seam of [`BerniniTransformer3DModel`]
-    (`split` after patch-embedding, `gather` before the output head) and the all-to-all attention its self-attention
-    processors call in between.
+    (`split` after patch-embedding, `gather` of the output head's per-token projections) and the all-to-all attention
+    its self-attention processors call in between.
 
     Args:
         group (`torch.distributed.ProcessGroup`):
@@ -202,8 +203,6 @@ class UlyssesSequence:
 
     def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Every rank's slice, concatenated and unpadded: `(B, S_local, C) -> (B, S, C)` on every rank."""
-        import torch.distributed as dist
-
         pieces = [torch.empty_like(hidden_states) for _ in range(self.degree)]
         dist.all_gather(pieces, hidden_states.contiguous(), group=self.group)
         return torch.cat(pieces, dim=1)[:, : self.length]
@@ -250,9 +249,8 @@ class UlyssesAttnProcessor:
 
     Projections, the q/k RMS norms and RoPE work token by token, so they run on the local slice (RoPE with the
     slice's own frequencies, which equals rotating the whole sequence after the all-to-all). The attention itself
-    goes through [`UlyssesSequence.attention`]: yunchang's all-to-all, the padding dropped, the kernel of the
-    expert's attention backend (FlashAttention 2/3 through yunchang's `attn_type`, anything else through diffusers'
-    dispatcher as without parallelism), and the all-to-all back.
+    goes through [`UlyssesSequence.attention`]: yunchang's all-to-all, the padding dropped, diffusers' dispatcher
+    with the expert's attention backend (the kernel it uses without parallelism), and the all-to-all back.
 
     Args:
         sequence ([`UlyssesSequence`]):
@@ -268,7 +266,6 @@ class UlyssesAttnProcessor:
         self.sequence = sequence
         self.replaced = replaced
         self._attention_backend = getattr(replaced, "_attention_backend", None)
-        self._flash: tuple[str, Callable] | None = None
 
     def __call__(
         self,
@@ -278,8 +275,6 @@ class UlyssesAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             raise ValueError(
                 "UlyssesAttnProcessor serves unmasked self-attention only (`attn1` of a Wan block); got "
@@ -299,17 +294,6 @@ class UlyssesAttnProcessor:
         return attn.to_out[1](hidden_states)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        backend = getattr(self._attention_backend, "value", self._attention_backend)
-        if backend in _YUNCHANG_FLASH and query.is_cuda:
-            if self._flash is None or self._flash[0] != backend:
-                from yunchang.kernels import AttnType, select_flash_attn_impl
-
-                attn_type = getattr(AttnType, _YUNCHANG_FLASH[backend])
-                self._flash = (backend, select_flash_attn_impl(attn_type, stage="fwd-bwd"))
-            out = self._flash[1](query, key, value, dropout_p=0.0, softmax_scale=query.shape[-1] ** -0.5, causal=False)
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         return dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
         )
@@ -405,9 +389,15 @@ class ParallelState:
         return self.layout.coordinates(self.rank)[2]
 
     @property
+    def writer_rank(self) -> int:
+        """The global rank of this data group's first process (Ulysses rank 0 of branch group 0): the one that writes
+        the group's results and whose noise and objects `broadcast` hands to the others."""
+        return self.layout.rank_of(self.data_rank, 0, 0)
+
+    @property
     def is_writer(self) -> bool:
-        """Whether this process writes its data group's results: Ulysses rank 0 of branch group 0."""
-        return self.branch_rank == 0 and self.ulysses_rank == 0
+        """Whether this process writes its data group's results (see `writer_rank`)."""
+        return self.rank == self.writer_rank
 
     def assign_cases(self, cases: Sequence[T]) -> list[T]:
         """This data group's share of `cases`: `cases[data_rank::data_degree]`."""
@@ -416,19 +406,15 @@ class ParallelState:
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """The data group's first rank's `tensor`, in place on every rank of the group (e.g. the initial noise)."""
         if self.data_group is not None:
-            import torch.distributed as dist
-
-            dist.broadcast(tensor, src=self.layout.data_groups()[self.data_rank][0], group=self.data_group)
+            dist.broadcast(tensor, src=self.writer_rank, group=self.data_group)
         return tensor
 
     def broadcast_object(self, obj: T) -> T:
         """The data group's first rank's picklable `obj` on every rank of the group (e.g. a list of pending cases)."""
         if self.data_group is None:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
-        dist.broadcast_object_list(box, src=self.layout.data_groups()[self.data_rank][0], group=self.data_group)
+        dist.broadcast_object_list(box, src=self.writer_rank, group=self.data_group)
         return box[0]
 
     def run_branches(self, forwards: Sequence[Callable[[], torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
@@ -440,8 +426,6 @@ class ParallelState:
         """
         if self.branch_group is None:
             return [forward() for forward in forwards]
-        import torch.distributed as dist
-
         degree, mine = self.branch_degree, self.branch_rank
         slots = -(-len(forwards) // degree)
         outputs = [forwards[i]() for i in range(mine, len(forwards), degree)]
@@ -456,8 +440,6 @@ class ParallelState:
 
 def _find_group(groups: list[list[int]], rank: int):
     """Create every group (all ranks must, in the same order) and return this rank's."""
-    import torch.distributed as dist
-
     own = None
     for ranks in groups:
         group = dist.new_group(ranks)
@@ -467,8 +449,6 @@ def _find_group(groups: list[list[int]], rank: int):
 
 
 def _check_group(name: str, group, expected: list[int]) -> None:
-    import torch.distributed as dist
-
     ranks = dist.get_process_group_ranks(group)
     if list(ranks) != expected:
         raise RuntimeError(f"the {name} group holds ranks {ranks}, expected {expected} (see the rank layout).")
@@ -476,8 +456,6 @@ def _check_group(name: str, group, expected: list[int]) -> None:
 
 def _launch_environment(ulysses_degree: int, branch_degree: int) -> tuple[int, int, int]:
     """`(world_size, rank, local_rank)`, initialising the default process group from torchrun's variables if needed."""
-    import torch.distributed as dist
-
     per_case = ulysses_degree * branch_degree
 
     if dist.is_available() and dist.is_initialized():
@@ -544,7 +522,7 @@ def _xfuser_groups(layout: ParallelLayout, rank: int, local_rank: int) -> dict[s
             ulysses_degree=layout.ulysses_degree,
             ring_degree=1,
         )
-    data_rank, branch_rank, ulysses_rank = layout.coordinates(rank)
+    data_rank, _, ulysses_rank = layout.coordinates(rank)
     groups = {"ulysses_group": None, "branch_group": None}
     if layout.ulysses_degree > 1:
         groups["ulysses_group"] = PROCESS_GROUP.ULYSSES_PG
@@ -575,8 +553,9 @@ def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> Para
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("branch_degree", branch_degree)
     if ulysses_degree > 1 and importlib.util.find_spec("yunchang") is None:
-        raise ImportError(f"ulysses_degree={ulysses_degree} needs yunchang (xDiT's sequence-parallel attention): "
-                          f"{_YUNCHANG_INSTALL}")
+        raise ImportError(
+            f"ulysses_degree={ulysses_degree} needs yunchang (xDiT's sequence-parallel attention): {_YUNCHANG_INSTALL}"
+        )
     world_size, rank, local_rank = _launch_environment(ulysses_degree, branch_degree)
     layout = ParallelLayout(world_size, ulysses_degree, branch_degree)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

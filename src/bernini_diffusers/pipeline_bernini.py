@@ -89,7 +89,8 @@ class BerniniPipelineOutput(BaseOutput):
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
             The decoded frames, `(batch_size, num_frames, height, width, 3)` for `"np"`, `(batch_size, num_frames, 3,
             height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latent
-            `(1, 16, latent_frames, height / 8, width / 8)`.
+            `(1, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that do not
+            write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
         fps (`float`):
             The frame rate the frames were sampled at; `save` writes the video at it.
         output_type (`str`):
@@ -104,6 +105,8 @@ class BerniniPipelineOutput(BaseOutput):
         """Write the first result: a PNG for one frame, an H.264 MP4 at `fps` otherwise. Returns the path written."""
         if self.output_type == "latent":
             raise ValueError("`save` needs decoded frames; this output holds latents (output_type='latent').")
+        if self.frames is None:
+            raise ValueError("`save` needs decoded frames; this process does not write (`pipe.is_writer` is False).")
         frames = self.frames[0]
         if self.output_type == "pt":
             frames = frames.permute(0, 2, 3, 1).float().cpu().numpy()  # (T, C, H, W) -> (T, H, W, C)
@@ -213,12 +216,16 @@ class BerniniPipeline(DiffusionPipeline):
             transformer_2=transformer_2,
         )
         self.register_to_config(
-            boundary_ratio=boundary_ratio, max_trained_src_id=max_trained_src_id, interpolate_src_id=interpolate_src_id
+            boundary_ratio=boundary_ratio,
+            max_trained_src_id=max_trained_src_id,
+            interpolate_src_id=interpolate_src_id,
+            use_unipc=use_unipc,
+            use_src_id_rotary_emb=use_src_id_rotary_emb,
         )
-        self.register_to_config(use_unipc=use_unipc, use_src_id_rotary_emb=use_src_id_rotary_emb)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self._parallel_state: ParallelState | None = None  # set by enable_parallelism
         self.set_attention_backend()
 
     def set_attention_backend(self, name: str | None = None) -> str:
@@ -241,7 +248,8 @@ class BerniniPipeline(DiffusionPipeline):
         parallelism, and data parallelism over case lists with the processes left over.
 
         Call it on every process, after loading and before the first call; every process then makes the same calls
-        with the same arguments and seed, and only the one whose [`~BerniniPipeline.is_writer`] is `True` writes.
+        with the same arguments and seed, and only the one whose [`~BerniniPipeline.is_writer`] is `True` decodes and
+        writes (the others return `frames=None` unless `output_type="latent"`).
         The default process group is initialised from torchrun's environment if the script has not done so (NCCL for
         CUDA tensors on the local rank's device, gloo for CPU ones); xfuser builds the groups where it is installed,
         plain `torch.distributed` groups with yunchang's Ulysses groups otherwise. Calling it again switches degrees.
@@ -278,7 +286,7 @@ class BerniniPipeline(DiffusionPipeline):
 
     def disable_parallelism(self) -> None:
         """Undo [`~BerniniPipeline.enable_parallelism`]: every process runs whole calls on its own again."""
-        if getattr(self, "_parallel_state", None) is not None:
+        if self._parallel_state is not None:
             from .parallel import disable_parallelism
 
             disable_parallelism(self)
@@ -289,8 +297,7 @@ class BerniniPipeline(DiffusionPipeline):
         """Whether this process writes results: always in a single process; under
         [`~BerniniPipeline.enable_parallelism`], only the first process of each data group (Ulysses rank 0 of branch
         group 0), so that each result is written once."""
-        state = getattr(self, "_parallel_state", None)
-        return state is None or state.is_writer
+        return self._parallel_state is None or self._parallel_state.is_writer
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -536,7 +543,7 @@ class BerniniPipeline(DiffusionPipeline):
         """The condition streams of each combo (SPEC 3.5) with their source ids, videos first."""
         def with_ids(latents: list[torch.Tensor]) -> _Conditions:
             ids = assign_source_ids(len(latents), self.config.max_trained_src_id, self.config.interpolate_src_id)
-            if not self.config.get("use_src_id_rotary_emb", True):
+            if not self.config.use_src_id_rotary_emb:
                 ids = [0.0] * len(latents)  # id 0 adds no phase: every stream keeps the plain 3-D RoPE
             return _Conditions(list(latents), ids)
 
@@ -601,11 +608,10 @@ class BerniniPipeline(DiffusionPipeline):
                 )[0]
 
             forwards[key] = forward
-        parallel = getattr(self, "_parallel_state", None)
-        if parallel is None:
+        if self._parallel_state is None:
             outputs = [forward() for forward in forwards.values()]
         else:
-            outputs = parallel.run_branches(list(forwards.values()), like=latents)
+            outputs = self._parallel_state.run_branches(list(forwards.values()), like=latents)
         by_key = dict(zip(forwards, outputs))
         return [by_key[key] for key in branch_keys]
 
@@ -616,7 +622,7 @@ class BerniniPipeline(DiffusionPipeline):
                 hook.offload()
 
     def _scheduler_for_call(self, flow_shift: float):
-        if not self.config.get("use_unipc", True):
+        if not self.config.use_unipc:
             num_train_timesteps = self.scheduler.config.num_train_timesteps
             return FlowMatchEulerScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
         config = dict(self.scheduler.config)
@@ -806,9 +812,9 @@ class BerniniPipeline(DiffusionPipeline):
 
         # 5. The initial noise.
         latents = self.prepare_latents(latent_shape, generator, latents, device)
-        parallel = getattr(self, "_parallel_state", None)
-        if parallel is not None:
-            latents = parallel.broadcast(latents)  # one noise for every process of a data group, whatever its seed
+        if self._parallel_state is not None:
+            # one noise for every process of a data group, whatever seed each was given
+            latents = self._parallel_state.broadcast(latents)
 
         # 6. Decide each step's expert and weights, and which branches are the same forward.
         plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
@@ -848,11 +854,13 @@ class BerniniPipeline(DiffusionPipeline):
                 progress_bar.update()
         self._current_timestep = None
 
-        # 8. Decode.
+        # 8. Decode, in one process per data group (SPEC 10): the others hold the same latents and write nothing.
         if output_type == "latent":
             result = latents
-        else:
+        elif self.is_writer:
             result = self.decode_latents(latents, output_type)
+        else:
+            result = None
         self.maybe_free_model_hooks()
 
         if not return_dict:

@@ -54,8 +54,8 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
     # Sequence parallelism is declared here and applied by `bernini_diffusers.parallel`. Only the attention modules
     # named below mix tokens across the packed sequence; every other layer works token by token (cross-attention
     # reads the whole text). When `sequence_parallel` is set, `forward` hands the packed tokens and their RoPE to its
-    # `split` after patch-embedding and to its `gather` before the output head; the named modules get a processor
-    # that attends over the whole sequence.
+    # `split` after patch-embedding and the output head's per-token projections to its `gather`; the named modules
+    # get a processor that attends over the whole sequence.
     _sequence_parallel_attention: tuple[str, ...] = ("attn1",)
     sequence_parallel: Any = None
 
@@ -149,22 +149,33 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             else:
                 hidden = block(hidden, encoder_hidden_states, timestep_proj, rotary_emb)
 
-        # 4. Keep the target tokens, then the output head.
-        if self.sequence_parallel is not None:
-            hidden = self.sequence_parallel.gather(hidden)  # (B, S_local, inner) -> (B, S, inner)
-        output = self._output_head(hidden[:, -num_target_tokens:], temb, grid)
+        # 4. The output head for the target tokens. The head works token by token, so under sequence parallelism each
+        # process projects its own slice and only the projections, p_t * p_h * p_w * C_out wide instead of `inner`,
+        # are gathered (as upstream).
+        if self.sequence_parallel is None:
+            output = self._output_head(hidden[:, -num_target_tokens:], temb, grid)
+        else:
+            projected = self.sequence_parallel.gather(self._project_out(hidden, temb))  # (B, S_local, P) -> (B, S, P)
+            output = self._unpatchify(projected[:, -num_target_tokens:], grid)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
     def _output_head(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Modulated norm, projection and unpatchify: (B, L, inner) -> (B, C_out, T, H, W)."""
-        batch_size = hidden.shape[0]
-        p_t, p_h, p_w = self.config.patch_size
+        return self._unpatchify(self._project_out(hidden, temb), grid)
+
+    def _project_out(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Modulated norm and projection, token by token: (B, L, inner) -> (B, L, p_t * p_h * p_w * C_out)."""
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift, scale = shift.to(hidden.device), scale.to(hidden.device)
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-        hidden = self.proj_out(hidden)  # (B, L, p_t * p_h * p_w * C_out)
+        return self.proj_out(hidden)
+
+    def _unpatchify(self, hidden: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, T' * H' * W', p_t * p_h * p_w * C_out) -> (B, C_out, T, H, W)."""
+        batch_size = hidden.shape[0]
+        p_t, p_h, p_w = self.config.patch_size
         # (B, T', H', W', p_t, p_h, p_w, C) -> (B, C, T', p_t, H', p_h, W', p_w) -> (B, C, T, H, W)
         hidden = hidden.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
         hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import DTYPES, print_header, print_table, write_json
 from huggingface_hub.serialization._base import parse_size_to_int
 
 from bernini_diffusers.hub_export.convert import expected_tensors, expert_skeleton
 from bernini_diffusers.loading import CHECKPOINT_FOLDERS
 from bernini_diffusers.testing import save_tiny_pretrained, write_random_original_checkpoint
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET = 1.5
 BASELINE_IMPORTS = (
     "import accelerate, safetensors.torch, bernini_diffusers.cli, bernini_diffusers.loading, "
@@ -63,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks per expert")
     parser.add_argument("--dim", type=int, default=2048, help="model width (heads x 128)")
     parser.add_argument("--ffn_dim", type=int, default=8192, help="feed-forward width")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the random checkpoint")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the random checkpoint")
     parser.add_argument("--shard_size", default="256MB", help="largest source shard (one tensor more at most)")
     parser.add_argument("--max_shard_size", default="10GB", help="--max_shard_size of the export")
     parser.add_argument("--min_total", default="1GB", help="refuse a config whose two checkpoints hold less")
@@ -115,11 +114,8 @@ def main() -> None:
     total = 2 * per_expert * dtype.itemsize
     if total < parse_size_to_int(args.min_total):
         sys.exit(f"the two checkpoints would hold {gib(total)} < --min_total {args.min_total}; add --layers")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"bench_export: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.2f}, "
-        f"torch {torch.__version__}, python {platform.python_version()}"
-    )
+    device = torch.device("cpu")
+    print_header("bench_export: peak memory of `bernini export`", device, dtype)
     print(
         f"config: {args.layers} layers, dim {args.dim}, ffn {args.ffn_dim}: {per_expert / 1e6:.0f}M parameters per "
         f"expert, {args.dtype}; two checkpoints {gib(total)}"
@@ -172,37 +168,31 @@ def main() -> None:
 
     above = export_rss - base_rss
     ratio = above / largest
-    rows = [
-        ("baseline (imports)", gib(base_rss), f"{base_s:.1f} s"),
-        ("bernini export", gib(export_rss), f"{export_s:.1f} s ({written / 2**30 / export_s:.2f} GiB/s)"),
-        ("export - baseline", gib(above), f"{ratio:.2f} x the largest source shard"),
-    ]
-    print(f"\n{'process':<20}  {'peak RSS':>12}  wall time")
-    for name, rss, note in rows:
-        print(f"{name:<20}  {rss:>12}  {note}")
+    print()
+    print_table(
+        ["process", "peak RSS", "wall time"],
+        [
+            ("baseline (imports)", gib(base_rss), f"{base_s:.1f} s"),
+            ("bernini export", gib(export_rss), f"{export_s:.1f} s ({written / 2**30 / export_s:.2f} GiB/s)"),
+            ("export - baseline", gib(above), f"{ratio:.2f} x the largest source shard"),
+        ],
+    )
     print(f"\nsource shards: largest {gib(largest)}; output: {len(outputs)} shards, largest {gib(largest_out)}")
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"RESULT export_peak_above_baseline={ratio:.2f}x_largest_shard (target <= {TARGET}) {verdict}")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "config": config,
-                    "dtype": args.dtype,
-                    "checkpoint_bytes": written,
-                    "num_source_shards": len(shards),
-                    "largest_source_shard_bytes": largest,
-                    "largest_output_shard_bytes": largest_out,
-                    "baseline_peak_rss_bytes": base_rss,
-                    "export_peak_rss_bytes": export_rss,
-                    "export_seconds": export_s,
-                    "peak_above_baseline_over_largest_shard": ratio,
-                    "target": TARGET,
-                    "load_average": load,
-                },
-                indent=2,
-            )
-        )
+    payload = {
+        "config": config,
+        "checkpoint_bytes": written,
+        "num_source_shards": len(shards),
+        "largest_source_shard_bytes": largest,
+        "largest_output_shard_bytes": largest_out,
+        "baseline_peak_rss_bytes": base_rss,
+        "export_peak_rss_bytes": export_rss,
+        "export_seconds": export_s,
+        "peak_above_baseline_over_largest_shard": ratio,
+        "target": TARGET,
+    }
+    write_json(args.json, payload, device, dtype)  # adds the environment (dtype, CPUs, versions) and the load
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from bernini_diffusers import BerniniPipeline, BerniniTransformer3DModel
 from bernini_diffusers.cli import main as cli_main
 from bernini_diffusers.hub_export import export_pipeline
-from bernini_diffusers.hub_export.convert import KEY_PREFIXES, convert_key, original_key
+from bernini_diffusers.hub_export.convert import EXPERTS, KEY_PREFIXES, convert_key, original_key
 from bernini_diffusers.testing import (
     ORIGINAL_SEEDS,
     save_original_checkpoint,
@@ -31,7 +32,6 @@ from bernini_diffusers.testing import (
     tiny_transformer,
 )
 
-EXPERTS = ("transformer", "transformer_2")
 WAN_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 
 
@@ -179,6 +179,8 @@ def test_checkpoint_argument_errors(work, tmp_path):
         BerniniPipeline.from_pretrained(work / "base", high_noise_ckpt=ckpts, low_noise_ckpt=tmp_path / "pickled")
     with pytest.raises(FileNotFoundError, match="high_noise_ckpt"):
         BerniniPipeline.from_pretrained(work / "base", high_noise_ckpt=tmp_path / "nowhere", low_noise_ckpt=ckpts)
+    with pytest.raises(FileNotFoundError, match=r"nowhere' does not exist"):  # a missing path is not a repo id
+        export_pipeline(tmp_path / "nowhere", ckpts, tmp_path / "out", base=work / "base")
     # swapped experts: the low-noise keys do not fit the high-noise expert
     with pytest.raises(ValueError, match="swapped"):
         BerniniPipeline.from_pretrained(
@@ -204,6 +206,8 @@ def _broken_checkpoint(work: Path, tmp_path: Path, how: str) -> Path:
     shards = sorted(ckpt.glob("*.safetensors"))
     if how == "missing_shard":
         shards[1].unlink()
+    elif how == "bad_index":
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     elif how == "truncated_shard":
         shards[1].write_bytes(shards[1].read_bytes()[:-64])
     else:
@@ -224,6 +228,7 @@ def _broken_checkpoint(work: Path, tmp_path: Path, how: str) -> Path:
 
 
 BROKEN = {
+    "bad_index": (ValueError, r"model\.safetensors\.index\.json' is not a safetensors index.*weight_map"),
     "missing_shard": (FileNotFoundError, r"model-00002-of-00003\.safetensors"),
     "truncated_shard": (ValueError, r"model-00002-of-00003\.safetensors.*truncated"),
     "wrong_shape": (ValueError, r"blocks\.0\.attn1\.to_q\.weight: shape \[256, 255\], the config expects \[256, 256\]"),
@@ -497,7 +502,15 @@ def test_diffusion_pipeline_from_the_offline_cache(cache, tmp_path):
     assert type(pipe.transformer_2) is BerniniTransformer3DModel
 
 
-def test_export_from_repos(cache, tmp_path):
+def test_export_from_repos(cache, tmp_path, monkeypatch):
+    downloads = []
+    snapshot_download = huggingface_hub.snapshot_download
+
+    def recording_snapshot_download(repo_id, **kwargs):
+        downloads.append(repo_id)
+        return snapshot_download(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording_snapshot_download)
     out = export_pipeline(
         "ByteDance/Bernini-R/bernini_renderer_high",
         "ByteDance/Bernini-R@main/bernini_renderer_low",
@@ -505,6 +518,7 @@ def test_export_from_repos(cache, tmp_path):
         base=WAN_BASE,
         cache_dir=cache,
     )
+    assert downloads.count(WAN_BASE) == 2  # its root files, then what every component needs at once
     assert BerniniPipeline.from_pretrained(out).transformer_2 is not None
     assert ModelCard.load(out / "README.md").data.base_model == WAN_BASE
 

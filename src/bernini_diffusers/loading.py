@@ -16,6 +16,7 @@ an expert that a checkpoint replaces, one variant of each weight file, never a p
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -29,12 +30,15 @@ from diffusers.utils import logging
 
 from .hub_export.convert import (
     EXPERTS,
+    ConversionPlan,
     expected_tensors,
     expert_skeleton,
     index_shards,
     load_expert_weights,
     plan_conversion,
     read_checkpoint,
+    read_index,
+    sample_names,
 )
 
 logger = logging.get_logger(__name__)
@@ -64,18 +68,13 @@ _WEIGHT_RE = re.compile(r"^(?P<stem>[^.]+)(\.(?P<variant>[^.-]+))?(-\d{5}-of-\d{
 _INDEX_RE = re.compile(r"^(?P<stem>[^.]+)\.safetensors\.index(\.(?P<variant>[^.]+))?\.json$")
 
 
-def _sample(names: Iterable[str], count: int = 4) -> str:
-    names = sorted(names)
-    return ", ".join(names[:count]) + (f", ... ({len(names) - count} more)" if len(names) > count else "")
-
-
 def _is_pickle(name: str) -> bool:
     return name.lower().endswith(PICKLE_SUFFIXES) or ".bin.index" in name
 
 
 def pickle_error(files: Iterable[str], where: str) -> ValueError:
     return ValueError(
-        f"{where} holds only pickle weights ({_sample(files)}); bernini_diffusers loads safetensors only, because "
+        f"{where} holds only pickle weights ({sample_names(files)}); bernini_diffusers loads safetensors only, because "
         "unpickling runs code. Convert them to safetensors first."
     )
 
@@ -94,7 +93,8 @@ def _walk(root: Path, depth: int = 2) -> set[str]:
     return found
 
 
-def _looks_like_repo_id(name: str) -> bool:
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a valid Hub repo id (huggingface_hub's rules); it says nothing of whether the repo exists."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -128,7 +128,7 @@ class ModelFiles:
         if path.is_dir():
             return cls(str(name), path, _walk(path))
         name = str(name)
-        if path.exists() or not _looks_like_repo_id(name):
+        if path.exists() or not is_repo_id(name):
             raise FileNotFoundError(f"`{argument}`={name!r} is neither a model folder nor a Hub repo id (owner/name).")
         from huggingface_hub import get_cached_repo_tree, snapshot_download
         from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -171,7 +171,8 @@ class ModelFiles:
         except (LocalEntryNotFoundError, HfHubHTTPError) as err:
             missing = [p for p in paths if not (self.root / p).is_file()] or paths
             raise FileNotFoundError(
-                f"Could not fetch {len(missing)} file(s) of {self}: {_sample(missing)} ({type(err).__name__}: {err})"
+                f"Could not fetch {len(missing)} file(s) of {self}: {sample_names(missing)} "
+                f"({type(err).__name__}: {err})"
             ) from err
 
     def __str__(self) -> str:
@@ -192,7 +193,7 @@ def select_weights(names: list[str], variant: str | None, where: str) -> tuple[l
     pickles = [n for n in names if _is_pickle(n)]
     if pickles:
         raise pickle_error(pickles, where)
-    raise FileNotFoundError(f"{where} has no safetensors weights (files: {_sample(names) or 'none'}).")
+    raise FileNotFoundError(f"{where} has no safetensors weights (files: {sample_names(names) or 'none'}).")
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -286,49 +287,43 @@ class CheckpointFiles:
     weight_map: dict[str, str] | None = None
 
 
-def _checkpoint_in(names: list[str], where: str, expert: str, has_subfolder) -> tuple[str, list[str]] | None:
-    """Pick the checkpoint files among the `names` of one folder: its index, else its safetensors files.
+def _checkpoint_in(
+    repo: ModelFiles, folder: str, where: str, expert: str, descend: bool = True
+) -> tuple[str, str, list[str]]:
+    """Pick the checkpoint files of `folder` in `repo`: its index, else its safetensors files, else (with `descend`)
+    those of the expert's own subfolder, as in a download of `ByteDance/Bernini-R`.
 
-    Returns ("index", [name]) or ("files", names); None when the folder has none but the expert's default subfolder.
+    Returns `(folder, "index", [name])` or `(folder, "files", names)`, the names relative to the folder returned.
     """
+    names = repo.folder(folder)
     indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) > 1:
-        raise ValueError(f"{where} holds several indexes ({_sample(indexes)}); pass the one to load.")
+        raise ValueError(f"{where} holds several indexes ({sample_names(indexes)}); pass the one to load.")
     if indexes:
-        return "index", indexes
+        return folder, "index", indexes
     tensors = [n for n in names if n.endswith(".safetensors")]
     if tensors:
-        return "files", sorted(tensors)
-    if has_subfolder(CHECKPOINT_FOLDERS[expert]):
-        return None
+        return folder, "files", sorted(tensors)
+    subfolder = f"{folder}/{CHECKPOINT_FOLDERS[expert]}".strip("/")
+    if descend and repo.has_folder(subfolder):
+        return _checkpoint_in(repo, subfolder, f"{where}, folder {subfolder!r}", expert, descend=False)
     pickles = [n for n in names if _is_pickle(n)]
     if pickles:
         raise pickle_error(pickles, where)
-    raise FileNotFoundError(f"{where} holds no safetensors checkpoint (files: {_sample(names) or 'none'}).")
+    raise FileNotFoundError(f"{where} holds no safetensors checkpoint (files: {sample_names(names) or 'none'}).")
 
 
-def _local_checkpoint(path: Path, expert: str, argument: str) -> CheckpointFiles:
-    if path.is_file():
-        if _is_pickle(path.name):
-            raise pickle_error([path.name], f"`{argument}`={str(path)!r}")
-        if path.name.endswith(".json"):
-            files, weight_map = index_shards(path)
-            return CheckpointFiles(str(path), files, weight_map)
-        if path.name.endswith(".safetensors"):
-            return CheckpointFiles(str(path), [path])
-        raise ValueError(
-            f"`{argument}`={str(path)!r} is not a checkpoint: pass a folder, a .safetensors file or a "
-            ".safetensors.index.json file."
-        )
-    names = sorted(p.name for p in path.iterdir() if p.is_file())
-    found = _checkpoint_in(names, f"`{argument}`={str(path)!r}", expert, lambda sub: (path / sub).is_dir())
-    if found is None:
-        return _local_checkpoint(path / CHECKPOINT_FOLDERS[expert], expert, argument)
-    kind, picked = found
-    if kind == "index":
-        files, weight_map = index_shards(path / picked[0])
-        return CheckpointFiles(str(path), files, weight_map)
-    return CheckpointFiles(str(path), [path / n for n in picked])
+def _checkpoint_file(path: Path, where: str) -> CheckpointFiles:
+    """A checkpoint given as one local file: an index (its shards beside it) or a single safetensors file."""
+    if _is_pickle(path.name):
+        raise pickle_error([path.name], where)
+    if path.name.endswith(".json"):
+        return CheckpointFiles(str(path), *index_shards(path))
+    if path.name.endswith(".safetensors"):
+        return CheckpointFiles(str(path), [path])
+    raise ValueError(
+        f"{where} is not a checkpoint: pass a folder, a .safetensors file or a .safetensors.index.json file."
+    )
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, str | None, str]:
@@ -357,51 +352,72 @@ def resolve_checkpoint(
     `hub` passes `cache_dir`, `token`, `local_files_only`, `force_download` on; the revision comes from `@revision`.
     """
     argument = argument or CHECKPOINT_ARGUMENTS[expert]
-    path = Path(spec)
-    if path.exists():
-        return _local_checkpoint(path, expert, argument)
     spec = str(spec)
-    repo_id, revision, inner = parse_checkpoint_spec(spec)
-    if not _looks_like_repo_id(repo_id):
-        raise FileNotFoundError(
-            f"`{argument}`={spec!r} is neither a local file or folder nor a Hub path (owner/name[@revision][/folder])."
-        )
-    hub = {k: v for k, v in (hub or {}).items() if k != "revision"}
-    if revision:
-        hub["revision"] = revision
-    if _is_pickle(inner):
-        raise pickle_error([inner], f"`{argument}`={spec!r}")
-    folders = [inner, f"{inner}/{CHECKPOINT_FOLDERS[expert]}".strip("/")]
-    patterns = [f"{folder}/*.safetensors.index.json".lstrip("/") for folder in folders]
-    if inner.endswith(".json"):
-        patterns = [inner]
-    repo = ModelFiles.open(repo_id, hub, argument, patterns=patterns)
     where = f"`{argument}`={spec!r}"
+    path = Path(spec)
+    if path.is_file():
+        return _checkpoint_file(path, where)
+    if path.is_dir():
+        repo, inner = ModelFiles.open(path, {}, argument), ""
+    else:
+        if path.is_absolute() or spec.startswith(("./", "../")):  # a path, never a Hub id: no request for a typo
+            raise FileNotFoundError(f"{where} does not exist.")
+        repo_id, revision, inner = parse_checkpoint_spec(spec)
+        if not is_repo_id(repo_id):
+            raise FileNotFoundError(
+                f"{where} is neither a local file or folder nor a Hub path (owner/name[@revision][/folder])."
+            )
+        hub = {k: v for k, v in (hub or {}).items() if k != "revision"}
+        if revision:
+            hub["revision"] = revision
+        if _is_pickle(inner):
+            raise pickle_error([inner], where)
+        # The first download takes only indexes (the one named, or those of the folder and the expert's subfolder).
+        patterns = [inner]
+        if not inner.endswith(".json"):
+            folders = [inner, f"{inner}/{CHECKPOINT_FOLDERS[expert]}".strip("/")]
+            patterns = [f"{folder}/*.safetensors.index.json".lstrip("/") for folder in folders]
+        repo = ModelFiles.open(repo_id, hub, argument, patterns=patterns)
     if inner.endswith((".json", ".safetensors")):
         if inner not in repo.files:
             raise FileNotFoundError(f"{where}: the repo {repo} has no file {inner!r}.")
-        folder, picked = inner.rpartition("/")[0], [inner.rpartition("/")[2]]
-        kind = "index" if inner.endswith(".json") else "files"
+        folder, _, name = inner.rpartition("/")
+        kind, picked = ("index" if inner.endswith(".json") else "files"), [name]
     else:
-        folder = inner
         if inner and not repo.has_folder(inner):
             raise FileNotFoundError(f"{where}: the repo {repo} has no folder {inner!r}.")
-        found = _checkpoint_in(
-            repo.folder(folder), where, expert, lambda sub: repo.has_folder(f"{folder}/{sub}".strip("/"))
-        )
-        if found is None:
-            folder = f"{folder}/{CHECKPOINT_FOLDERS[expert]}".strip("/")
-            found = _checkpoint_in(repo.folder(folder), where, expert, lambda sub: False)
-        kind, picked = found
+        folder, kind, picked = _checkpoint_in(repo, inner, where, expert)
     prefix = f"{folder}/" if folder else ""
     if kind == "index":
+        index = repo.root / (prefix + picked[0])
         repo.fetch([prefix + picked[0]])
-        weight_map = json.loads((repo.root / (prefix + picked[0])).read_text()).get("weight_map", {})
-        repo.fetch(prefix + name for name in set(weight_map.values()))
-        files, weight_map = index_shards(repo.root / (prefix + picked[0]))
-        return CheckpointFiles(spec, files, weight_map)
+        weight_map = read_index(index)
+        repo.fetch(prefix + name for name in weight_map.values())  # the shards the index names, nothing else
+        return CheckpointFiles(spec, *index_shards(index, weight_map))
     repo.fetch(prefix + name for name in picked)
     return CheckpointFiles(spec, [repo.root / (prefix + name) for name in picked])
+
+
+def plan_checkpoint(
+    spec: str | os.PathLike, expert: str, config: Mapping[str, Any], hub: Mapping[str, Any] | None = None
+) -> tuple[ConversionPlan, torch.nn.Module]:
+    """Find an original expert checkpoint and plan its conversion onto the expert of `config` (the base's
+    `transformer*/config.json`): its key set, every shape and every dtype are verified before any weight is read.
+
+    Returns the plan and the expert built on the meta device (no weight memory), whose float32 modules the plan keeps.
+    """
+    checkpoint = resolve_checkpoint(spec, expert, hub)
+    source = read_checkpoint(checkpoint.files, checkpoint.weight_map)
+    model = expert_skeleton(config)
+    plan = plan_conversion(
+        source,
+        expert,
+        expected_tensors(model),
+        checkpoint=f"{CHECKPOINT_ARGUMENTS[expert]}={checkpoint.name!r}",
+        keep_in_fp32=model._keep_in_fp32_modules or (),
+    )
+    logger.info(plan.describe())
+    return plan, model
 
 
 def load_checkpoint_expert(
@@ -413,19 +429,12 @@ def load_checkpoint_expert(
 ):
     """A `BerniniTransformer3DModel` of `config` holding the weights of an original checkpoint.
 
-    The expert is built on the meta device from `config` (the base's `transformer*/config.json`), the checkpoint's
-    keys are converted (EMA copies preferred) and verified against it, then assigned; the base's own transformer
-    weights are never read.
+    The checkpoint's keys are converted (EMA copies preferred) and verified by `plan_checkpoint`, then its tensors are
+    assigned to the expert; the base's own transformer weights are never read.
     """
-    checkpoint = resolve_checkpoint(spec, expert, hub)
-    source = read_checkpoint(checkpoint.files, checkpoint.weight_map)
-    model = expert_skeleton(config)
-    plan = plan_conversion(
-        source, expert, expected_tensors(model), checkpoint=CHECKPOINT_ARGUMENTS[expert] + "=" + repr(checkpoint.name)
-    )
-    logger.info(plan.describe())
+    plan, model = plan_checkpoint(spec, expert, config, hub)
     model = load_expert_weights(plan, model, torch_dtype)
-    model.register_to_config(_name_or_path=checkpoint.name)
+    model.register_to_config(_name_or_path=str(spec))
     return model
 
 
@@ -456,6 +465,23 @@ def component_files(
     return [f"{component}/{n}" for n in configs + picked], used
 
 
+def fetch_components(layout: Layout, files: Mapping[str, list[str]]) -> None:
+    """Download the `files` of each component (see `component_files`), one download per repo that holds some."""
+    per_repo: dict[int, tuple[ModelFiles, list[str]]] = {}
+    for component, paths in files.items():
+        model = layout.components[component]
+        per_repo.setdefault(id(model), (model, []))[1].extend(paths)
+    for model, paths in per_repo.values():
+        model.fetch(paths)
+
+
+def pipeline_settings(cls) -> dict[str, Any]:
+    """The settings of pipeline class `cls` (the `__init__` arguments with defaults that are not components) and
+    their defaults, as diffusers tells them apart."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: parameters[name].default for name in cls._get_signature_keys(cls)[1]}
+
+
 def load_pipeline(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """The body of `BerniniPipeline.from_pretrained`; see its docstring."""
     import transformers
@@ -479,7 +505,7 @@ def load_pipeline(cls, pretrained_model_name_or_path: str | os.PathLike, **kwarg
         )
     from_checkpoints = checkpoints["transformer"] is not None
     passed = {c: kwargs.pop(c) for c in COMPONENTS if c in kwargs}
-    config_names = sorted(set(cls._get_signature_keys(cls)[1]) - set(COMPONENTS))
+    config_names = sorted(pipeline_settings(cls))
     overrides = {k: kwargs.pop(k) for k in config_names if k in kwargs}
     if kwargs:
         raise ValueError(
@@ -504,21 +530,18 @@ def load_pipeline(cls, pretrained_model_name_or_path: str | os.PathLike, **kwarg
         )
 
     # 1. Fetch what the load reads, one download per repo: configs, one variant of each weight file, small folders.
-    wanted: dict[int, tuple[ModelFiles, list[str]]] = {}
-    variants: dict[str, str | None] = {}
-    for component, model in layout.components.items():
-        if component in passed:
-            continue
-        weights = not (from_checkpoints and component in EXPERTS)
-        files, variants[component] = component_files(model, component, variant, weights)
-        wanted.setdefault(id(model), (model, []))[1].extend(files)
+    picked = {
+        component: component_files(model, component, variant, weights=not (from_checkpoints and component in EXPERTS))
+        for component, model in layout.components.items()
+        if component not in passed
+    }
+    variants = {component: used for component, (_, used) in picked.items()}
     if variant is not None and variant not in variants.values():
         raise ValueError(
             f"`variant`={variant!r}: no component of {str(pretrained_model_name_or_path)!r} has weights of this "
             "variant."
         )
-    for model, files in wanted.values():
-        model.fetch(files)
+    fetch_components(layout, {component: files for component, (files, _) in picked.items()})
 
     def folder(component: str) -> Path:
         return layout.components[component].root / component

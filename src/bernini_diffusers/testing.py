@@ -7,6 +7,7 @@ RoPE splits (44/42/42) and the source-id phase are exercised as they are at full
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -289,33 +290,32 @@ def write_random_original_checkpoint(
     dtype: torch.dtype = torch.bfloat16, seed: int = 0,
 ) -> list[Path]:
     """An original-layout checkpoint of random EMA weights for a transformer `config`, written shard by shard (each
-    at most `shard_size` bytes unless one tensor is larger) so that no more than a shard is ever in memory."""
+    at most `shard_size` bytes unless one tensor is larger: huggingface_hub's split) so that no more than a shard is
+    ever in memory."""
+    from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
 
     from .hub_export.convert import expected_tensors, expert_skeleton, original_key
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shapes = expected_tensors(expert_skeleton(config))
-    groups, current, size = [], [], 0
-    for name, (shape, _) in shapes.items():
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if current and size + nbytes > shard_size:
-            groups.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
-    groups.append(current)
+    expected = expected_tensors(expert_skeleton(config))
+    shapes = {original_key(name, expert): shape for name, (shape, _) in expected.items()}
+    split = split_state_dict_into_shards_factory(
+        shapes,
+        get_storage_size=lambda shape: math.prod(shape) * dtype.itemsize,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=shard_size,
+    )
     generator = torch.Generator().manual_seed(seed)
-    files, weight_map = [], {}
-    for i, group in enumerate(groups):
-        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        part = {original_key(n, expert): torch.randn(s, generator=generator).to(dtype) for n, s in group}
+    files = []
+    for filename, keys in split.filename_to_tensors.items():
+        part = {key: torch.randn(shapes[key], generator=generator).to(dtype) for key in keys}
         save_file(part, str(directory / filename), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, filename))
         files.append(directory / filename)
         del part
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return files
 
 
@@ -333,18 +333,16 @@ def save_to_hub_cache(
 
     folder, cache_dir = Path(folder), Path(cache_dir)
     storage = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    contents = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     digest = hashlib.sha1()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    commit = digest.hexdigest()
+    for relative, data in contents.items():
+        digest.update(relative.encode() + data)
+    commit = digest.hexdigest()  # a stand-in commit: the same folder gives the same one
     snapshot = storage / "snapshots" / commit
     entries = {}
-    for path in files:
-        data = path.read_bytes()
-        relative = path.relative_to(folder).as_posix()
+    for relative, data in contents.items():
         blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        lfs = path.suffix == ".safetensors"
+        lfs = relative.endswith(".safetensors")
         blob = storage / "blobs" / (hashlib.sha256(data).hexdigest() if lfs else blob_id)
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)

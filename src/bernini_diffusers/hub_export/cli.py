@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DEFAULT_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"  # = export.DEFAULT_BASE, the official `wan22_base`
+from ..cli import DTYPES, WAN22_BASE  # names shared by the `bernini` subcommands
+
+DEFAULT_BASE = WAN22_BASE
 
 EPILOG = """examples:
   # the original layout of ByteDance/Bernini-R on the Wan2.2 base, into one folder

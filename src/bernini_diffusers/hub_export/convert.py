@@ -90,7 +90,8 @@ class ConversionPlan:
         )
 
 
-def _sample(names: Iterable[str], count: int = 4) -> str:
+def sample_names(names: Iterable[str], count: int = 4) -> str:
+    """The first `count` of `names` in sorted order, and how many more there are: for error messages."""
     names = sorted(names)
     shown = ", ".join(names[:count])
     return shown + (f", ... ({len(names) - count} more)" if len(names) > count else "")
@@ -131,18 +132,28 @@ def read_header(file: Path) -> dict[str, SourceTensor]:
         raise _open_error(file, err) from None
 
 
-def index_shards(index_file: Path) -> tuple[list[Path], dict[str, str]]:
-    """The shard files an `*.safetensors.index.json` names (each must exist) and its key -> file map."""
+def read_index(index_file: Path) -> dict[str, str]:
+    """The key -> shard file map of an `*.safetensors.index.json`."""
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"`weight_map` is a {type(weight_map).__name__}")
+        return weight_map
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{str(index_file)!r} is not a safetensors index (a JSON object with `weight_map`): {err}")
-    names = list(dict.fromkeys(weight_map.values()))
-    shards = [index_file.parent / name for name in names]
+        raise ValueError(
+            f"{str(index_file)!r} is not a safetensors index (a JSON object with `weight_map`): {err}"
+        ) from None
+
+
+def index_shards(index_file: Path, weight_map: dict[str, str] | None = None) -> tuple[list[Path], dict[str, str]]:
+    """The shard files an `*.safetensors.index.json` names (each must exist) and its key -> file map (`weight_map`,
+    when the caller has read it already)."""
+    weight_map = read_index(index_file) if weight_map is None else weight_map
+    shards = [index_file.parent / name for name in dict.fromkeys(weight_map.values())]
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} shard(s) named by {str(index_file)!r} are missing: {_sample(missing)}."
+            f"{len(missing)} shard(s) named by {str(index_file)!r} are missing: {sample_names(missing)}."
         )
     return shards, weight_map
 
@@ -158,21 +169,13 @@ def read_checkpoint(files: list[Path], weight_map: Mapping[str, str] | None = No
     if weight_map is not None:
         misplaced = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file.name != f]
         unlisted = set(tensors) - set(weight_map)
-        if misplaced or unlisted:
-            raise ValueError(
-                f"The index of {str(files[0].parent)!r} disagrees with its shards: "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"{len(misplaced)} key(s) not in the shard it names ({_sample(misplaced)})"
-                        if misplaced
-                        else "",
-                        f"{len(unlisted)} key(s) not in the index ({_sample(unlisted)})" if unlisted else "",
-                    )
-                    if part
-                )
-                + "."
-            )
+        parts = []
+        if misplaced:
+            parts.append(f"{len(misplaced)} key(s) not in the shard it names ({sample_names(misplaced)})")
+        if unlisted:
+            parts.append(f"{len(unlisted)} key(s) not in the index ({sample_names(unlisted)})")
+        if parts:
+            raise ValueError(f"The index of {str(files[0].parent)!r} disagrees with its shards: {'; '.join(parts)}.")
     return tensors
 
 
@@ -228,12 +231,12 @@ def plan_conversion(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s): {_sample(missing)}")
+            parts.append(f"{len(missing)} missing key(s): {sample_names(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_sample(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected key(s): {sample_names(unexpected)}")
         other = [e for e in EXPERTS if e != expert][0]
         hint = ""
-        if any(k.startswith(KEY_PREFIXES[other][1]) or k.startswith(KEY_PREFIXES[other][0]) for k in unexpected):
+        if any(k.startswith(KEY_PREFIXES[other][:2]) for k in unexpected):  # its EMA copies or their raw twins
             hint = (
                 f" The unexpected keys belong to the {EXPERT_NAMES[other]} expert (`{other}`): were the high- and "
                 "low-noise checkpoints swapped?"
@@ -276,18 +279,25 @@ def plan_conversion(
 # ------------------------------------------------------------------------------------------------ loading
 
 
+def _kept_in_fp32(name: str, keep_in_fp32: Iterable[str]) -> bool:
+    """Whether tensor `name` belongs to one of the `_keep_in_fp32_modules` (matched on whole name parts, as diffusers
+    matches them)."""
+    return not set(keep_in_fp32).isdisjoint(name.split("."))
+
+
 def load_dtype(name: str, tensor_dtype: torch.dtype, torch_dtype: torch.dtype | None, keep_in_fp32: Iterable[str]):
     """The dtype `ModelMixin.from_pretrained(torch_dtype=...)` gives a tensor: float32 without `torch_dtype` (the
     model's own), float32 for `_keep_in_fp32_modules`, else `torch_dtype`; integer tensors keep theirs."""
     if not tensor_dtype.is_floating_point:
         return tensor_dtype
-    if torch_dtype is None or set(keep_in_fp32).intersection(name.split(".")):
+    if torch_dtype is None or _kept_in_fp32(name, keep_in_fp32):
         return torch.float32
     return torch_dtype
 
 
-def _by_file(items: Iterable[tuple[str, SourceTensor]]):
-    """Consecutive runs of tensors from the same file: each run is read with one open handle."""
+def _by_file(items: Iterable[tuple]):
+    """Consecutive runs of items (`(name, SourceTensor, ...)`) whose tensors are in the same file: each run is read
+    with one open handle."""
     return itertools.groupby(items, key=lambda item: item[1].file)
 
 
@@ -332,11 +342,11 @@ def _write_safetensors(path: Path, entries: list[tuple[str, SourceTensor, torch.
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for file, items in _by_file((name, info) for name, info, _ in entries):
+        for file, items in _by_file(entries):
             try:
                 with safe_open(str(file), framework="pt") as handle:
-                    for name, info in items:
-                        tensor = handle.get_tensor(info.key).to(header_dtype(header[name]))
+                    for _, info, dtype in items:
+                        tensor = handle.get_tensor(info.key).to(dtype)
                         # (..) -> (numel,) -> (numel * itemsize,) bytes, without a copy
                         out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                         if progress is not None:
@@ -346,27 +356,24 @@ def _write_safetensors(path: Path, entries: list[tuple[str, SourceTensor, torch.
                 raise _open_error(file, err) from None
 
 
-def header_dtype(entry: Mapping) -> torch.dtype:
-    return SAFETENSORS_DTYPES[entry["dtype"]]
-
-
-def output_dtype(name: str, info: SourceTensor, dtype: torch.dtype | None, keep: Iterable[str] = ()) -> torch.dtype:
-    """The dtype a tensor is written in: `dtype` for floating tensors when given, else the checkpoint's own. Modules
-    the model keeps in float32 keep their precision, so loading the export with `torch_dtype` equals loading the
-    original checkpoint with it."""
-    if dtype is None or not info.torch_dtype.is_floating_point or set(keep).intersection(name.split(".")):
-        return info.torch_dtype
-    return dtype
-
-
-def shard_layout(plan: ConversionPlan, max_shard_size: int | str, dtype: torch.dtype | None = None):
-    """How the converted tensors split into diffusers-named shards (huggingface_hub's greedy split, in plan order)."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    sizes = {
-        name: _nbytes(info.shape, output_dtype(name, info, dtype, plan.keep_in_fp32))
+def output_dtypes(plan: ConversionPlan, dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
+    """The dtype each tensor of `plan` is written in: `dtype` for floating tensors when given, else the checkpoint's
+    own. Modules the model keeps in float32 keep the checkpoint's precision, so loading the export with `torch_dtype`
+    equals loading the original checkpoint with it."""
+    return {
+        name: info.torch_dtype
+        if dtype is None or not info.torch_dtype.is_floating_point or _kept_in_fp32(name, plan.keep_in_fp32)
+        else dtype
         for name, info in plan.tensors.items()
     }
+
+
+def shard_layout(plan: ConversionPlan, max_shard_size: int | str, dtypes: Mapping[str, torch.dtype]):
+    """How the converted tensors, written in `dtypes`, split into diffusers-named shards (huggingface_hub's greedy
+    split, in plan order)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    sizes = {name: _nbytes(info.shape, dtypes[name]) for name, info in plan.tensors.items()}
     return split_state_dict_into_shards_factory(
         sizes, get_storage_size=lambda size: size, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size
     )
@@ -388,17 +395,15 @@ def write_expert_shards(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    split = shard_layout(plan, max_shard_size, dtype)
+    dtypes = output_dtypes(plan, dtype)
+    split = shard_layout(plan, max_shard_size, dtypes)
     written = []
     with tqdm(
         total=split.metadata["total_size"], unit="B", unit_scale=True, unit_divisor=1024, desc=f"Writing {plan.expert}"
     ) as progress:
         for index, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
             progress.set_postfix_str(f"shard {index}/{len(split.filename_to_tensors)}", refresh=False)
-            entries = [
-                (name, plan.tensors[name], output_dtype(name, plan.tensors[name], dtype, plan.keep_in_fp32))
-                for name in names
-            ]
+            entries = [(name, plan.tensors[name], dtypes[name]) for name in names]
             _write_safetensors(folder / filename, entries, progress)
             written.append(folder / filename)
     if split.is_sharded:
@@ -416,11 +421,11 @@ def verify_written(plan: ConversionPlan, folder: Path, dtype: torch.dtype | None
     else:
         files, weight_map = [folder / WEIGHTS_PATTERN.format(suffix="")], None
     written = read_checkpoint(files, weight_map)
-    expected = {
-        name: (info.shape, TORCH_TO_SAFETENSORS[output_dtype(name, info, dtype, plan.keep_in_fp32)])
-        for name, info in plan.tensors.items()
-    }
+    dtypes = output_dtypes(plan, dtype)
+    expected = {name: (info.shape, TORCH_TO_SAFETENSORS[dtypes[name]]) for name, info in plan.tensors.items()}
     got = {name: (info.shape, info.dtype) for name, info in written.items()}
     if got != expected:
         bad = {k for k in set(got) | set(expected) if got.get(k) != expected.get(k)}
-        raise ValueError(f"The {plan.expert} shards written to {str(folder)!r} differ from the plan: {_sample(bad)}.")
+        raise ValueError(
+            f"The {plan.expert} shards written to {str(folder)!r} differ from the plan: {sample_names(bad)}."
+        )

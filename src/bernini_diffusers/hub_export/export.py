@@ -13,47 +13,31 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging
 
+from ..cli import WAN22_BASE
 from ..loading import (
     CHECKPOINT_ARGUMENTS,
     HUB_KWARGS,
     Layout,
     component_files,
-    resolve_checkpoint,
+    fetch_components,
+    is_repo_id,
+    pipeline_settings,
+    plan_checkpoint,
     resolve_layout,
 )
-from .convert import (
-    DEFAULT_MAX_SHARD_SIZE,
-    EXPERT_NAMES,
-    EXPERTS,
-    ConversionPlan,
-    expected_tensors,
-    expert_skeleton,
-    plan_conversion,
-    read_checkpoint,
-    verify_written,
-    write_expert_shards,
-)
+from ..transformer_bernini import BerniniTransformer3DModel
+from .convert import DEFAULT_MAX_SHARD_SIZE, EXPERT_NAMES, EXPERTS, verify_written, write_expert_shards
 from .remote_code import add_remote_code
 
-logger = logging.get_logger(__name__)
-
-DEFAULT_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"  # the official `wan22_base`
+DEFAULT_BASE = WAN22_BASE  # the official `wan22_base`
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 LICENSE = "apache-2.0"
 PIPELINE_TAG = "image-text-to-video"  # the tag of the official model card
-
-
-@dataclass
-class _ExpertExport:
-    plan: ConversionPlan
-    skeleton: torch.nn.Module  # on the meta device; only its config is saved
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -85,15 +69,9 @@ def _parse_size(max_shard_size: int | str) -> int:
 
 def _settings(layout: Layout) -> dict[str, Any]:
     """The pipeline settings the exported `model_index.json` records (the base's, with the pipeline's defaults)."""
-    import inspect
-
     from ..pipeline_bernini import BerniniPipeline
 
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(BerniniPipeline.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty and name != "transformer_2"
-    }
+    defaults = pipeline_settings(BerniniPipeline)
     return {**defaults, **{k: v for k, v in layout.settings.items() if k in defaults}}
 
 
@@ -209,7 +187,8 @@ def export_pipeline(
         dtype (`torch.dtype`, *optional*):
             Cast floating tensors of the experts to it; by default they keep the checkpoint's dtype.
         base_model (`str`, *optional*):
-            The model card's `base_model`; defaults to `base` when it is a repo id, else the official base.
+            The model card's `base_model`; defaults to `base` when it is a repo id, else to the `wan22_base` of an
+            official config folder when that is one, else to the official base.
         repo_id (`str`, *optional*):
             The repo the model card's usage snippet names; defaults to the folder name of `out`.
         hub_kwargs:
@@ -240,43 +219,35 @@ def export_pipeline(
         raise ValueError(
             f"`base`={str(base)!r} lacks {missing}; export needs a two-expert diffusers base such as {DEFAULT_BASE}."
         )
-    copies: dict[str, list[str]] = {}
-    for component, model in layout.components.items():
-        files, _ = component_files(model, component, None, weights=component not in EXPERTS)
-        model.fetch(files)
-        if component in COPIED_COMPONENTS:
-            copies[component] = files
-    checkpoint_hub = {k: v for k, v in hub_kwargs.items() if k != "revision"}
-    experts: dict[str, _ExpertExport] = {}
-    for expert in EXPERTS:
-        from ..transformer_bernini import BerniniTransformer3DModel
-
-        config = BerniniTransformer3DModel.load_config(layout.components[expert].root / expert)
-        checkpoint = resolve_checkpoint(checkpoints[expert], expert, checkpoint_hub)
-        skeleton = expert_skeleton(config)
-        plan = plan_conversion(
-            read_checkpoint(checkpoint.files, checkpoint.weight_map),
+    # The experts' configs (their weights come from the checkpoints) and everything of the components copied.
+    files = {
+        component: component_files(model, component, None, weights=component not in EXPERTS)[0]
+        for component, model in layout.components.items()
+    }
+    fetch_components(layout, files)
+    # expert -> (its conversion plan, the expert on the meta device: only its config is saved)
+    experts = {
+        expert: plan_checkpoint(
+            checkpoints[expert],
             expert,
-            expected_tensors(skeleton),
-            checkpoint=f"{CHECKPOINT_ARGUMENTS[expert]}={checkpoint.name!r}",
-            keep_in_fp32=skeleton._keep_in_fp32_modules or (),
+            BerniniTransformer3DModel.load_config(layout.components[expert].root / expert),
+            hub_kwargs,
         )
-        logger.info(plan.describe())
-        experts[expert] = _ExpertExport(plan, skeleton)
+        for expert in EXPERTS
+    }
 
     # 2. Write beside `out`, so the final rename stays on one file system.
     created = _first_missing_ancestor(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        for expert, export in experts.items():
-            export.skeleton.save_config(tmp / expert)
-            write_expert_shards(export.plan, tmp / expert, max_shard_size, dtype)
-        for component, files in copies.items():
-            root = layout.components[component].root
-            for file in files:
-                _copy_file(root / file, tmp / file)
-        if "scheduler" not in copies:
+        for expert, (plan, skeleton) in experts.items():
+            skeleton.save_config(tmp / expert)
+            write_expert_shards(plan, tmp / expert, max_shard_size, dtype)
+        for component in COPIED_COMPONENTS:
+            for file in files.get(component, ()):
+                _copy_file(layout.components[component].root / file, tmp / file)
+        if "scheduler" not in files:
             from ..pipeline_bernini import default_scheduler
 
             default_scheduler().save_config(tmp / "scheduler")
@@ -286,8 +257,8 @@ def export_pipeline(
             base_model = str(base) if _is_repo_id(base) else (layout.base if _is_repo_id(layout.base) else DEFAULT_BASE)
         sources = {e: str(checkpoints[e]) for e in EXPERTS}
         (tmp / "README.md").write_text(_model_card(repo_id or out.name, base_model, sources))
-        for expert, export in experts.items():
-            verify_written(export.plan, tmp / expert, dtype)
+        for expert, (plan, _) in experts.items():
+            verify_written(plan, tmp / expert, dtype)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -298,9 +269,8 @@ def export_pipeline(
 
 
 def _is_repo_id(name: Any) -> bool:
-    from ..loading import _looks_like_repo_id
-
-    return isinstance(name, str) and not Path(name).exists() and name.count("/") == 1 and _looks_like_repo_id(name)
+    """Whether `name` names a repo for the model card: an owner/name id that is not a local path."""
+    return isinstance(name, str) and not Path(name).exists() and name.count("/") == 1 and is_repo_id(name)
 
 
 def _write_model_index(folder: Path, layout: Layout) -> None:
@@ -401,7 +371,7 @@ def push_folder(
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(f"`push_to_hub`={repo_id!r} is not a repo id (owner/name): {err}") from None
+        raise ValueError(f"`repo_id`={repo_id!r} (`--push_to_hub`) is not a repo id (owner/name): {err}") from None
     files = folder_files(folder)
     if dry_run:
         visibility = {None: "", True: " (private)", False: " (public)"}[private]

@@ -69,5 +69,13 @@ def add_remote_code(folder: str | os.PathLike) -> list[Path]:
             path = folder / expert / f"{TRANSFORMER_MODULE}.py"
             path.write_text(module_source(TRANSFORMER_CLASS))
             written.append(path)
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # The modules exist before the index names them, and the index is replaced whole: a folder interrupted here
+    # still loads, with either index.
+    partial = index_path.with_name(f".{index_path.name}.partial")
+    try:
+        partial.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, index_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return [index_path, *written]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from chat_server import ChatServer
 from PIL import Image
 
 from bernini_diffusers import attention, cli
@@ -573,8 +574,6 @@ def test_only_one_checkpoint_is_an_error(card_models, capsys):
 
 
 def test_use_pe_generates_from_the_enhanced_prompt(monkeypatch, tmp_path, tiny_pipe, capsys):
-    from test_prompt_enhancer import ChatServer
-
     server = ChatServer()
     server.default = (200, ChatServer.completion("a red lighthouse at dusk"))
     try:
@@ -594,8 +593,6 @@ def test_use_pe_generates_from_the_enhanced_prompt(monkeypatch, tmp_path, tiny_p
 
 
 def test_use_pe_falls_back_to_the_raw_prompt(monkeypatch, tmp_path, capsys, caplog):
-    from test_prompt_enhancer import ChatServer
-
     server = ChatServer()
     server.default = (400, {"error": {"message": "no such model"}})
     try:
@@ -607,3 +604,13 @@ def test_use_pe_falls_back_to_the_raw_prompt(monkeypatch, tmp_path, capsys, capl
         server.close()
     assert (tmp_path / "raw.png").is_file() and "prompt:" not in capsys.readouterr().err
     assert sum("raw prompt" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_both_commands_build_the_enhancer_from_the_same_flags(command, monkeypatch):
+    monkeypatch.delenv("BERNINI_PE_MODEL", raising=False)
+    parser = cli.build_parser()
+    assert cli.load_prompt_enhancer(parser.parse_args([command])) is None
+    enhancer = cli.load_prompt_enhancer(parser.parse_args([command, "--use_pe", "--pe_model", "pe-test"]))
+    assert type(enhancer).__name__ == "PromptEnhancer" and enhancer.model == "pe-test"
+    assert cli.load_prompt_enhancer(parser.parse_args([command, "--use_pe"])).model == "gpt-5.4-2026-03-05"

@@ -165,6 +165,11 @@ def test_empty_prompt_and_unknown_task_pass_through_without_a_request(server, en
     assert server.requests == [] and warnings_of(caplog) == []
 
 
+def test_build_messages_names_an_unknown_task(enhancer):
+    with pytest.raises(ValueError, match="`task_type`='x2y' has no enhancer template; choose one of: t2v, t2i, v2v"):
+        enhancer.build_messages("a cat", "x2y")
+
+
 def test_server_error_is_retried_then_the_raw_prompt_with_one_warning(server, caplog):
     enhancer = PromptEnhancer(api_key=FAKE_KEY, base_url=server.base_url, max_retries=2, backoff=0)
     server.default = (500, {"error": {"message": "overloaded"}})

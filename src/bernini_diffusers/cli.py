@@ -122,6 +122,27 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--max_trained_src_id", type=int, default=5, help="largest source id seen in training")
 
 
+def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add the flags `load_prompt_enhancer` reads: `--use_pe` and `--pe_model`."""
+    parser.add_argument(
+        "--use_pe", action="store_true",
+        help="rewrite each prompt through an OpenAI-compatible endpoint first ($BERNINI_PE_API_KEY or "
+             "$OPENAI_API_KEY, $BERNINI_PE_BASE_URL or $OPENAI_BASE_URL); the raw prompt if it fails",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the official one)"
+    )
+
+
+def load_prompt_enhancer(args: argparse.Namespace):
+    """The `PromptEnhancer` the enhancer flags describe (see `add_prompt_enhancer_arguments`), None without --use_pe."""
+    if not args.use_pe:
+        return None
+    from .prompt_enhancer import PromptEnhancer  # an optional part: imported when used
+
+    return PromptEnhancer(model=args.pe_model)
+
+
 def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate", help="run one case or a batch; writes a PNG (one frame) or an MP4 per case",
@@ -185,13 +206,7 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--vit_denoising_step", type=int, default=PLANNER_FLAGS["vit_denoising_step"], help="ViT decoder steps"
     )
 
-    pe = parser.add_argument_group("prompt enhancer")
-    pe.add_argument(
-        "--use_pe", action="store_true",
-        help="rewrite each prompt through an OpenAI-compatible endpoint first ($BERNINI_PE_API_KEY or "
-             "$OPENAI_API_KEY, $BERNINI_PE_BASE_URL or $OPENAI_BASE_URL); the raw prompt if it fails",
-    )  # fmt: skip
-    pe.add_argument("--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the official one)")
+    add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
 
     parallel = parser.add_argument_group("many GPUs (under torchrun)")
     parallel.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree per case")
@@ -222,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     """The model path or repo to load and the separate-checkpoint arguments of `from_pretrained`."""
-    high, low = getattr(args, "high_noise_ckpt", None), getattr(args, "low_noise_ckpt", None)
+    high, low = args.high_noise_ckpt, args.low_noise_ckpt
     if (high is None) != (low is None):
         given = "high_noise_ckpt" if high is not None else "low_noise_ckpt"
         raise ValueError(f"`high_noise_ckpt` and `low_noise_ckpt` must be given together; got only `{given}`.")
@@ -265,7 +280,7 @@ def load_pipeline(args: argparse.Namespace):
     dtype = getattr(torch, DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")])
     if args.enable_model_cpu_offload and device.type == "cpu":
         raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
-    max_src_id = getattr(args, "max_trained_src_id", 5)
+    max_src_id = args.max_trained_src_id
     if not isinstance(max_src_id, int) or max_src_id < 1:
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
@@ -278,9 +293,9 @@ def load_pipeline(args: argparse.Namespace):
         pipe = BerniniPipeline.from_pretrained(model, torch_dtype=dtype, **checkpoints)
     # The official flags win over the loaded config, as the official loader passes them as overrides.
     pipe.register_to_config(
-        use_unipc=getattr(args, "use_unipc", True),
-        use_src_id_rotary_emb=getattr(args, "use_src_tgt_id", True),
-        interpolate_src_id=getattr(args, "interpolate_src_id", True),
+        use_unipc=args.use_unipc,
+        use_src_id_rotary_emb=args.use_src_tgt_id,
+        interpolate_src_id=args.interpolate_src_id,
         max_trained_src_id=max_src_id,
     )
     try:
@@ -302,11 +317,6 @@ def enable_parallelism(pipe, args: argparse.Namespace):
     """
     if args.ulysses == 1 and args.branch_parallel == 1 and _world_size() == 1:
         return None
-    if not hasattr(pipe, "enable_parallelism"):
-        raise ValueError(
-            f"`ulysses`={args.ulysses} / `branch_parallel`={args.branch_parallel} / WORLD_SIZE={_world_size()}: this "
-            "installation's BerniniPipeline has no enable_parallelism(); run one process with --ulysses 1."
-        )
     return pipe.enable_parallelism(ulysses_degree=args.ulysses, branch_degree=args.branch_parallel)
 
 
@@ -515,11 +525,7 @@ def generate(args: argparse.Namespace) -> int:
             # The writer's pending list stands for its whole group, then the groups split it (cases[rank::degree]).
             numbers = set(state.broadcast_object([case.number for case in pending]))
             mine = state.assign_cases([case for case in cases if case.number in numbers])
-        enhancer = None
-        if args.use_pe:
-            from .prompt_enhancer import PromptEnhancer
-
-            enhancer = PromptEnhancer(model=args.pe_model)
+        enhancer = load_prompt_enhancer(args)
         for case in mine:
             if writer:
                 print(f"[{case.number}/{len(cases)}] {case.inputs['task_type']} -> {case.output}", file=sys.stderr)

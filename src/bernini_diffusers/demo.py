@@ -474,7 +474,8 @@ def create_demo(
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bernini demo`: the model flags of `bernini generate` plus the official demo's server flags."""
+    """Register `bernini demo`: the model and prompt-enhancer flags of `bernini generate` plus the official demo's
+    server flags."""
     from . import cli
 
     parser = subparsers.add_parser(
@@ -489,13 +490,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     server.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where the PNG/MP4 results are written")
-    server.add_argument(
-        "--use_pe", action="store_true",
-        help="rewrite each prompt first, as `bernini generate --use_pe` does (the raw prompt if that fails)",
-    )
-    server.add_argument(
-        "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the enhancer's own)"
-    )
+    cli.add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
     parser.set_defaults(func=serve)
     return parser
 
@@ -511,11 +506,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     if not 0 < args.port < 65536:
         raise ValueError(f"`port`={args.port} must be in [1, 65535].")
-    enhancer = None
-    if args.use_pe:
-        from .prompt_enhancer import PromptEnhancer
-
-        enhancer = PromptEnhancer(model=args.pe_model)
+    enhancer = cli.load_prompt_enhancer(args)
     pipe = cli.load_pipeline(args)
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

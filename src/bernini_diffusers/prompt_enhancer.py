@@ -178,18 +178,6 @@ def image_data_url(image: str | os.PathLike | Image.Image) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-def _split_videos(video: Any) -> list[Any]:
-    """`video` as a list of videos: a path, decoded frames, or a list of either (ads2v: [source, insert])."""
-    if video is None:
-        return []
-    if isinstance(video, (str, os.PathLike, np.ndarray)):
-        return [video]
-    video = list(video)
-    if video and (isinstance(video[0], Image.Image) or (isinstance(video[0], np.ndarray) and video[0].ndim == 3)):
-        return [video]  # the frames of one video
-    return video
-
-
 def evenly_spaced(total: int, count: int = FRAMES_PER_VIDEO) -> list[int]:
     """`count` frame indices spread from the first to the last frame: `round(i * (total - 1) / (count - 1))`."""
     if total <= 0:
@@ -299,9 +287,15 @@ class PromptEnhancer:
         self, prompt: str, task_type: str, video: Any = None, image: Any = None, images: Sequence[Any] | None = None
     ) -> tuple[list[dict[str, Any]], bool]:
         """The chat messages for one prompt and whether the reply is JSON; raises on an unknown task or bad media."""
+        if task_type not in ROUTES:
+            raise ValueError(f"`task_type`={task_type!r} has no enhancer template; choose one of: {', '.join(ROUTES)}.")
         route = ROUTES[task_type]
         if route.template is None:
             return [{"role": "system", "content": route.system}, {"role": "user", "content": prompt}], route.json_mode
+        # The pipeline's own reading of `video` (a path, decoded frames, or a list of either), so both see the same
+        # videos; the pipeline is loaded by then wherever an enhancer runs.
+        from .pipeline_bernini import _split_videos
+
         urls: list[str] = []
         videos = _split_videos(video)
         for kind in route.media:
@@ -336,7 +330,7 @@ class PromptEnhancer:
         """
         if not isinstance(prompt, str) or not prompt.strip():
             return prompt
-        task = task_type.value if isinstance(task_type, enum.Enum) else str(task_type)
+        task = str(task_type)  # a TaskType's str is its value
         if task not in ROUTES:
             logger.info("prompt enhancer: no template for task_type=%r; the prompt is used as given.", task)
             return prompt
@@ -352,11 +346,9 @@ class PromptEnhancer:
         request = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_completion_tokens}
         if json_mode:
             request["response_format"] = {"type": "json_object"}
-        attempts, error = 0, None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * attempt, self.max_backoff))
-            attempts += 1
             try:
                 reply = client.chat.completions.create(**request)
                 return self._read_reply(reply, json_mode)
@@ -364,7 +356,7 @@ class PromptEnhancer:
                 error = err
                 if not _retryable(err):
                     break
-        self._warn(f"gave up after {attempts} attempt(s) ({_describe(error)})")
+        self._warn(f"gave up after {attempt + 1} attempt(s) ({_describe(error)})")
         return prompt
 
     # ------------------------------------------------------------------------------------------- helpers

@@ -33,7 +33,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 
 from bernini_diffusers.hub_export.convert import expected_tensors, expert_skeleton
 from bernini_diffusers.loading import CHECKPOINT_FOLDERS
-from bernini_diffusers.testing import save_tiny_pretrained, write_random_original_checkpoint
+from bernini_diffusers.testing import TINY_TRANSFORMER_CONFIG, save_tiny_pretrained, write_random_original_checkpoint
 
 TARGET = 1.5
 BASELINE_IMPORTS = (
@@ -96,20 +96,11 @@ def main() -> None:
         sys.exit("--dim must be a multiple of 128 (the heads are 128 wide)")
     if not Path("/proc/self/status").is_file():
         sys.exit("this benchmark reads peak memory from /proc/self/status (Linux)")
-    config = dict(
-        patch_size=[1, 2, 2],
-        num_attention_heads=args.dim // 128,
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=args.ffn_dim,
-        num_layers=args.layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=1024,
-    )
+    # The tiny test config, widened and deepened to the requested size.
+    config = {
+        **TINY_TRANSFORMER_CONFIG, "num_attention_heads": args.dim // 128, "freq_dim": 256,
+        "ffn_dim": args.ffn_dim, "num_layers": args.layers, "rope_max_seq_len": 1024,
+    }  # fmt: skip
     per_expert = sum(torch.Size(shape).numel() for shape, _ in expected_tensors(expert_skeleton(config)).values())
     total = 2 * per_expert * dtype.itemsize
     if total < parse_size_to_int(args.min_total):

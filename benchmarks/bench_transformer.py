@@ -29,26 +29,18 @@ from _common import (
 from diffusers import WanTransformer3DModel
 
 from bernini_diffusers import BerniniTransformer3DModel
+from bernini_diffusers.testing import TINY_TRANSFORMER_CONFIG
 from bernini_diffusers.transformer_bernini import num_tokens
 
 TARGET = 1.05
 
 
 def build_config(args) -> dict:
-    return dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=args.heads,
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=64,
-        freq_dim=64,
-        ffn_dim=args.ffn_dim,
-        num_layers=args.layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=1024,
-    )
+    """The tiny test config at the benchmark's size."""
+    return {
+        **TINY_TRANSFORMER_CONFIG, "num_attention_heads": args.heads, "text_dim": 64, "freq_dim": 64,
+        "ffn_dim": args.ffn_dim, "num_layers": args.layers, "rope_max_seq_len": 1024,
+    }  # fmt: skip
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa2", "fa3")
+from .constants import ATTENTION_BACKENDS
+
 ENV_VAR = "BERNINI_ATTENTION_BACKEND"
 
 # Plain strings rather than AttentionBackendName members, so importing this module does not pull in

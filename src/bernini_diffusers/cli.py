@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cases as case_files
+from .constants import ATTENTION_BACKENDS, DTYPES, TINY_MODEL, WAN22_BASE
 from .tasks import PLANNER_GUIDANCE_MODES, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_guidance_mode
 
 # The `BerniniPipeline.__call__` arguments that have a same-named flag and are passed on by name.
@@ -31,12 +32,6 @@ CASE_INPUTS = ("prompt", "task_type", "video", "image", "images", "guidance_mode
 GENERATION_ARGUMENTS = tuple(name for name in CALL_ARGUMENTS if name not in CASE_INPUTS)
 # Flags of the full Bernini planner model, accepted with their official defaults and ignored by the renderer.
 PLANNER_FLAGS = {"omega_tgt": 0.5, "planning_step": 25, "vit_txt_cfg": 1.2, "vit_img_cfg": 1.0, "vit_denoising_step": 5}
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Same names as attention.ATTENTION_BACKENDS (a test keeps them equal); that module imports torch.
-ATTENTION_BACKENDS = ("auto", "sdpa", "fa2", "fa3")
-TINY_MODEL = "tiny"
-# The base the official `configs/bernini_renderer_wan22` names (`wan22_base`), used with separate checkpoints.
-WAN22_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .constants import TEMPORAL_FACTOR
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -34,8 +36,6 @@ __all__ = [
     "write_output",
 ]
 
-# Frame counts are 4k + 1 because the video VAE compresses time by 4 and keeps the first frame.
-_FRAME_FACTOR = 4
 _MIN_FRAMES = 5
 
 
@@ -111,11 +111,11 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_fr
     if video_fps <= 0 or fps <= 0:
         raise ValueError(f"frame rates must be positive, got video_fps={video_fps}, fps={fps}")
     n = total_frames / video_fps * fps
-    n = max(math.floor(n / _FRAME_FACTOR) * _FRAME_FACTOR + 1, _MIN_FRAMES)
+    n = max(math.floor(n / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, _MIN_FRAMES)
     # The reference rounds the span up to 4k+1 when no resampling happens; the clamp below absorbs the overrun.
-    total = math.floor(total_frames / _FRAME_FACTOR) * _FRAME_FACTOR + 1 if video_fps == fps else total_frames
+    total = math.floor(total_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1 if video_fps == fps else total_frames
     indices = np.linspace(0, total - 1, n).round().astype(int)
-    n_cap = min(math.floor(num_frames / _FRAME_FACTOR) * _FRAME_FACTOR + 1, n)
+    n_cap = min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
     return np.clip(indices[:n_cap], 0, total_frames - 1).tolist()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import DTYPES, WAN22_BASE  # names shared by the `bernini` subcommands
+from ..constants import DTYPES, WAN22_BASE
 
 DEFAULT_BASE = WAN22_BASE
 

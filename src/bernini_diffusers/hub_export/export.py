@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..cli import WAN22_BASE
+from ..constants import WAN22_BASE
 from ..loading import (
     CHECKPOINT_ARGUMENTS,
     HUB_KWARGS,

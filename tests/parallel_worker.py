@@ -163,7 +163,7 @@ def main() -> None:
             first = state.layout.data_groups()[state.data_rank][0]
             out = run(pipe, all_cases["t2v"], seed=42 + rank - first)
             phase["own_seed_max_abs_diff"] = (out - reference["t2v"]).abs().max().item()
-            # Only the writer decodes (SPEC 10); its frames are the single process's.
+            # Only the writer decodes (docs/design.md#parallel-layout); its frames are the single process's.
             frames = run_decoded(pipe, all_cases["t2v"])
             phase["decoded"] = None if frames is None else float(np.abs(frames - reference_frames).max())
         if branch > 1:

@@ -1,6 +1,6 @@
-"""Guidance math (SPEC section 7), the mode table, the expert switch (SPEC section 6) and the pipeline's loop.
+"""Guidance math (docs/design.md#guidance), the mode table, the expert switch (docs/design.md#expert-switch) and the pipeline's loop.
 
-Every formula is checked against a float64 reference written here from the SPEC, with explicit per-frame loops,
+Every formula is checked against a float64 reference written here from docs/design.md#guidance, with explicit per-frame loops,
 not against the package's own helpers.
 """
 
@@ -30,7 +30,7 @@ F64 = torch.float64
 SHAPE = (1, 4, 3, 5, 6)  # [B, C, T, H, W]
 
 
-# --- float64 reference, written from SPEC 7 -----------------------------------------------------------------------
+# --- float64 reference, written from docs/design.md#guidance -----------------------------------------------------------------------
 
 
 def _frame_norm(frame: torch.Tensor) -> float:
@@ -97,7 +97,7 @@ def _frame_scaled(seed, scales, dtype=F64):
     return x.to(dtype)
 
 
-# --- chained CFG (SPEC 7.1) ---------------------------------------------------------------------------------------
+# --- chained CFG (docs/design.md#cfg) ---------------------------------------------------------------------------------------
 
 
 def test_chained_cfg_one_link_t2v_v2v():
@@ -131,7 +131,7 @@ def test_chained_cfg_three_links_rv2v():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-# --- the APG operator N(d, r) (SPEC 7.2) --------------------------------------------------------------------------
+# --- the APG operator N(d, r) (docs/design.md#apg) --------------------------------------------------------------------------
 
 
 def test_apg_norm_clamp_per_frame():
@@ -227,7 +227,7 @@ def test_momentum_then_clamp_then_project():
         torch.testing.assert_close(out, ref_apg_operator(ref_buffer(d), r, eta=eta, tau=tau), rtol=1e-12, atol=1e-12)
 
 
-# --- chained APG (SPEC 7.2) ---------------------------------------------------------------------------------------
+# --- chained APG (docs/design.md#apg) ---------------------------------------------------------------------------------------
 
 
 def _apg_inputs(n_branches, dtype, seed=0):
@@ -252,7 +252,7 @@ def test_chained_apg_one_link(mode, momentum):
         out = guidance(latents, outputs, [w], sigma)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-        # float64 inputs: the math runs in float64; the result goes to the scheduler as float32 (SPEC 7.2),
+        # float64 inputs: the math runs in float64; the result goes to the scheduler as float32 (docs/design.md#apg),
         # so it must be the float64 reference rounded to float32 (within one float32 ulp).
         out64 = guidance64(latents.double(), [o.double() for o in outputs], [w], sigma)
         assert out64.dtype == torch.float32
@@ -349,7 +349,7 @@ def test_momentum_persists_across_calls_and_is_per_instance():
     )
 
 
-# --- dtypes (SPEC Appendix A.2) -----------------------------------------------------------------------------------
+# --- dtypes (docs/design.md#dtypes) -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", list(GuidanceMode))
@@ -371,7 +371,7 @@ def test_dtypes_with_bf16_branches(mode):
         torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.15)
 
 
-# --- the mode table (SPEC 7.1, 7.2) -------------------------------------------------------------------------------
+# --- the mode table (docs/design.md#modes) -------------------------------------------------------------------------------
 
 _N, _P = False, True
 EXPECTED_MODES = {
@@ -404,7 +404,7 @@ def test_mode_table(mode):
     assert spec.apg is apg
 
 
-# --- the schedule, the expert switch and omega_scale (SPEC 5, 6, Appendix C) -------------------------------------
+# --- the schedule, the expert switch and omega_scale (docs/design.md#scheduler-and-expert-switch) -------------------------------------
 
 
 def _timesteps(pipe, shift, steps):
@@ -518,7 +518,7 @@ def _apg(x, neg, pos, w, sigma):
 
 
 def _apg_float32_path(x, neg, pos, w, sigma, eta=0.5, tau=50.0):
-    """t2v_apg at the precision SPEC A.2/7.2 prescribes: x0, the difference, the clamp and the chain in float32
+    """t2v_apg at the precision docs/design.md#dtypes and #apg prescribe: x0, the difference, the clamp and the chain in float32
     (sigma a 0-dim float32 tensor), only the per-frame projection in float64, cast back before `d_orth + eta*d_par`."""
     x0_u, x0_c = x - sigma * neg, x - sigma * pos
     d = x0_c - x0_u

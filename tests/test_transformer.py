@@ -52,7 +52,7 @@ def test_packed_output_has_the_target_shape_and_is_deterministic():
 
 
 def _reference_packed_forward(model, target, t, text, conds, ids):
-    """An independent re-statement of SPEC section 3 in complex float64 RoPE, built from the model's own modules."""
+    """An independent re-statement of docs/design.md#streams-and-source-ids in complex float64 RoPE, built from the model's own modules."""
     cfg = model.config
     head_dim = cfg.attention_head_dim
     theta = 10000.0
@@ -115,7 +115,7 @@ def test_conditions_change_the_output_and_ids_matter():
 
 
 def test_stream_order_does_not_matter_only_ids_do():
-    # Self-attention is permutation-equivariant and positions come from RoPE only (SPEC 3.1 item 7).
+    # Self-attention is permutation-equivariant and positions come from RoPE only (docs/design.md#packing).
     model = tiny_transformer()
     target, t, text = _inputs()
     a, b = torch.randn(1, 16, 1, 4, 4), torch.randn(1, 16, 2, 2, 4)

@@ -307,8 +307,7 @@ def test_remote_code_names_the_missing_package(work, monkeypatch):
 
 
 def test_export_refuses_to_overwrite_without_force(work, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = shutil.copytree(work / "export", tmp_path / "out")  # an earlier export: the only kind `force` replaces
     (out / "old.txt").write_text("keep me")
     with pytest.raises(ValueError, match="already exists.*force"):
         export_pipeline(work / "Bernini-R", work / "Bernini-R", out, base=work / "base")
@@ -406,6 +405,7 @@ def test_cli_export_push_and_dry_run(work, tmp_path, monkeypatch, capsys):
         "repo_type": "model",
         "commit_message": "first upload",
         "create_pr": False,
+        "ignore_patterns": [".bernini_export.json"],  # the export's marker stays local
     }
     assert cli_main(["export", "--out", str(out), "--dry_run"]) == 2
     assert "--push_to_hub" in capsys.readouterr().err

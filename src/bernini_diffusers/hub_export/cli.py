@@ -50,8 +50,14 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--local_files_only", action="store_true", help="read the Hub cache only, never download")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist without --force)")
-    output.add_argument("--force", action="store_true", help="replace an existing --out once the new one is complete")
+    output.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="new folder to write (not the working directory, the home folder or a source folder)",
+    )
+    output.add_argument(
+        "--force", action="store_true",
+        help="replace an earlier export at --out (only an export; once the new one is complete)",
+    )
     output.add_argument(
         "--max_shard_size", default="10GB", help="largest weight file, e.g. 10GB or 500MB (default: 10GB, as diffusers)"
     )
@@ -72,7 +78,7 @@ def run_export(args: argparse.Namespace) -> Path:
     """Export (unless only an upload of an existing --out is asked for), then push or list the upload."""
     import torch
 
-    from .export import export_pipeline, push_folder
+    from .export import check_export_target, export_pipeline, push_folder
 
     if args.dry_run and not args.push_to_hub:
         raise ValueError("`--dry_run` lists an upload; it needs `--push_to_hub REPO_ID`.")
@@ -82,6 +88,15 @@ def run_export(args: argparse.Namespace) -> Path:
         if len(given) < 2:
             missing = sorted({"high_noise_ckpt", "low_noise_ckpt"} - set(given))
             raise ValueError(f"`--{missing[0]}` is required (the two expert checkpoints go together).")
+        # The same checks export_pipeline makes first, here to name the flags (`--out`, `--force`) in the message.
+        check_export_target(
+            args.out,
+            force=args.force,
+            base=args.base,
+            high_noise_ckpt=args.high_noise_ckpt,
+            low_noise_ckpt=args.low_noise_ckpt,
+            flags=True,
+        )
         hub = {"revision": args.revision, "cache_dir": args.cache_dir, "token": args.token}
         hub = {k: v for k, v in hub.items() if v is not None}
         if args.local_files_only:

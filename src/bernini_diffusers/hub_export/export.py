@@ -1,23 +1,32 @@
 """Export original Bernini-R checkpoints as one self-contained diffusers folder, and upload a folder to the Hub.
 
-`export_pipeline` plans and verifies everything first (the base's components, both checkpoints' key sets, shapes and
-dtypes against the base's transformer configs), then writes into a temporary folder beside `out` and renames it into
-place only when every shard has been read back and checked. An error at any point leaves neither `out` nor the
-temporary folder behind.
+`export_pipeline` refuses an `out` it must never write or replace before it reads anything (`check_export_target`),
+plans and verifies everything (the base's components, both checkpoints' key sets, shapes and dtypes against the base's
+transformer configs), then writes into a temporary folder beside `out` and renames it into place only when every shard
+has been read back and checked. An error, SIGTERM or SIGINT at any point leaves neither `out` nor the temporary folder
+behind; the temporary folder's name carries its process id and host, so a later export into the same folder removes
+what a killed one (SIGKILL) left. An export marks its folder (`MARKER`), and `force` replaces only a marked folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import logging
 
+from .. import __version__
 from ..constants import WAN22_BASE
 from ..loading import (
     CHECKPOINT_ARGUMENTS,
@@ -38,13 +47,220 @@ DEFAULT_BASE = WAN22_BASE  # the official `wan22_base`
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 LICENSE = "apache-2.0"
 PIPELINE_TAG = "image-text-to-video"  # the tag of the official model card
+PACKAGE = "bernini_diffusers"
+# Written into every export: `force` replaces a folder only when it holds this file (naming this package) beside its
+# model_index.json. It is local bookkeeping, so `push_folder` leaves it out of an upload.
+MARKER = ".bernini_export.json"
+# `.<out name>.<pid>@<host>.<random>.partial` (being written) and `.old` (an earlier export set aside during the swap).
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[0-9a-f]+\.(?P<kind>partial|old)$")
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+logger = logging.get_logger(__name__)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"`out`={str(out)!r} exists and is not a folder.")
-    if out.exists() and not force:
-        raise ValueError(f"`out`={str(out)!r} already exists; pass `force=True` (`--force`) to replace it.")
+def _argument(name: str, flags: bool) -> str:
+    return f"`--{name}`" if flags else f"`{name}`"
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is an export of this package: its `MARKER` names the package, beside a `model_index.json`."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("package") == PACKAGE and (folder / "model_index.json").is_file()
+
+
+def _check_existing(out: Path, force: bool, flags: bool) -> None:
+    """Refuse an existing `out` unless `force` is set and it is an earlier export (checked again before the swap)."""
+    name, force_name = _argument("out", flags), "`--force`" if flags else "`force=True`"
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink():
+        raise ValueError(
+            f"{name}={str(out)!r} is a symbolic link (to {os.readlink(out)!r}); name the folder itself or a new one."
+        )
+    if not out.is_dir():
+        raise ValueError(f"{name}={str(out)!r} exists and is not a folder.")
+    if not is_export(out):
+        raise ValueError(
+            f"{name}={str(out)!r} already exists and is not an earlier export (no {MARKER} of {PACKAGE} beside a "
+            f"model_index.json), so it is left alone: {force_name} replaces only an earlier export. Name a new folder."
+        )
+    if not force:
+        raise ValueError(f"{name}={str(out)!r} already exists; pass {force_name} to replace this earlier export.")
+
+
+def check_export_target(
+    out: str | os.PathLike | None,
+    *,
+    force: bool = False,
+    base: str | os.PathLike | None = None,
+    high_noise_ckpt: str | os.PathLike | None = None,
+    low_noise_ckpt: str | os.PathLike | None = None,
+    flags: bool = False,
+) -> Path:
+    r"""
+    Refuse an `out` that an export must never write or replace; it reads nothing but `out` itself.
+
+    Refused: an empty name; the root of the file system; the home folder or a folder holding it; the working
+    directory or a folder holding it; a folder that is, holds, or lies inside `base`, `high_noise_ckpt` or
+    `low_noise_ckpt` (those that are local paths), all compared as resolved real paths (symlinks followed); a file or
+    a symbolic link; and an existing folder unless `force` is set and it is an earlier export (`is_export`).
+
+    Args:
+        out (`str` or `os.PathLike`):
+            The folder the export writes.
+        force (`bool`, defaults to `False`):
+            Whether an earlier export at `out` may be replaced.
+        base, high_noise_ckpt, low_noise_ckpt (`str` or `os.PathLike`, *optional*):
+            The export's sources; a repo id or Hub path (not an existing local path) is not compared.
+        flags (`bool`, defaults to `False`):
+            Name the command-line flags (`--out`, `--force`) in messages instead of the Python arguments.
+
+    Returns:
+        `Path`: `out`, made absolute (symlinks in it are kept as given).
+    """
+    name = _argument("out", flags)
+    if out is None or not os.fspath(out).strip():
+        raise ValueError(f"{name}={'' if out is None else os.fspath(out)!r} is empty; name the folder to write.")
+    path = Path(os.fspath(out)).expanduser().absolute()
+    real = path.resolve()
+    shown = f"{name}={os.fspath(out)!r}" + ("" if str(real) == os.fspath(out) else f" ({str(real)!r})")
+    anew = "an export writes a folder of its own: name a new one inside it"
+    if real == Path(real.anchor):
+        raise ValueError(f"{shown} is the root of the file system; {anew}.")
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):  # no HOME and no user entry: nothing to protect under that name
+        home = None
+    if home is not None and real == home:
+        raise ValueError(f"{shown} is the home folder; {anew}.")
+    if home is not None and real in home.parents:
+        raise ValueError(f"{shown} holds the home folder {str(home)!r}; {anew}.")
+    cwd = Path.cwd().resolve()
+    if real == cwd:
+        raise ValueError(f"{shown} is the working directory; {anew}.")
+    if real in cwd.parents:
+        raise ValueError(f"{shown} holds the working directory {str(cwd)!r}; {anew}.")
+    sources = {"base": base, "high_noise_ckpt": high_noise_ckpt, "low_noise_ckpt": low_noise_ckpt}
+    for source, spec in sources.items():
+        if spec is None or not os.fspath(spec) or not Path(os.fspath(spec)).expanduser().exists():
+            continue  # a repo id or Hub path: its files live in the Hub cache, not here
+        source_path = Path(os.fspath(spec)).expanduser().resolve()
+        what = f"{_argument(source, flags)}={os.fspath(spec)!r}"
+        if real == source_path:
+            raise ValueError(f"{shown} is {what}; the export would overwrite its own source. Name a new folder.")
+        if real in source_path.parents:
+            raise ValueError(f"{shown} holds {what}; the export would overwrite its own source. Name a new folder.")
+        if source_path in real.parents:
+            raise ValueError(f"{shown} lies inside {what}; write the export outside its sources.")
+    _check_existing(path, force, flags)
+    return path
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _owned_folder(out: Path, kind: str) -> Path:
+    """A new folder beside `out` named for this process and host (created with the umask's permissions, as mkdir)."""
+    while True:
+        folder = out.parent / f".{out.name}.{os.getpid()}@{_host()}.{secrets.token_hex(4)}.{kind}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+
+
+def remove_stale_partials(parent: str | os.PathLike) -> list[Path]:
+    """Remove what exports killed on this host left in `parent` (their process is gone); returns the removed folders.
+
+    A `.partial` folder is deleted. An `.old` folder (an earlier export set aside while its replacement was renamed
+    in) is deleted when its export is back in place, and renamed back into place when it is not. Folders of live
+    processes and of other hosts are left alone.
+    """
+    parent, host, removed = Path(parent), _host(), []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        match = _OWNED.match(entry.name)
+        if match is None or match["host"] != host or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        target = parent / match["name"]
+        if match["kind"] == "old" and not os.path.lexists(target) and is_export(entry):
+            entry.rename(target)
+            logger.warning(f"Restored {str(target)!r}, set aside by export process {pid} that did not finish.")
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.warning(f"Removed {str(entry)!r}, left by export process {pid} that did not finish.")
+        removed.append(entry)
+    return removed
+
+
+class _Interrupted(BaseException):
+    """SIGTERM or SIGINT during an export (a BaseException, as KeyboardInterrupt, so no `except Exception` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"export interrupted by {signal.Signals(signum).name}; its partial folder was removed")
+        self.signum = signum
+
+
+class _SignalGuard:
+    """For the duration of an export, SIGTERM and SIGINT raise `_Interrupted` (so the partial folder is removed), or
+    inside `deferred()` wait for the guard's exit. On exit the previous handlers come back and the signal is raised
+    again for them: by default SIGTERM then ends the process and SIGINT raises KeyboardInterrupt. Signals ignored
+    before stay ignored, and outside the main thread (where Python cannot install handlers) nothing changes."""
+
+    def __init__(self):
+        self.previous: dict[int, Any] = {}
+        self.received: int | None = None
+        self.deferring = False
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            return  # the cleanup of the first one is under way
+        self.received = signum
+        if not self.deferring:
+            raise _Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold a signal until the guard exits: the swap of two folders and the cleanup must not stop half-way."""
+        deferring, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = deferring
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.received is not None and self.received in self.previous:
+            signal.raise_signal(self.received)  # the previous handler's turn; if it returns, `_Interrupted` goes on
+        return False
 
 
 def _parse_size(max_shard_size: int | str) -> int:
@@ -176,12 +392,14 @@ def export_pipeline(
         low_noise_ckpt (`str` or `os.PathLike`):
             The low-noise expert's original checkpoint, in the same forms.
         out (`str` or `os.PathLike`):
-            The folder to write. It must not exist unless `force=True`.
+            The folder to write. It must not exist unless `force=True`, and must not be the working directory, the
+            home folder, `/`, or a folder that is, holds or lies inside a source (see [`check_export_target`]).
         base (`str` or `os.PathLike`, defaults to `"Wan-AI/Wan2.2-T2V-A14B-Diffusers"`):
             The diffusers base (folder or repo id, or an official config folder naming it in `wan22_base`): its
             transformer configs define the experts, its VAE, text encoder, tokenizer and scheduler are copied.
         force (`bool`, defaults to `False`):
-            Replace an existing `out` (only once the new folder is complete).
+            Replace an existing `out` that is an earlier export of this package (it holds `MARKER` beside its
+            `model_index.json`; anything else is refused), only once the new folder is complete.
         max_shard_size (`int` or `str`, defaults to `"10GB"`):
             The largest weight file written, as in diffusers' `save_pretrained`.
         dtype (`torch.dtype`, *optional*):
@@ -196,14 +414,18 @@ def export_pipeline(
 
     Returns:
         `Path`: `out`.
+
+    SIGTERM and SIGINT during the export remove the temporary folder before the previous handlers see them, and the
+    export first removes what exports killed on this host left beside `out` (see [`remove_stale_partials`]).
     """
     unknown = set(hub_kwargs) - set(HUB_KWARGS)
     if unknown:
         raise ValueError(
             f"export_pipeline got unexpected arguments {sorted(unknown)}; Hub arguments: {list(HUB_KWARGS)}."
         )
-    out = Path(out).absolute()
-    _check_out(out, force)
+    out = check_export_target(
+        out, force=force, base=base, high_noise_ckpt=high_noise_ckpt, low_noise_ckpt=low_noise_ckpt
+    )
     max_shard_size = _parse_size(max_shard_size)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"`dtype`={dtype!r} is not a floating torch.dtype (e.g. torch.bfloat16).")
@@ -239,32 +461,41 @@ def export_pipeline(
     # 2. Write beside `out`, so the final rename stays on one file system.
     created = _first_missing_ancestor(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        for expert, (plan, skeleton) in experts.items():
-            skeleton.save_config(tmp / expert)
-            write_expert_shards(plan, tmp / expert, max_shard_size, dtype)
-        for component in COPIED_COMPONENTS:
-            for file in files.get(component, ()):
-                _copy_file(layout.components[component].root / file, tmp / file)
-        if "scheduler" not in files:
-            from ..pipeline_bernini import default_scheduler
+    remove_stale_partials(out.parent)
+    with _SignalGuard() as guard:
+        tmp = None
+        try:
+            tmp = _owned_folder(out, "partial")
+            _write_marker(tmp)
+            for expert, (plan, skeleton) in experts.items():
+                skeleton.save_config(tmp / expert)
+                write_expert_shards(plan, tmp / expert, max_shard_size, dtype)
+            for component in COPIED_COMPONENTS:
+                for file in files.get(component, ()):
+                    _copy_file(layout.components[component].root / file, tmp / file)
+            if "scheduler" not in files:
+                from ..pipeline_bernini import default_scheduler
 
-            default_scheduler().save_config(tmp / "scheduler")
-        _write_model_index(tmp, layout)
-        add_remote_code(tmp)
-        if base_model is None:
-            base_model = str(base) if _is_repo_id(base) else (layout.base if _is_repo_id(layout.base) else DEFAULT_BASE)
-        sources = {e: str(checkpoints[e]) for e in EXPERTS}
-        (tmp / "README.md").write_text(_model_card(repo_id or out.name, base_model, sources))
-        for expert, (plan, _) in experts.items():
-            verify_written(plan, tmp / expert, dtype)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+                default_scheduler().save_config(tmp / "scheduler")
+            _write_model_index(tmp, layout)
+            add_remote_code(tmp)
+            if base_model is None:
+                base_model = (
+                    str(base) if _is_repo_id(base) else (layout.base if _is_repo_id(layout.base) else DEFAULT_BASE)
+                )
+            sources = {e: str(checkpoints[e]) for e in EXPERTS}
+            (tmp / "README.md").write_text(_model_card(repo_id or out.name, base_model, sources))
+            for expert, (plan, _) in experts.items():
+                verify_written(plan, tmp / expert, dtype)
+            with guard.deferred():
+                _replace(tmp, out, force)
+        except BaseException:
+            with guard.deferred():
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+            raise
     return out
 
 
@@ -290,11 +521,18 @@ def _write_model_index(folder: Path, layout: Layout) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` (`force`) is moved aside first and removed after."""
+def _write_marker(folder: Path) -> None:
+    marker = {"package": PACKAGE, "version": __version__}
+    (folder / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` (an earlier export, `force`) is moved aside first and removed
+    after, and moved back if the rename fails."""
+    _check_existing(out, force, flags=False)  # again: the folder may have changed while the export was written
     old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    if os.path.lexists(out):
+        old = _owned_folder(out, "old")
         old.rmdir()
         out.rename(old)
     try:
@@ -311,9 +549,13 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def folder_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """Every file under `folder` with its size in bytes, as it would be uploaded."""
+    """Every file under `folder` with its size in bytes, as it would be uploaded (all but the export's `MARKER`)."""
     folder = Path(folder)
-    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and p != folder / MARKER
+    )
 
 
 def _human(size: float) -> str:
@@ -387,4 +629,5 @@ def push_folder(
         repo_type="model",
         commit_message=commit_message or "Upload Bernini-R diffusers folder",
         create_pr=create_pr,
+        ignore_patterns=[MARKER],  # local bookkeeping for `force`, not part of the model
     )

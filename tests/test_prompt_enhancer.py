@@ -349,7 +349,7 @@ def test_a_hanging_endpoint_costs_one_budget_then_no_request(server, caplog, tmp
     assert len(server.requests) == 3
     (warning,) = warnings_of(caplog)
     assert server.base_url in warning and "Timeout" in warning and "3 attempt" in warning
-    assert "without asking the endpoint again" in warning
+    assert "without asking the endpoint again" in warning and "raw prompt" in warning
     video = make_test_video(tmp_path / "v.mp4", num_frames=5)
     for prompt, task, media in [("a dog", "t2v", {}), ("make it red", "v2v", {"video": str(video)})] * 3:
         enhanced, seconds = timed(lambda: enhancer.enhance(prompt, task, **media))
@@ -433,7 +433,8 @@ def test_both_commands_take_the_timeout_and_retry_flags(command, monkeypatch):
     monkeypatch.setenv("BERNINI_PE_TIMEOUT", "99")
     monkeypatch.setenv("BERNINI_PE_RETRIES", "9")
     parser = cli.build_parser()
-    enhancer = cli.load_prompt_enhancer(parser.parse_args([command, "--use_pe", "--pe_timeout", "5", "--pe_retries", "0"]))
+    flags = [command, "--use_pe", "--pe_timeout", "5", "--pe_retries", "0"]
+    enhancer = cli.load_prompt_enhancer(parser.parse_args(flags))
     assert (enhancer.timeout, enhancer.max_retries) == (5.0, 0)  # the flags win over the environment
     enhancer = cli.load_prompt_enhancer(parser.parse_args([command, "--use_pe"]))
     assert (enhancer.timeout, enhancer.max_retries) == (99.0, 9)

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,7 +404,8 @@ class PromptEnhancer:
             self._gave_up = what
             self._warn(
                 f"{self.base_url or 'the OpenAI API'} {what}",
-                "using the raw prompt now and for every later prompt of this enhancer, without asking the endpoint again",
+                "using the raw prompt now and, without asking the endpoint again, for every later prompt of this "
+                "enhancer",
             )
         else:
             self._warn(what)
@@ -492,7 +493,7 @@ class PromptEnhancer:
 # ---------------------------------------------------------------------------------------------------- settings
 
 
-def _setting(value: Any, name: str, env: str, default: Any, check) -> Any:
+def _setting(value: Any, name: str, env: str, default: Any, check: Callable[[Any, str], Any]) -> Any:
     """The argument if given, else the environment variable if set, else the default; checked, naming its source."""
     if value is not None:
         return check(value, name)

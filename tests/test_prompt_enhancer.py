@@ -482,6 +482,18 @@ def test_credentials_in_the_base_url_are_sent_but_never_shown(server, caplog, ca
     assert "denied Basic ***" in warning
 
 
+@pytest.mark.parametrize("logger_name", ["httpx2", "openai._base_client", "bernini_diffusers.prompt_enhancer"])
+def test_a_logged_traceback_is_masked(server, caplog, logger_name):
+    url = server.base_url.replace("http://", f"http://alice:{URL_PASSWORD}@") + f"?api_key={QUERY_KEY}"
+    PromptEnhancer(api_key=FAKE_KEY, base_url=url)
+    try:
+        raise ConnectionError(f"cannot reach {url} with {FAKE_KEY}")
+    except ConnectionError:
+        logging.getLogger(logger_name).exception("request to %s failed", url)
+    assert "ConnectionError: cannot reach http://***@" in caplog.text and "request to http://***@" in caplog.text
+    assert all(secret not in caplog.text for secret in (URL_PASSWORD, QUERY_KEY, FAKE_KEY))
+
+
 def test_a_token_as_url_user_name_is_masked(server):
     enhancer = PromptEnhancer(api_key=FAKE_KEY, base_url=server.base_url.replace("http://", "http://tok-abc123@"))
     assert "tok-abc123" not in repr(enhancer) and "http://***@127.0.0.1" in repr(enhancer)

@@ -625,11 +625,13 @@ class _MaskSecrets(logging.Filter):
 _MASK = _MaskSecrets()
 # The loggers that may see a request: a filter acts only on records of the logger it is attached to.
 _HTTP_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
+# Those that log request URLs, named before the SDK is imported; the others are found once they exist.
+_URL_LOGGERS = ("openai._base_client", "httpx", "httpx2")
 
 
 def _guard_loggers() -> None:
     """Attach the masking filter to this module's logger and to every logger of the HTTP stack that exists."""
-    names = [__name__, *_HTTP_LOGGERS]
+    names = [__name__, *_HTTP_LOGGERS, *_URL_LOGGERS]
     names += [name for name in list(logging.root.manager.loggerDict) if name.split(".")[0] in _HTTP_LOGGERS]
     for name in names:
         target = logging.getLogger(name)

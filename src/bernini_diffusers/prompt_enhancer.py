@@ -456,8 +456,8 @@ class PromptEnhancer:
                 done.set()
 
         # The HTTP client's timeout bounds each read, so a server that sends a byte now and then would hold a request
-        # for ever: the wait on a thread bounds the whole request. A request given up on ends in the background (its
-        # socket times out) and its answer is dropped.
+        # for ever: the wait on a thread bounds the whole request. A request given up on is left to end in its daemon
+        # thread (at its own timeout, or when the server stops) and its answer is dropped.
         threading.Thread(target=call, name="prompt-enhancer-request", daemon=True).start()
         if not done.wait(seconds):
             raise _NoReply(f"no reply within {seconds:.3g} s")

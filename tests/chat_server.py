@@ -12,14 +12,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ChatServer:
     """An OpenAI-compatible `/v1/chat/completions` endpoint that records each request and plays queued replies.
 
-    A reply is `(status, body)` (a dict is sent as JSON, bytes as they are) or `("sleep", seconds)`; when the queue is
-    empty it answers `default`.
+    A reply is `(status, body)` (a dict is sent as JSON, bytes as they are), `("sleep", seconds)` (then `default`),
+    `("hang", None)` (no answer until the server closes) or `("trickle", seconds)` (the headers, then one byte of
+    the body every `seconds`, never the end); when the queue is empty it answers `default`.
     """
 
     def __init__(self):
         self.requests: list[dict] = []
         self.replies: deque = deque()
         self.default = (200, self.completion("an enhanced prompt"))
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +37,12 @@ class ChatServer:
                 if status == "sleep":
                     time.sleep(payload)
                     status, payload = server.default
+                if status == "hang":
+                    server.closing.wait()
+                    return
+                if status == "trickle":
+                    self.trickle(payload)
+                    return
                 if callable(payload):
                     payload = payload(self.headers)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -45,6 +53,18 @@ class ChatServer:
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    pass
+
+            def trickle(self, seconds):
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not server.closing.wait(seconds):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
                     pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -60,6 +80,7 @@ class ChatServer:
         }  # fmt: skip
 
     def close(self):
+        self.closing.set()  # ends the hanging and trickling replies
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)

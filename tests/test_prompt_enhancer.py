@@ -15,13 +15,17 @@ import pytest
 from chat_server import ChatServer
 from PIL import Image
 
+from bernini_diffusers import cli
 from bernini_diffusers import prompt_enhancer as pe
 from bernini_diffusers.media import read_video
 from bernini_diffusers.prompt_enhancer import PromptEnhancer
 from bernini_diffusers.testing import make_test_image, make_test_video
 
 FAKE_KEY = "sk-test-NOT-A-REAL-KEY-7f3a9c"
-ENV_NAMES = ("BERNINI_PE_API_KEY", "OPENAI_API_KEY", "BERNINI_PE_BASE_URL", "OPENAI_BASE_URL", "BERNINI_PE_MODEL")
+ENV_NAMES = (
+    "BERNINI_PE_API_KEY", "OPENAI_API_KEY", "BERNINI_PE_BASE_URL", "OPENAI_BASE_URL", "BERNINI_PE_MODEL",
+    "BERNINI_PE_TIMEOUT", "BERNINI_PE_RETRIES",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -282,7 +286,12 @@ def test_environment_fallbacks(monkeypatch, server):
     assert PromptEnhancer(model="flag-model").model == "flag-model"  # --pe_model wins over the environment
 
 
-@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"max_retries": -1}, {"backoff": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"timeout": 0}, {"timeout": -1}, {"timeout": float("nan")}, {"timeout": float("inf")}, {"timeout": True},
+     {"timeout": 3601}, {"max_retries": -1}, {"max_retries": 1.5}, {"max_retries": 101}, {"backoff": -1},
+     {"backoff": float("nan")}, {"max_backoff": float("inf")}],
+)  # fmt: skip
 def test_bad_settings_name_the_argument(kwargs):
     (name,) = kwargs
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -304,3 +313,224 @@ def test_openai_is_not_imported_with_the_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+
+# --- a dead endpoint costs one budget, once -------------------------------------------------------------------------
+
+
+def small_budget(server, **kwargs) -> PromptEnhancer:
+    """An enhancer whose budget is 1 s: 3 tries of 0.3 s and waits of 0.05 s."""
+    kwargs = {"timeout": 0.3, "max_retries": 2, "backoff": 0.05, "max_backoff": 0.05, **kwargs}
+    enhancer = PromptEnhancer(model="test-model", api_key=FAKE_KEY, base_url=server.base_url, **kwargs)
+    enhancer._get_client()  # importing the SDK (a second or so, once) is this process's time, not the endpoint's
+    return enhancer
+
+
+def timed(call):
+    start = time.monotonic()
+    value = call()
+    return value, time.monotonic() - start
+
+
+def test_the_default_budget_is_about_a_minute():
+    enhancer = PromptEnhancer(api_key=FAKE_KEY)
+    assert (enhancer.timeout, enhancer.max_retries, enhancer.backoff) == (20.0, 2, 1.0)
+    assert enhancer.budget == 20 * 3 + 1 + 2 == 63
+    assert "budget=63" in repr(enhancer)
+
+
+def test_a_hanging_endpoint_costs_one_budget_then_no_request(server, caplog, tmp_path):
+    server.default = ("hang", None)
+    enhancer = small_budget(server)
+    assert enhancer.budget == pytest.approx(1.0)
+    enhanced, seconds = timed(lambda: enhancer.enhance("a cat", "t2v"))
+    assert enhanced == "a cat" and 0.9 <= seconds < 1.0 + 0.5
+    assert len(server.requests) == 3
+    (warning,) = warnings_of(caplog)
+    assert server.base_url in warning and "Timeout" in warning and "3 attempt" in warning
+    assert "without asking the endpoint again" in warning and "raw prompt" in warning
+    video = make_test_video(tmp_path / "v.mp4", num_frames=5)
+    for prompt, task, media in [("a dog", "t2v", {}), ("make it red", "v2v", {"video": str(video)})] * 3:
+        enhanced, seconds = timed(lambda: enhancer.enhance(prompt, task, **media))
+        assert enhanced == prompt and seconds < 0.05
+    assert len(server.requests) == 3 and len(warnings_of(caplog)) == 1  # no request, no further warning
+
+
+def test_a_trickling_endpoint_is_cut_at_the_deadline(server):
+    # Headers, then a byte every 50 ms for ever: the HTTP client's per-read timeout alone would never fire.
+    server.default = ("trickle", 0.05)
+    enhancer = small_budget(server, timeout=0.5, max_retries=0)
+    enhanced, seconds = timed(lambda: enhancer.enhance("a cat", "t2v"))
+    assert enhanced == "a cat" and seconds < 0.5 + 0.5 and len(server.requests) == 1
+
+
+def test_the_budget_holds_however_the_tries_are_spent(server):
+    # A trickle, an error, a slow answer, then silence: every kind of failure in one prompt.
+    server.replies.extend([("trickle", 0.05), (500, {"error": {"message": "down"}}), ("sleep", 0.4)])
+    server.default = ("hang", None)
+    enhancer = small_budget(server, max_retries=3)
+    assert enhancer.budget == pytest.approx(0.3 * 4 + 0.05 * 3)
+    enhanced, seconds = timed(lambda: enhancer.enhance("a cat", "t2v"))
+    assert enhanced == "a cat" and seconds < enhancer.budget + 0.5 and len(server.requests) == 4
+
+
+@pytest.mark.parametrize(
+    "failure", [(500, {"error": {"message": "down"}}), (401, {"error": {"message": "bad key"}})], ids=["500", "401"]
+)
+def test_an_endpoint_that_fails_every_try_is_not_asked_again(server, caplog, failure):
+    server.default = failure
+    enhancer = small_budget(server, max_retries=1, backoff=0)
+    assert enhancer.enhance("a cat", "t2v") == "a cat"
+    asked = len(server.requests)
+    assert asked == (2 if failure[0] == 500 else 1)
+    server.default = (200, ChatServer.completion("an enhanced prompt"))  # back, but this run has moved on
+    assert enhancer.enhance("a dog", "t2v") == "a dog"
+    assert len(server.requests) == asked and len(warnings_of(caplog)) == 1
+
+
+@pytest.mark.parametrize(
+    "failure", [(400, {"error": {"message": "too long"}}), (200, b"<html>not json</html>")], ids=["400", "malformed"]
+)
+def test_an_endpoint_that_answers_is_asked_again_for_the_next_prompt(server, caplog, failure):
+    server.replies.append(failure)
+    enhancer = small_budget(server, max_retries=0)
+    assert enhancer.enhance("a cat", "t2v") == "a cat"
+    assert enhancer.enhance("a dog", "t2v") == "an enhanced prompt"
+    assert len(server.requests) == 2 and len(warnings_of(caplog)) == 1
+
+
+# --- timeout and retries from arguments, the environment and the command line ------------------------------------
+
+
+def test_timeout_and_retries_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BERNINI_PE_TIMEOUT", " 2.5 ")
+    monkeypatch.setenv("BERNINI_PE_RETRIES", "0")
+    enhancer = PromptEnhancer(api_key=FAKE_KEY)
+    assert (enhancer.timeout, enhancer.max_retries, enhancer.budget) == (2.5, 0, 2.5)
+    enhancer = PromptEnhancer(api_key=FAKE_KEY, timeout=7, max_retries=3)  # arguments win
+    assert (enhancer.timeout, enhancer.max_retries) == (7.0, 3)
+    monkeypatch.setenv("BERNINI_PE_TIMEOUT", "")  # empty: unset
+    assert PromptEnhancer(api_key=FAKE_KEY).timeout == 20.0
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("BERNINI_PE_TIMEOUT", "soon"), ("BERNINI_PE_TIMEOUT", "nan"), ("BERNINI_PE_TIMEOUT", "-1"),
+     ("BERNINI_PE_TIMEOUT", "0"), ("BERNINI_PE_TIMEOUT", "inf"), ("BERNINI_PE_RETRIES", "two"),
+     ("BERNINI_PE_RETRIES", "-1"), ("BERNINI_PE_RETRIES", "1.5"), ("BERNINI_PE_RETRIES", "1000")],
+)  # fmt: skip
+def test_a_bad_environment_value_is_refused_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"`{name}`={value!r} must be"):
+        PromptEnhancer(api_key=FAKE_KEY)
+    with pytest.raises(ValueError, match=f"`{name}`"):  # the command line builds it before the model loads
+        cli.load_prompt_enhancer(cli.build_parser().parse_args(["generate", "--use_pe"]))
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_both_commands_take_the_timeout_and_retry_flags(command, monkeypatch):
+    monkeypatch.setenv("BERNINI_PE_TIMEOUT", "99")
+    monkeypatch.setenv("BERNINI_PE_RETRIES", "9")
+    parser = cli.build_parser()
+    flags = [command, "--use_pe", "--pe_timeout", "5", "--pe_retries", "0"]
+    enhancer = cli.load_prompt_enhancer(parser.parse_args(flags))
+    assert (enhancer.timeout, enhancer.max_retries) == (5.0, 0)  # the flags win over the environment
+    enhancer = cli.load_prompt_enhancer(parser.parse_args([command, "--use_pe"]))
+    assert (enhancer.timeout, enhancer.max_retries) == (99.0, 9)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--pe_timeout", "nan"), ("--pe_timeout", "-3"), ("--pe_timeout", "0"), ("--pe_timeout", "inf"),
+     ("--pe_timeout", "ten"), ("--pe_retries", "-1"), ("--pe_retries", "2.5"), ("--pe_retries", "many"),
+     ("--pe_retries", "101")],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_a_bad_flag_value_is_refused_naming_the_flag(command, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([command, "--use_pe", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {value!r} is not" in capsys.readouterr().err
+
+
+# --- credentials never shown, replies printed safely --------------------------------------------------------------
+
+URL_PASSWORD = "pw-SECRET-1f2e"
+QUERY_KEY = "QUERY-SECRET-9d8c"
+
+
+def test_credentials_in_the_base_url_are_sent_but_never_shown(server, caplog, capsys):
+    caplog.set_level(logging.DEBUG)  # the HTTP stack's own debug logs, with full request URLs, included
+    url = server.base_url.replace("http://", f"http://alice:{URL_PASSWORD}@") + f"?api_key={QUERY_KEY}&mode=x"
+    enhancer = PromptEnhancer(api_key=FAKE_KEY, base_url=url, max_retries=1, backoff=0)
+
+    def echo(headers):  # an endpoint that echoes what it got in its error body
+        return {"error": {"message": f"denied {headers['Authorization']} at {server.requests[-1]['path']}"}}
+
+    server.default = (500, echo)
+    assert enhancer.enhance("a cat", "t2v") == "a cat"
+    request = server.requests[0]
+    assert request["path"] == f"/v1/chat/completions?api_key={QUERY_KEY}&mode=x"  # the query reaches the server
+    basic = base64.b64encode(f"alice:{URL_PASSWORD}".encode()).decode()
+    assert request["headers"]["authorization"] == f"Basic {basic}"  # so do the URL's credentials
+    shown = [repr(enhancer), str(enhancer), enhancer.base_url, caplog.text, *capsys.readouterr()]
+    for secret in (URL_PASSWORD, QUERY_KEY, basic.rstrip("="), FAKE_KEY):
+        assert all(secret not in text for text in shown), secret
+    assert enhancer.base_url == server.base_url.replace("http://", "http://***@") + "?api_key=***&mode=***"
+    (warning,) = warnings_of(caplog)
+    assert "denied Basic ***" in warning
+
+
+@pytest.mark.parametrize("logger_name", ["httpx2", "openai._base_client", "bernini_diffusers.prompt_enhancer"])
+def test_a_logged_traceback_is_masked(server, caplog, logger_name):
+    url = server.base_url.replace("http://", f"http://alice:{URL_PASSWORD}@") + f"?api_key={QUERY_KEY}"
+    PromptEnhancer(api_key=FAKE_KEY, base_url=url)
+    try:
+        raise ConnectionError(f"cannot reach {url} with {FAKE_KEY}")
+    except ConnectionError:
+        logging.getLogger(logger_name).exception("request to %s failed", url)
+    assert "ConnectionError: cannot reach http://***@" in caplog.text and "request to http://***@" in caplog.text
+    assert all(secret not in caplog.text for secret in (URL_PASSWORD, QUERY_KEY, FAKE_KEY))
+
+
+def test_a_token_as_url_user_name_is_masked(server):
+    enhancer = PromptEnhancer(api_key=FAKE_KEY, base_url=server.base_url.replace("http://", "http://tok-abc123@"))
+    assert "tok-abc123" not in repr(enhancer) and "http://***@127.0.0.1" in repr(enhancer)
+
+
+@pytest.mark.parametrize("source", ["argument", "environment"])
+def test_a_bad_base_url_is_refused_without_its_credentials(monkeypatch, source):
+    url = f"ftp://alice:{URL_PASSWORD}@example.com/v1?api_key={QUERY_KEY}"
+    name = "base_url" if source == "argument" else "BERNINI_PE_BASE_URL"
+    if source == "environment":
+        monkeypatch.setenv(name, url)
+    with pytest.raises(ValueError) as error:
+        PromptEnhancer(api_key=FAKE_KEY, base_url=url if source == "argument" else None)
+    text = str(error.value)
+    assert f"`{name}`='ftp://***@example.com/v1?api_key=***' must be an http(s) URL" in text
+    assert URL_PASSWORD not in text and QUERY_KEY not in text
+
+
+def test_unknown_tokens_in_echoed_errors_are_masked():
+    text = "denied Bearer abc123XYZ987 for https://bob:hunter22@h/v1?token=t0k3n-value&x=1, key=k-998877"
+    masked = pe.mask_secrets(text)
+    assert masked == "denied Bearer *** for https://***@h/v1?token=***&x=1, key=***"
+    assert pe.mask_secrets("Basic authentication failed") == "Basic authentication failed"  # words stay
+
+
+def test_printable_escapes_control_characters():
+    reply = "\x1b[2J\x1b]0;owned\x07a red car\rfake line\nnext\x9b31m \u202egnp.exe\t\x00"
+    shown = pe.printable(reply)
+    assert shown == r"\x1b[2J\x1b]0;owned\x07a red car\rfake line\nnext\x9b31m \u202egnp.exe\t\x00"
+    assert shown.isprintable()
+    plain = "Un café à Zürich, 東京の夜, 👩‍👩‍👧 «quotes»"
+    assert pe.printable(plain) == plain  # text, accents, scripts and emoji sequences stay as they are
+
+
+def test_an_echoed_error_with_terminal_escapes_is_logged_escaped(server, caplog):
+    server.default = (400, {"error": {"message": "bad\x1b[2J\x1b[31m request\rOK"}})
+    enhancer = small_budget(server)
+    assert enhancer.enhance("a cat", "t2v") == "a cat"
+    (warning,) = warnings_of(caplog)
+    assert "\x1b" not in warning and "\r" not in warning and r"bad\x1b[2J\x1b[31m request\rOK" in warning

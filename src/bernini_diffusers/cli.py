@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from . import cases as case_files
-from .constants import ATTENTION_BACKENDS, DTYPES, TINY_MODEL, WAN22_BASE
+from .constants import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    PE_MAX_RETRIES,
+    PE_MAX_TIMEOUT,
+    PE_RETRIES,
+    PE_RETRIES_ENV,
+    PE_TIMEOUT,
+    PE_TIMEOUT_ENV,
+    TINY_MODEL,
+    WAN22_BASE,
+)
 from .tasks import PLANNER_GUIDANCE_MODES, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_guidance_mode
 
 # The `BerniniPipeline.__call__` arguments that have a same-named flag and are passed on by name.
@@ -118,7 +129,21 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 
 def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_prompt_enhancer` reads: `--use_pe` and `--pe_model`."""
+    """Add the flags `load_prompt_enhancer` reads: `--use_pe`, `--pe_model`, `--pe_timeout` and `--pe_retries`."""
+
+    def checked(kind: type, low: float, high: float, allowed: str):
+        # Refused while the command line is parsed, naming the flag, long before any model work.
+        def convert(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                value = None
+            if value is None or not (low < value <= high if kind is float else low <= value <= high):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+            return value
+
+        return convert
+
     parser.add_argument(
         "--use_pe", action="store_true",
         help="rewrite each prompt through an OpenAI-compatible endpoint first ($BERNINI_PE_API_KEY or "
@@ -127,15 +152,30 @@ def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._Ar
     parser.add_argument(
         "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the official one)"
     )
+    parser.add_argument(
+        "--pe_timeout", metavar="SECONDS",
+        type=checked(float, 0, PE_MAX_TIMEOUT, f"a number of seconds in (0, {PE_MAX_TIMEOUT:g}]"),
+        help=f"seconds one enhancer request may take (default: ${PE_TIMEOUT_ENV}, else {PE_TIMEOUT:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pe_retries", metavar="N", type=checked(int, 0, PE_MAX_RETRIES, f"a whole number from 0 to {PE_MAX_RETRIES}"),
+        help=f"further tries after a failed enhancer request (default: ${PE_RETRIES_ENV}, else {PE_RETRIES}); a prompt "
+             "waits at most timeout x (retries + 1) plus 1 s, 2 s, ... between tries (63 s by default), then is used "
+             "as given, and an endpoint that failed so is not asked again in the run",
+    )  # fmt: skip
 
 
 def load_prompt_enhancer(args: argparse.Namespace):
-    """The `PromptEnhancer` the enhancer flags describe (see `add_prompt_enhancer_arguments`), None without --use_pe."""
+    """The `PromptEnhancer` the enhancer flags describe (see `add_prompt_enhancer_arguments`), None without --use_pe.
+
+    Unset flags fall back to the environment; a bad `BERNINI_PE_TIMEOUT` or `BERNINI_PE_RETRIES` is a `ValueError`
+    naming the variable. No request is made here.
+    """
     if not args.use_pe:
         return None
     from .prompt_enhancer import PromptEnhancer  # an optional part: imported when used
 
-    return PromptEnhancer(model=args.pe_model)
+    return PromptEnhancer(model=args.pe_model, timeout=args.pe_timeout, max_retries=args.pe_retries)
 
 
 def _add_generate_parser(subparsers) -> argparse.ArgumentParser:

@@ -19,3 +19,14 @@ TINY_MODEL = "tiny"
 
 # The video VAE compresses time by 4 and keeps the first frame, so frame counts are 4k + 1.
 TEMPORAL_FACTOR = 4
+
+# The prompt enhancer's patience (`--pe_timeout`, `--pe_retries`, these variables, or `PromptEnhancer`'s arguments):
+# seconds one request may take and further tries after a failed one. With the waits between tries (1 s, 2 s) a prompt
+# costs at most 20 x 3 + 3 = 63 s; an endpoint that fails that budget is not asked again by the same enhancer.
+PE_TIMEOUT_ENV = "BERNINI_PE_TIMEOUT"
+PE_RETRIES_ENV = "BERNINI_PE_RETRIES"
+PE_TIMEOUT = 20.0
+PE_RETRIES = 2
+# What a request's timeout and the number of retries may be: (0, 3600] seconds, 0 to 100 retries.
+PE_MAX_TIMEOUT = 3600.0
+PE_MAX_RETRIES = 100

@@ -10,7 +10,10 @@ endpoint is configured like the official enhancer:
 
 `openai` (the `[pe]` extra) is imported when a request is made, never at package import. A failure of any kind (no
 key, no `openai`, a timeout, an error status, a malformed reply) never raises: the raw prompt is returned and one
-warning is logged. The key never appears in a log, an error or a repr.
+warning is logged. One prompt costs at most `PromptEnhancer.budget` seconds (63 s by default; `timeout`,
+`max_retries`, or `BERNINI_PE_TIMEOUT`, `BERNINI_PE_RETRIES`), and an endpoint that fails it is not asked again by
+the same enhancer. Credentials (the key, those in the base URL, any the endpoint echoes) never appear in a log, an
+error or a repr, and `printable` escapes the control characters of a reply before it is shown.
 """
 
 from __future__ import annotations
@@ -20,15 +23,21 @@ import enum
 import io
 import json
 import logging
+import numbers
 import os
+import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
+
+from .constants import PE_MAX_RETRIES, PE_MAX_TIMEOUT, PE_RETRIES, PE_RETRIES_ENV, PE_TIMEOUT, PE_TIMEOUT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +230,18 @@ class _MalformedReply(Exception):
     """The endpoint answered, but not with a usable prompt."""
 
 
+class _NoReply(Exception):
+    """No reply came in the time the request had: the endpoint hangs, or answers too slowly."""
+
+
 class PromptEnhancer:
     r"""
     Rewrites a prompt for a task through an OpenAI-compatible chat-completions endpoint.
+
+    One prompt never costs more than `budget` seconds: every try's `timeout` plus the waits between tries (63 s with
+    the defaults: 3 tries of 20 s, waits of 1 s and 2 s), however the endpoint behaves. An endpoint that fails a
+    prompt this way (no answer in time, no connection, 408/409/429/5xx on every try, or 401/403/404) is not asked
+    again by this enhancer: one warning says so, and every later prompt is returned as given at once.
 
     Args:
         model (`str`, *optional*):
@@ -232,16 +250,17 @@ class PromptEnhancer:
             Defaults to `$BERNINI_PE_API_KEY`, else `$OPENAI_API_KEY`. Never logged or shown in the repr.
         base_url (`str`, *optional*):
             The endpoint, e.g. `http://127.0.0.1:8000/v1`. Defaults to `$BERNINI_PE_BASE_URL`, else
-            `$OPENAI_BASE_URL`, else OpenAI's.
-        timeout (`float`, defaults to 120):
-            Seconds one request may take.
-        max_retries (`int`, defaults to 7):
-            Further attempts after a failed one (a timeout, a connection error, a 408/409/429/5xx status, a malformed
-            reply); other error statuses are not retried.
+            `$OPENAI_BASE_URL`, else OpenAI's. Credentials in it (`https://user:password@host/v1`) and its query
+            (`?api_key=...`, sent with every request) are masked wherever the enhancer shows or logs it.
+        timeout (`float`, *optional*):
+            Seconds one request may take, in (0, 3600]. Defaults to `$BERNINI_PE_TIMEOUT`, else 20.
+        max_retries (`int`, *optional*):
+            Further tries after a failed one (a timeout, a connection error, a 408/409/429/5xx status, a malformed
+            reply), from 0 to 100; other error statuses are not retried. Defaults to `$BERNINI_PE_RETRIES`, else 2.
         backoff (`float`, defaults to 1.0):
             Seconds before retry `k` are `min(backoff * k, max_backoff)`.
         max_backoff (`float`, defaults to 5.0):
-            The longest wait between attempts.
+            The longest wait between tries.
         max_completion_tokens (`int`, defaults to 8192):
             Passed to the endpoint; reasoning models count their reasoning in it.
     """
@@ -251,34 +270,46 @@ class PromptEnhancer:
         model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = 120.0,
-        max_retries: int = 7,
+        timeout: float | None = None,
+        max_retries: int | None = None,
         backoff: float = 1.0,
         max_backoff: float = 5.0,
         max_completion_tokens: int = 8192,
     ):
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"`timeout`={timeout!r} must be a positive number of seconds.")
-        if not (isinstance(max_retries, int) and max_retries >= 0):
-            raise ValueError(f"`max_retries`={max_retries!r} must be an integer >= 0.")
-        if not (isinstance(backoff, (int, float)) and backoff >= 0 and max_backoff >= 0):
-            raise ValueError(f"`backoff`={backoff!r} and `max_backoff`={max_backoff!r} must be numbers >= 0.")
-        self.model = model or os.environ.get(MODEL_ENV) or DEFAULT_PE_MODEL
-        self.base_url = base_url or _first_env(BASE_URL_ENV)
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
+        self.timeout = _setting(timeout, "timeout", PE_TIMEOUT_ENV, PE_TIMEOUT, _seconds)
+        self.max_retries = _setting(max_retries, "max_retries", PE_RETRIES_ENV, PE_RETRIES, _count)
+        for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= PE_MAX_TIMEOUT):
+                raise ValueError(f"`{name}`={value!r} must be a number of seconds in [0, {PE_MAX_TIMEOUT:g}].")
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        self.model = model or os.environ.get(MODEL_ENV) or DEFAULT_PE_MODEL
+        source, url = ("base_url", base_url) if base_url else _first_env(BASE_URL_ENV)
+        self._endpoint = _Endpoint.parse(url, source) if url else None
         self.max_completion_tokens = max_completion_tokens
-        self._api_key = api_key or _first_env(API_KEY_ENV)
+        self._api_key = api_key or _first_env(API_KEY_ENV)[1]
+        _SECRETS.update(_secret_forms(self._api_key))
+        _guard_loggers()
         self._client = None
         self._unavailable: str | None = None  # set once when no request can ever work (no key, no openai)
+        self._gave_up: str | None = None  # set once when the endpoint failed a prompt's budget
+
+    @property
+    def base_url(self) -> str | None:
+        """The endpoint with any credentials and query values masked (None: OpenAI's own)."""
+        return self._endpoint.shown if self._endpoint else None
+
+    @property
+    def budget(self) -> float:
+        """The most seconds one prompt may cost: every try's timeout plus the waits between tries."""
+        waits = sum(min(self.backoff * k, self.max_backoff) for k in range(1, self.max_retries + 1))
+        return self.timeout * (self.max_retries + 1) + waits
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
         return (
             f"PromptEnhancer(model={self.model!r}, base_url={self.base_url!r}, api_key=<{key}>, "
-            f"timeout={self.timeout}, max_retries={self.max_retries})"
+            f"timeout={self.timeout:g}, max_retries={self.max_retries}, budget={self.budget:g})"
         )
 
     # ------------------------------------------------------------------------------------------- requests
@@ -326,13 +357,16 @@ class PromptEnhancer:
         """The rewritten prompt, or `prompt` itself when it is empty, the task has no template, or the request fails.
 
         `video`, `image` and `images` are what the pipeline takes (paths, PIL images or decoded frames). Never raises
-        on endpoint failure: the raw prompt is returned and one warning is logged.
+        on endpoint failure and never takes more than `budget` seconds of requests: the raw prompt is returned and
+        one warning is logged. After the endpoint failed once (see the class), the prompt comes back at once.
         """
         if not isinstance(prompt, str) or not prompt.strip():
             return prompt
         task = str(task_type)  # a TaskType's str is its value
         if task not in ROUTES:
             logger.info("prompt enhancer: no template for task_type=%r; the prompt is used as given.", task)
+            return prompt
+        if self._gave_up is not None:  # said once, in the warning that gave up
             return prompt
         client = self._get_client()
         if client is None:
@@ -346,17 +380,35 @@ class PromptEnhancer:
         request = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_completion_tokens}
         if json_mode:
             request["response_format"] = {"type": "json_object"}
+        start = time.monotonic()
+        deadline = start + self.budget
+        error: Exception | None = None
+        attempts = 0
+        out_of_time = False
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(min(self.backoff * attempt, self.max_backoff))
+                time.sleep(max(0.0, min(self.backoff * attempt, self.max_backoff, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                out_of_time = True
+                break
+            attempts += 1
             try:
-                reply = client.chat.completions.create(**request)
-                return self._read_reply(reply, json_mode)
+                return self._read_reply(self._request(client, request, min(self.timeout, left)), json_mode)
             except Exception as err:
                 error = err
                 if not _retryable(err):
                     break
-        self._warn(f"gave up after {attempt + 1} attempt(s) ({_describe(error)})")
+        what = f"gave up after {attempts} attempt(s) in {time.monotonic() - start:.1f} s ({_describe(error)})"
+        if out_of_time or _endpoint_failed(error):
+            self._gave_up = what
+            self._warn(
+                f"{self.base_url or 'the OpenAI API'} {what}",
+                "using the raw prompt now and, without asking the endpoint again, for every later prompt of this "
+                "enhancer",
+            )
+        else:
+            self._warn(what)
         return prompt
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -372,13 +424,46 @@ class PromptEnhancer:
             if not self._api_key:
                 self._unavailable = f"no API key: set {' or '.join(API_KEY_ENV)}"
             else:
-                # Retries are ours (bounded, with backoff and one warning), so the SDK makes a single attempt.
-                self._client = openai.OpenAI(
-                    api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
-                )
+                endpoint = self._endpoint
+                try:
+                    # Retries are ours (bounded by the budget, with one warning), so the SDK makes a single attempt.
+                    self._client = openai.OpenAI(
+                        api_key=self._api_key,
+                        base_url=endpoint.url if endpoint else None,
+                        default_query=endpoint.query if endpoint else None,
+                        timeout=self.timeout,
+                        max_retries=0,
+                    )
+                except Exception as err:
+                    self._unavailable = f"cannot set up the client ({type(err).__name__}: {err})"
         if self._unavailable is not None:
             self._warn(self._unavailable)
         return self._client
+
+    @staticmethod
+    def _request(client: Any, request: dict[str, Any], seconds: float) -> Any:
+        """One chat-completions request that returns or raises within `seconds`, whatever the server does."""
+        _guard_loggers()  # the HTTP stack creates some of its loggers on first use
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome.append(client.chat.completions.create(**request, timeout=seconds))
+            except BaseException as err:  # handed to the caller, never printed by the thread
+                outcome.append(err)
+            finally:
+                done.set()
+
+        # The HTTP client's timeout bounds each read, so a server that sends a byte now and then would hold a request
+        # for ever: the wait on a thread bounds the whole request. A request given up on is left to end in its daemon
+        # thread (at its own timeout, or when the server stops) and its answer is dropped.
+        threading.Thread(target=call, name="prompt-enhancer-request", daemon=True).start()
+        if not done.wait(seconds):
+            raise _NoReply(f"no reply within {seconds:.3g} s")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     @staticmethod
     def _read_reply(reply: Any, json_mode: bool) -> str:
@@ -399,22 +484,182 @@ class PromptEnhancer:
             raise _MalformedReply("the JSON reply has no non-empty 'rewritten_text'")
         return rewritten.strip()
 
-    def _warn(self, reason: str) -> None:
-        if self._api_key:  # an endpoint may echo the key in an error body; it must not reach the log
-            reason = reason.replace(self._api_key, "***")
-        logger.warning("prompt enhancer: %s; using the raw prompt.", reason)
+    @staticmethod
+    def _warn(reason: str, outcome: str = "using the raw prompt") -> None:
+        # An endpoint may echo credentials or terminal escapes in an error body: neither reaches the log.
+        logger.warning("prompt enhancer: %s; %s.", printable(mask_secrets(reason)), outcome)
 
 
-def _first_env(names: Sequence[str]) -> str | None:
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def _setting(value: Any, name: str, env: str, default: Any, check: Callable[[Any, str], Any]) -> Any:
+    """The argument if given, else the environment variable if set, else the default; checked, naming its source."""
+    if value is not None:
+        return check(value, name)
+    if os.environ.get(env, "").strip():
+        return check(os.environ[env], env)
+    return default
+
+
+def _number(value: Any, kind: type) -> Any:
+    """`value` (a number or its text) as an int or a float; None if it is not one."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        return int(value) if isinstance(value, numbers.Integral) else None
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
+def _seconds(value: Any, name: str) -> float:
+    seconds = _number(value, float)
+    if seconds is None or not 0 < seconds <= PE_MAX_TIMEOUT:  # NaN fails every comparison
+        raise ValueError(f"`{name}`={value!r} must be a number of seconds in (0, {PE_MAX_TIMEOUT:g}].")
+    return seconds
+
+
+def _count(value: Any, name: str) -> int:
+    count = _number(value, int)
+    if count is None or not 0 <= count <= PE_MAX_RETRIES:
+        raise ValueError(f"`{name}`={value!r} must be a whole number from 0 to {PE_MAX_RETRIES}.")
+    return count
+
+
+def _first_env(names: Sequence[str]) -> tuple[str | None, str | None]:
+    """The first of the environment variables that is set, and its value."""
     for name in names:
         if os.environ.get(name):
-            return os.environ[name]
-    return None
+            return name, os.environ[name]
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------------- secrets
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """A base URL split for the client and for display."""
+
+    url: str  # what the client gets: scheme, credentials, host and path
+    query: dict[str, str] | None  # the URL's query, sent with every request (the SDK would append paths after it)
+    shown: str  # the URL with its credentials and query values masked
+
+    @classmethod
+    def parse(cls, url: str, name: str) -> _Endpoint:
+        try:
+            parts = urlsplit(url.strip())
+        except ValueError as err:  # its text may hold the URL
+            raise ValueError(f"`{name}` is not a valid URL ({type(err).__name__}).") from None
+        userinfo, at, host = parts.netloc.rpartition("@")
+        pieces = [piece for piece in parts.query.split("&") if piece]
+        shown_query = "&".join(p.partition("=")[0] + "=***" if "=" in p else "***" for p in pieces)
+        shown = urlunsplit((parts.scheme, f"***@{host}" if at else host, parts.path, shown_query, ""))
+        if parts.scheme.lower() not in ("http", "https") or not host:
+            raise ValueError(f"`{name}`={shown!r} must be an http(s) URL, e.g. http://127.0.0.1:8000/v1.")
+        user, colon, password = userinfo.partition(":")
+        # With a password the user name is an account; alone it is a token (https://TOKEN@host).
+        secrets = _secret_forms(password if colon else user)
+        if at:
+            basic = f"{unquote(user)}:{unquote(password)}".encode()
+            encoded = base64.b64encode(basic).decode("ascii")
+            secrets |= {encoded, encoded.rstrip("=")}  # as an echoed `Basic ...` header, padded or not
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for piece in pieces:
+            secrets |= _secret_forms(piece.partition("=")[2] or piece)
+        _SECRETS.update(secrets)
+        client_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        return cls(url=client_url, query=dict(query) or None, shown=shown)
+
+
+# Every credential of every enhancer made in this process, masked in its warnings and in the HTTP stack's logs.
+_SECRETS: set[str] = set()
+# Shorter values are too common to mask in free text, and too short to be credentials.
+_MIN_SECRET = 4
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
+_AUTH_HEADER = re.compile(r"\b(Bearer|Basic)\s+(?=[A-Za-z._~+/=-]*[0-9+/=])[A-Za-z0-9._~+/=-]{8,}")
+_SECRET_PARAM = re.compile(
+    r"\b((?:api[_-]?key|access[_-]?token|token|key|password|passwd|secret|signature|sig)=)[^&\s'\"#,;)]+", re.I
+)
+
+
+def _secret_forms(value: str | None) -> set[str]:
+    """A credential as written and as percent-decoded, if long enough to be one."""
+    forms = {value, unquote(value), unquote_plus(value)} if value else set()
+    return {form for form in forms if len(form) >= _MIN_SECRET}
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with every known credential, URL user info, `Bearer`/`Basic` token and `key=...` value as `***`."""
+    for secret in sorted(set(_SECRETS), key=len, reverse=True):  # a copy: another thread may add to the set
+        text = text.replace(secret, "***")
+    text = _USERINFO.sub(r"\1***@", text)
+    text = _AUTH_HEADER.sub(r"\1 ***", text)
+    return _SECRET_PARAM.sub(r"\1***", text)
+
+
+class _MaskSecrets(logging.Filter):
+    """Masks credentials in a record, whichever library logged it (the HTTP stack logs full request URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is for logging to report
+            return True
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            if mask_secrets(text) != text:
+                record.exc_text = mask_secrets(text)
+        if record.stack_info:
+            record.stack_info = mask_secrets(record.stack_info)
+        return True
+
+
+_MASK = _MaskSecrets()
+# The loggers that may see a request: a filter acts only on records of the logger it is attached to.
+_HTTP_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
+# Those that log request URLs, named before the SDK is imported; the others are found once they exist.
+_URL_LOGGERS = ("openai._base_client", "httpx", "httpx2")
+
+
+def _guard_loggers() -> None:
+    """Attach the masking filter to this module's logger and to every logger of the HTTP stack that exists."""
+    names = [__name__, *_HTTP_LOGGERS, *_URL_LOGGERS]
+    names += [name for name in list(logging.root.manager.loggerDict) if name.split(".")[0] in _HTTP_LOGGERS]
+    for name in names:
+        target = logging.getLogger(name)
+        if _MASK not in target.filters:
+            target.addFilter(_MASK)
+
+
+# ---------------------------------------------------------------------------------------------------- display
+
+# C0 and C1 controls (ANSI escapes, carriage returns, ...), line and paragraph separators, and the bidirectional
+# overrides that make a terminal show text other than what it holds.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    r"""`text` safe to print on a terminal: control characters escaped as Python writes them (`\x1b`, `\r`, `\n`)."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+
+# Status codes that refuse every prompt of this enhancer alike: its credentials, its permissions, its model's name.
+ENDPOINT_STATUS = frozenset({401, 403, 404})
 
 
 def _retryable(error: Exception) -> bool:
-    if isinstance(error, (_MalformedReply, json.JSONDecodeError)):
-        return True  # a sampled reply may be well-formed next time
+    if isinstance(error, (_MalformedReply, _NoReply, json.JSONDecodeError)):
+        return True  # a sampled reply may be well-formed next time; a stalled connection may not stall again
     import openai
 
     if isinstance(error, openai.APIStatusError):
@@ -423,9 +668,24 @@ def _retryable(error: Exception) -> bool:
     return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError))
 
 
+def _endpoint_failed(error: Exception | None) -> bool:
+    """Whether `error`, the last of a prompt's tries, says the endpoint fails whatever the prompt."""
+    if isinstance(error, _NoReply):
+        return True
+    if error is None or isinstance(error, (_MalformedReply, json.JSONDecodeError)):
+        return False  # it answered: the next prompt may get a usable reply
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in RETRYABLE_STATUS | ENDPOINT_STATUS
+    return isinstance(error, openai.APIConnectionError)
+
+
 def _describe(error: Exception | None) -> str:
     if isinstance(error, _MalformedReply):
         return str(error)
+    if isinstance(error, _NoReply):
+        return f"Timeout: {error}"
     if isinstance(error, json.JSONDecodeError):
         return f"the response body is not JSON ({error})"
     status = getattr(error, "status_code", None)

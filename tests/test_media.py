@@ -249,16 +249,17 @@ def test_failed_write_keeps_previous_output(tmp_path, monkeypatch):
 
 def test_video_encoding_is_imageios_official_one(tmp_path):
     # The writer runs ffmpeg itself (to see its exit status) with the command imageio builds for the official
-    # renderer's settings: the bytes must be the same.
+    # renderer's call: the bytes must be the same, at a whole and at a fractional rate.
     import imageio
 
     pixels = (np.random.default_rng(0).random((9, 32, 48, 3)) * 255).astype(np.uint8)
-    ours = write_output(pixels, tmp_path / "ours.mp4", fps=16)
-    imageio.mimwrite(
-        tmp_path / "imageio.mp4", list(pixels), fps=16, codec="libx264", quality=10, macro_block_size=1,
-        pixelformat="yuv420p", output_params=["-crf", "8"],
-    )
-    assert ours.read_bytes() == (tmp_path / "imageio.mp4").read_bytes()
+    for fps in (16, 23.976):
+        ours = write_output(pixels, tmp_path / "ours.mp4", fps=fps)
+        imageio.mimwrite(
+            tmp_path / "official.mp4", list(pixels), codec="libx264", fps=fps, quality=10, macro_block_size=1,
+            output_params=["-pix_fmt", "yuv420p", "-crf", "8"],
+        )
+        assert ours.read_bytes() == (tmp_path / "official.mp4").read_bytes()
 
 
 def test_probes_accept_good_media(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+import numbers
 import os
 import re
 import signal
@@ -384,7 +385,8 @@ def is_complete_output(path: PathLike) -> bool:
         counted = _count_frames(path)
     except Exception:  # whatever fails to read is not a complete output
         return False
-    return counted >= 1 and abs(counted - probe.fps * probe.duration) <= 1
+    # ffmpeg states the duration to 1/100 s: at high frame rates that alone is more than a frame.
+    return counted >= 1 and abs(counted - probe.fps * probe.duration) <= 1 + probe.fps / 100
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -411,7 +413,7 @@ def check_fps(fps, argument: str = "fps") -> float:
     """`fps` as a float if it is a number of frames per second in [`MIN_FPS`, `MAX_FPS`]; else a `ValueError`."""
     if (
         isinstance(fps, bool)
-        or not isinstance(fps, (int, float, np.integer, np.floating))
+        or not isinstance(fps, numbers.Real)
         or not math.isfinite(float(fps))
         or not MIN_FPS <= float(fps) <= MAX_FPS
     ):
@@ -439,7 +441,7 @@ def _encode_mp4(pixels: np.ndarray, path: Path, fps: float) -> subprocess.Comple
     return subprocess.run(command, input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
 
 
-def _check_mp4(path: Path, tmp: Path, pixels: np.ndarray, fps: float) -> None:
+def _write_mp4(path: Path, tmp: Path, pixels: np.ndarray, fps: float) -> None:
     """Encode `pixels` into `tmp` and check the result; raises `OutputWriteError` naming `path` on any failure."""
     done = _encode_mp4(pixels, tmp, fps)
     log = done.stderr.decode("utf-8", "replace")
@@ -463,7 +465,7 @@ def _check_mp4(path: Path, tmp: Path, pixels: np.ndarray, fps: float) -> None:
         raise _write_error(path, f"the encoded file holds {counted} frame(s), expected {frames}")
 
 
-def _check_png(path: Path, tmp: Path, pixels: np.ndarray) -> None:
+def _write_png(path: Path, tmp: Path, pixels: np.ndarray) -> None:
     """Save one frame as PNG into `tmp` and read it back; raises `OutputWriteError` naming `path` on any failure."""
     try:
         Image.fromarray(pixels[0], "RGB").save(tmp, format="PNG")
@@ -501,9 +503,9 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
         if len(pixels) == 1:
-            _check_png(path, tmp, pixels)
+            _write_png(path, tmp, pixels)
         else:
-            _check_mp4(path, tmp, pixels, fps)
+            _write_mp4(path, tmp, pixels, fps)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

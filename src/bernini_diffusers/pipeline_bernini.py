@@ -712,7 +712,8 @@ class BerniniPipeline(DiffusionPipeline):
             max_image_size (`int`, defaults to 848):
                 Long-side limit of the input media (never upscaled; sizes snap to multiples of 16).
             fps (`float`, defaults to 16):
-                The rate source videos are resampled to, and the output video's rate.
+                The rate source videos are resampled to, and the output video's rate: 1 to 240 (`media.MIN_FPS`,
+                `media.MAX_FPS`).
             num_inference_steps (`int`, defaults to 40):
                 Denoising steps.
             flow_shift (`float`, defaults to 5.0):

@@ -296,7 +296,7 @@ def _video_problem(path: Path) -> VideoProbe | str:
             meta = next(reader)
         except Exception as err:  # imageio-ffmpeg reports every open failure as one error holding ffmpeg's log
             log = str(err)
-            if "does not contain any stream" in log or "Output file #0 does not contain any stream" in log:
+            if "does not contain any stream" in log:  # ffmpeg found nothing to decode in the container
                 if re.search(r"Stream #.*: Audio:", log) and not re.search(r"Stream #.*: Video:", log):
                     return "it has no video stream, only audio"
                 return "it has no video stream: 0 frames"

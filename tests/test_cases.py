@@ -197,7 +197,7 @@ def test_bad_case_files_fail_before_loading(tmp_path, loads, capsys, monkeypatch
 
 @pytest.fixture
 def mixed_batch(tmp_path, monkeypatch):
-    """A batch with good cases, invalid ones, and one that fails only when run (a file that is not a video)."""
+    """A batch with good cases and invalid ones (among them a file that is not a video, refused before the load)."""
     monkeypatch.chdir(tmp_path)
     make_test_image(tmp_path / "house.png")
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
@@ -229,7 +229,7 @@ def test_a_batch_runs_valid_cases_with_one_load_reports_the_rest_and_restarts(mi
     assert "9 of 9 case(s): 4 done, 0 skipped, 5 failed" in err
     assert "failed   [3] out/0003_v2v.mp4: `video`: no such file: 'missing.mp4'" in err
     assert "failed   [4] case 4 of 'batch.jsonl' has unknown key(s) ['colour']" in err
-    assert "failed   [5] out/0005_v2v.mp4: ValueError: `video`: cannot decode video" in err
+    assert "failed   [5] out/0005_v2v.mp4: `video`: not a readable video: 'broken.mp4'" in err
     assert "failed   [8] case 8 of 'batch.jsonl' must be a JSON object, got str" in err
     assert "failed   [9] named/ball.png: its output 'named/ball.png' is also the output of case 1" in err
     assert "`guidance_mode` of case(s) 6 in 'batch.jsonl' is ignored" in err
@@ -238,22 +238,21 @@ def test_a_batch_runs_valid_cases_with_one_load_reports_the_rest_and_restarts(mi
     assert calls["the --task_type flag decides"]["task_type"] == "t2i"
     assert calls["a fox runs"]["video"] is None  # media come from the case itself, not from flags
 
-    # Run again: what exists is skipped, untouched; only the case that fails when run is tried again.
+    # Run again: what exists is skipped, untouched; the invalid cases fail again, and nothing loads the model.
     stamps = {p: os.stat(p).st_mtime_ns for p in done}
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "9 of 9 case(s): 0 done, 4 skipped, 5 failed" in err
     assert "skipped  [1] named/ball.png exists (--overwrite to redo it)" in err
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
-    assert [len(p.calls) for p in loads.pipes] == [5, 1]  # the second run only tried the case that fails when run
+    assert [len(p.calls) for p in loads.pipes] == [4]  # the bad video was refused before the first load, too
 
 
 def test_nothing_pending_loads_nothing(tmp_path, loads, capsys):
     batch = write_jsonl(tmp_path / "b.jsonl", [{"task_type": "v2v", "prompt": "p", "video": str(tmp_path / "no.mp4")}])
     assert cli.main(["generate", *FAST, "--inputs", str(batch)]) == 1
     assert loads.count == 0 and "0 done, 0 skipped, 1 failed" in capsys.readouterr().err
-    done = tmp_path / "done.png"
-    done.write_bytes(b"")
+    done = make_test_image(tmp_path / "done.png")  # complete: an empty or unreadable one would be redone
     batch = write_jsonl(tmp_path / "c.jsonl", [{"task_type": "t2i", "prompt": "p", "output": str(done)}])
     assert cli.main(["generate", *FAST, "--inputs", str(batch)]) == 0
     assert loads.count == 0 and "0 done, 1 skipped, 0 failed" in capsys.readouterr().err
@@ -269,9 +268,9 @@ def test_each_case_equals_its_single_run_and_overwrite_redoes_it(tmp_path, loads
                              norm_threshold=[50.0, 50.0, 50.0], generator=torch.Generator().manual_seed(42)).frames[0]
         np.testing.assert_array_equal(png(tmp_path / f"{number:04d}_t2i.png"), to_uint8(expected[0]))  # fmt: skip
     first = tmp_path / "0001_t2i.png"
-    first.write_bytes(b"stale")
-    assert cli.main(argv) == 0 and first.read_bytes() == b"stale"  # skipped
-    assert cli.main([*argv, "--overwrite"]) == 0 and first.read_bytes() != b"stale"
+    stale = make_test_image(first, width=48, height=32).read_bytes()  # readable, so a rerun keeps it
+    assert cli.main(argv) == 0 and first.read_bytes() == stale  # skipped
+    assert cli.main([*argv, "--overwrite"]) == 0 and first.read_bytes() != stale
     assert loads.count == 2
 
 

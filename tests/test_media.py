@@ -227,12 +227,11 @@ def test_write_accepts_pil_and_uint8(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_mimwrite(uri, *args, **kwargs):
-        with open(uri, "wb") as f:
-            f.write(b"partial")
+    def broken_encoder(pixels, path, fps):
+        path.write_bytes(b"partial")
         raise RuntimeError("encoder died")
 
-    monkeypatch.setattr(media.imageio, "mimwrite", broken_mimwrite)
+    monkeypatch.setattr(media, "_encode_mp4", broken_encoder)
     with pytest.raises(RuntimeError, match="encoder died"):
         write_output(_gradient_video(3, 16, 16), tmp_path / "z.mp4", fps=8)
     assert list(tmp_path.iterdir()) == []
@@ -241,8 +240,44 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_failed_write_keeps_previous_output(tmp_path, monkeypatch):
     target = tmp_path / "keep.mp4"
     target.write_bytes(b"old")
-    monkeypatch.setattr(media.imageio, "mimwrite", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(media, "_encode_mp4", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         write_output(_gradient_video(3, 16, 16), target, fps=8)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.mp4"]
+
+
+def test_video_encoding_is_imageios_official_one(tmp_path):
+    # The writer runs ffmpeg itself (to see its exit status) with the command imageio builds for the official
+    # renderer's call: the bytes must be the same, at a whole and at a fractional rate.
+    import imageio
+
+    pixels = (np.random.default_rng(0).random((9, 32, 48, 3)) * 255).astype(np.uint8)
+    for fps in (16, 23.976):
+        ours = write_output(pixels, tmp_path / "ours.mp4", fps=fps)
+        imageio.mimwrite(
+            tmp_path / "official.mp4", list(pixels), codec="libx264", fps=fps, quality=10, macro_block_size=1,
+            output_params=["-pix_fmt", "yuv420p", "-crf", "8"],
+        )
+        assert ours.read_bytes() == (tmp_path / "official.mp4").read_bytes()
+
+
+def test_probes_accept_good_media(tmp_path):
+    video = write_output(_gradient_video(9, 32, 48), tmp_path / "v.mp4", fps=16)
+    probe = media.probe_video(video, "video")
+    assert probe.fps == 16 and probe.size == (48, 32) and probe.num_frames == 9
+    image = write_output(_gradient_video(1, 32, 48), tmp_path / "i.png", fps=16)
+    assert media.probe_image(image, "image") == (48, 32)
+    assert media.is_complete_output(video) and media.is_complete_output(image)
+    assert not media.is_complete_output(tmp_path / "missing.mp4")
+
+
+@pytest.mark.parametrize("fps", [1, 23.976, 240, np.float32(16)])
+def test_check_fps_accepts_the_range(fps):
+    assert media.check_fps(fps) == pytest.approx(float(fps))
+
+
+@pytest.mark.parametrize("fps", [0, -16, 0.5, 241, 1e300, 1e-9, float("nan"), float("inf"), True, "16", None])
+def test_check_fps_refuses_the_rest(fps):
+    with pytest.raises(ValueError, match=r"`fps`=.*from 1 to 240"):
+        media.check_fps(fps)

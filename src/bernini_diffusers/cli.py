@@ -524,6 +524,16 @@ def _summary(cases: list[case_files.Case], outcomes: dict[int, _Outcome]) -> str
     return "\n".join(lines)
 
 
+def _complete_or_note(case: case_files.Case) -> bool:
+    """Whether the existing output of `case` is complete; if not (empty, cut short, unreadable) it is redone, noted."""
+    from . import media  # torch comes with it: loaded by the command, not by `bernini --help`
+
+    if media.is_complete_output(case.output):
+        return True
+    print(f"[{case.number}] {case.output} exists but is empty or unreadable: generating it again", file=sys.stderr)
+    return False
+
+
 def generate(args: argparse.Namespace) -> int:
     """Run the command's cases with one pipeline load; returns the exit status (1 if a batch case failed).
 
@@ -543,7 +553,7 @@ def generate(args: argparse.Namespace) -> int:
         if case.problem is not None:
             where = f"{case.output}: " if case.output is not None else ""
             outcomes[case.number] = _Outcome("failed", where + case.problem)
-        elif batch and not args.overwrite and case.output.exists():
+        elif batch and not args.overwrite and case.output.exists() and _complete_or_note(case):
             outcomes[case.number] = _Outcome("skipped", f"{case.output} exists (--overwrite to redo it)")
         else:
             pending.append(case)

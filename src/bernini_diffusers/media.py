@@ -4,18 +4,28 @@ Loading, resizing and frame sampling reproduce the official renderer's preproces
 (bicubic PIL resize to a stride-16 size, values in [-1, 1], `smart_video_nframes` sampling),
 so that conditioning media reach the model bit-identical to the reference implementation.
 The writer turns decoded frames into a PNG (one frame) or an H.264 MP4 (several frames),
-atomically: the output path either holds a complete file or nothing.
+atomically and verified: the output path either holds a complete, readable file or nothing.
+The probes check input media cheaply (the container and the first frame) so that a bad file
+fails before any model work.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import numbers
 import os
+import re
+import signal
+import subprocess
 import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Sequence, Union
 
 import imageio
+import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +44,28 @@ __all__ = [
     "read_video",
     "load_video",
     "write_output",
+    "OutputWriteError",
+    "VideoProbe",
+    "probe_video",
+    "probe_image",
+    "is_complete_output",
+    "check_fps",
+    "MIN_FPS",
+    "MAX_FPS",
 ]
+
+# The frame rates accepted for sampling and writing. The model works at 16 to 24 fps; below 1 fps a video is a
+# slide show and above 240 no source or player is meant, while ffmpeg refuses rates like 1e-9 or 1e300 (which
+# used to leave a broken output behind).
+MIN_FPS = 1.0
+MAX_FPS = 240.0
+
+# (what the system or ffmpeg prints, its errno, the cause in words)
+_SYSTEM_CAUSES = (
+    ("No space left on device", errno.ENOSPC, "no space left on device"),
+    ("File too large", errno.EFBIG, "file too large: a file-size limit (such as `ulimit -f`) was reached"),
+    ("Disk quota exceeded", errno.EDQUOT, "disk quota exceeded"),
+)
 
 _MIN_FRAMES = 5
 
@@ -203,12 +234,263 @@ def _umask() -> int:
     return mask
 
 
-def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps: float) -> Path:
-    """Write one frame as PNG or several as H.264 MP4, atomically; returns the path actually written.
+# ------------------------------------------------------------------------------------------------ probes
 
-    The suffix follows the content: one frame always lands in `.png`, several always in `.mp4`.
+
+@dataclass(frozen=True)
+class VideoProbe:
+    r"""
+    What a cheap look at a video file found: its container header and one decoded frame.
+
+    Args:
+        fps (`float`):
+            The frame rate the container declares.
+        size (`tuple[int, int]`):
+            The frame size, `(width, height)`.
+        duration (`float`):
+            The duration the container declares, in seconds (0 when it declares none).
+        num_frames (`int`):
+            The frame count the header implies (`fps * duration`, at least 1); an estimate, not a count.
+    """
+
+    fps: float
+    size: tuple[int, int]
+    duration: float
+    num_frames: int
+
+
+# Lines of ffmpeg's log that describe the run rather than a problem.
+_FFMPEG_CHATTER = re.compile(
+    r"^(ffmpeg version|built with|configuration:|lib\w+\s+\d|Input #|Output #|Metadata:|Duration:|Stream #|"
+    r"Could not load meta information|=== stderr ===|FFMPEG|Press \[q\])"
+)
+_FFMPEG_PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
+
+
+def _ffmpeg_problem(log: str) -> str:
+    """The first line of an ffmpeg log that says what went wrong, without its `[component @ 0x...]` prefix."""
+    problems = []
+    for line in log.splitlines():
+        if line[:1].isspace() or not line.strip() or _FFMPEG_CHATTER.match(line):
+            continue  # indented lines are the banner, metadata and stream details
+        line = _FFMPEG_PREFIX.sub("", line.strip())
+        if line and "misdetection possible" not in line:
+            problems.append(line)
+    for words, _, _ in _SYSTEM_CAUSES:  # a system error is the cause, whatever ffmpeg said first
+        for line in problems:
+            if words in line:
+                return line
+    return problems[0] if problems else "ffmpeg gave no reason"
+
+
+def _video_problem(path: Path) -> VideoProbe | str:
+    """Open `path` with ffmpeg and decode its first frame: a `VideoProbe`, or what is wrong in words."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.stat().st_size == 0:
+        return "the file is empty: 0 bytes"
+    # An absolute path: ffmpeg would take a relative name such as 'a:b.mp4' for a protocol.
+    reader = imageio_ffmpeg.read_frames(os.path.abspath(path))
+    try:
+        try:
+            meta = next(reader)
+        except Exception as err:  # imageio-ffmpeg reports every open failure as one error holding ffmpeg's log
+            log = str(err)
+            if "does not contain any stream" in log:  # ffmpeg found nothing to decode in the container
+                if re.search(r"Stream #.*: Audio:", log) and not re.search(r"Stream #.*: Video:", log):
+                    return "it has no video stream, only audio"
+                return "it has no video stream: 0 frames"
+            problem = _ffmpeg_problem(log)
+            if "moov atom not found" in problem:  # an MP4 whose index, written last, is missing
+                return f"it is truncated or not a video; ffmpeg: {problem}"
+            return f"ffmpeg: {problem}"
+        try:
+            next(reader)
+        except StopIteration:
+            return "it has no frames"
+        except Exception as err:  # a short or undecodable first frame
+            return f"its first frame does not decode ({_ffmpeg_problem(str(err))})"
+    finally:
+        reader.close()
+    fps = float(meta.get("fps") or 0.0)
+    if not math.isfinite(fps) or fps <= 0:
+        return "it declares no usable frame rate"
+    duration = float(meta.get("duration") or 0.0)
+    duration = duration if math.isfinite(duration) and duration > 0 else 0.0
+    size = tuple(int(v) for v in meta["size"])
+    return VideoProbe(fps=fps, size=size, duration=duration, num_frames=max(1, round(fps * duration)))
+
+
+def probe_video(path: PathLike, argument: str = "video") -> VideoProbe:
+    """Check cheaply that `path` is a readable video: the container opens, has a video stream and a frame rate, and
+    its first frame decodes (nothing else is decoded).
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming `argument` and the file for an empty,
+    truncated, corrupt, frameless or audio-only one.
+    """
+    path = existing_path(path, argument)
+    found = _video_problem(path)
+    if isinstance(found, str):
+        raise ValueError(f"`{argument}`: not a readable video: '{path}' ({found})")
+    return found
+
+
+def _image_problem(path: Path) -> tuple[int, int] | str:
+    """Open, verify and load the image at `path`: its `(width, height)`, or what is wrong in words."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.stat().st_size == 0:
+        return "the file is empty: 0 bytes"
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checksums and structure, where the format has them (PNG)
+        with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode it
+            image.load()  # a truncated file fails only here
+            return image.size
+    except Exception as err:  # Pillow reports broken files through many exception types
+        return str(err) or type(err).__name__
+
+
+def probe_image(path: PathLike, argument: str = "image") -> tuple[int, int]:
+    """Check that `path` is a readable image (opened, verified and decoded); returns its `(width, height)`.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming `argument` and the file for an empty,
+    truncated or unreadable one.
+    """
+    path = existing_path(path, argument)
+    found = _image_problem(path)
+    if isinstance(found, str):
+        raise ValueError(f"`{argument}`: not a readable image: '{path}' ({found})")
+    return found
+
+
+def _count_frames(path: Path) -> int:
+    """The number of video frames in `path`, counted by demuxing the whole file (no decode)."""
+    return imageio_ffmpeg.count_frames_and_secs(os.path.abspath(path))[0]
+
+
+def is_complete_output(path: PathLike) -> bool:
+    """Whether `path` holds a complete output of `write_output`: a PNG that decodes, or a video whose first frame
+    decodes and whose counted frames agree with its header (a file cut short or left empty by a failed run does
+    not)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        if path.suffix.lower() == ".png":
+            return not isinstance(_image_problem(path), str)
+        probe = _video_problem(path)
+        if isinstance(probe, str):
+            return False
+        counted = _count_frames(path)
+    except Exception:  # whatever fails to read is not a complete output
+        return False
+    # ffmpeg states the duration to 1/100 s: at high frame rates that alone is more than a frame.
+    return counted >= 1 and abs(counted - probe.fps * probe.duration) <= 1 + probe.fps / 100
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (no space left, a file-size limit, an encoder error, or a file that does not read
+    back as written); nothing was left at the output path. An environment failure, not bad input: `errno` is set
+    when the system gave the reason (`ENOSPC`, `EFBIG`, `EDQUOT`), `EIO` otherwise."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _write_error(path: Path, detail: str, code: int | None = None) -> OutputWriteError:
+    """The error of a failed write of `path`, its cause in words first when `detail` or `code` names one."""
+    for words, number, cause in _SYSTEM_CAUSES:
+        if code == number or words in detail:
+            return OutputWriteError(number, f"cannot write '{path}': {cause} ({detail}); nothing was written")
+    return OutputWriteError(code or errno.EIO, f"cannot write '{path}': {detail}; nothing was written")
+
+
+def check_fps(fps, argument: str = "fps") -> float:
+    """`fps` as a float if it is a number of frames per second in [`MIN_FPS`, `MAX_FPS`]; else a `ValueError`."""
+    if (
+        isinstance(fps, bool)
+        or not isinstance(fps, numbers.Real)
+        or not math.isfinite(float(fps))
+        or not MIN_FPS <= float(fps) <= MAX_FPS
+    ):
+        raise ValueError(f"`{argument}`={fps!r} must be a number of frames per second from {MIN_FPS:g} to {MAX_FPS:g}.")
+    return float(fps)
+
+
+def _encode_mp4(pixels: np.ndarray, path: Path, fps: float) -> subprocess.CompletedProcess:
+    """Encode `[T, H, W, 3]` uint8 frames as H.264 into `path` with ffmpeg; returns the finished process.
+
+    The command is the one imageio's ffmpeg writer builds for the official renderer's settings (libx264, crf 8,
+    yuv420p, no resize), run here so that ffmpeg's exit status and log are seen: imageio reports neither, and a
+    failed encode used to pass for a finished one.
+    """
+    _, height, width, _ = pixels.shape
+    rate = Fraction(float(fps)).limit_denominator()  # as imageio passes it: a rational, so 24000/1001 stays exact
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y",
+        "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(rate),
+        "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "8",
+        "-v", "error", os.path.abspath(path),
+    ]  # fmt: skip
+    data = memoryview(np.ascontiguousarray(pixels)).cast("B")  # the frames' bytes, not a copy
+    # communicate() feeds stdin while it drains stderr, so a chatty failing ffmpeg cannot block on a full pipe.
+    return subprocess.run(command, input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+
+
+def _write_mp4(path: Path, tmp: Path, pixels: np.ndarray, fps: float) -> None:
+    """Encode `pixels` into `tmp` and check the result; raises `OutputWriteError` naming `path` on any failure."""
+    done = _encode_mp4(pixels, tmp, fps)
+    log = done.stderr.decode("utf-8", "replace")
+    if done.returncode != 0:
+        if done.returncode == -getattr(signal, "SIGXFSZ", -1):  # killed for exceeding the file-size limit
+            raise _write_error(path, "ffmpeg was stopped by SIGXFSZ", errno.EFBIG)
+        status = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+        raise _write_error(path, f"ffmpeg failed with {status}: {_ffmpeg_problem(log)}")
+    # ffmpeg can exit 0 and still leave less than it was given (a write error it only logged): read the file back.
+    found = _video_problem(tmp)
+    if isinstance(found, str):
+        raise _write_error(path, f"the encoded file does not read back: {found}; ffmpeg said: {_ffmpeg_problem(log)}")
+    frames, height, width, _ = pixels.shape
+    if found.size != (width, height):
+        raise _write_error(path, f"the encoded file is {found.size[0]}x{found.size[1]}, expected {width}x{height}")
+    try:
+        counted = _count_frames(tmp)
+    except Exception as err:  # count_frames_and_secs raises RuntimeError with ffmpeg's log
+        raise _write_error(path, f"the encoded file does not read back: {_ffmpeg_problem(str(err))}") from err
+    if counted != frames:
+        raise _write_error(path, f"the encoded file holds {counted} frame(s), expected {frames}")
+
+
+def _write_png(path: Path, tmp: Path, pixels: np.ndarray) -> None:
+    """Save one frame as PNG into `tmp` and read it back; raises `OutputWriteError` naming `path` on any failure."""
+    try:
+        Image.fromarray(pixels[0], "RGB").save(tmp, format="PNG")
+    except OSError as err:
+        raise _write_error(path, err.strerror or str(err), err.errno) from err
+    found = _image_problem(tmp)
+    height, width = pixels.shape[1:3]
+    if isinstance(found, str):
+        raise _write_error(path, f"the saved file does not read back: {found}")
+    if found != (width, height):
+        raise _write_error(path, f"the saved file is {found[0]}x{found[1]}, expected {width}x{height}")
+
+
+def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps: float) -> Path:
+    """Write one frame as PNG or several as H.264 MP4, atomically and verified; returns the path actually written.
+
+    The suffix follows the content: one frame always lands in `.png`, several always in `.mp4`. The file is written
+    to a temporary next to `path`, read back (the PNG decoded; the video's first frame decoded, its frames counted
+    and its size checked) and only then renamed to `path`. On failure the temporary is removed, an existing file at
+    `path` is left as it was, and an `OutputWriteError` (an `OSError`) names `path` and the cause (no space left,
+    file too large, ffmpeg's error); a video `fps` outside [`MIN_FPS`, `MAX_FPS`] is a `ValueError`.
     """
     pixels = _to_uint8(frames)
+    if len(pixels) > 1:
+        fps = check_fps(fps)
     path = Path(path)
     suffix = ".png" if len(pixels) == 1 else ".mp4"
     if path.suffix.lower() != suffix:
@@ -218,21 +500,12 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
         if len(pixels) == 1:
-            Image.fromarray(pixels[0], "RGB").save(tmp, format="PNG")
+            _write_png(path, tmp, pixels)
         else:
-            imageio.mimwrite(
-                tmp,
-                list(pixels),
-                fps=fps,
-                codec="libx264",
-                quality=10,
-                macro_block_size=1,
-                pixelformat="yuv420p",  # upstream also passes -pix_fmt yuv420p in output_params: the same encoding
-                output_params=["-crf", "8"],
-            )
+            _write_mp4(path, tmp, pixels, fps)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -102,7 +102,11 @@ class BerniniPipelineOutput(BaseOutput):
     output_type: str = "np"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the first result: a PNG for one frame, an H.264 MP4 at `fps` otherwise. Returns the path written."""
+        """Write the first result: a PNG for one frame, an H.264 MP4 at `fps` otherwise. Returns the path written.
+
+        The file is verified before it replaces `path` (`media.write_output`): on failure `path` holds nothing new and
+        a `media.OutputWriteError` (an `OSError`) names the path and the cause.
+        """
         if self.output_type == "latent":
             raise ValueError("`save` needs decoded frames; this output holds latents (output_type='latent').")
         if self.frames is None:
@@ -416,9 +420,9 @@ class BerniniPipeline(DiffusionPipeline):
         integer("width", width, 16, max_pixels)
         integer("max_image_size", max_image_size, 16, max_pixels)
         integer("num_inference_steps", num_inference_steps, 1, 1000)
-        for name, value in (("fps", fps), ("flow_shift", flow_shift)):
-            if not _is_real(value) or value <= 0:
-                raise ValueError(f"`{name}`={value!r} must be a positive number.")
+        media.check_fps(fps)  # the range the writer and the frame sampling accept, so no output is lost to it
+        if not _is_real(flow_shift) or flow_shift <= 0:
+            raise ValueError(f"`flow_shift`={flow_shift!r} must be a positive number.")
         for name, value in scalars.items():
             if not _is_real(value):
                 raise ValueError(f"`{name}`={value!r} must be a finite number.")
@@ -447,8 +451,9 @@ class BerniniPipeline(DiffusionPipeline):
     @classmethod
     def validate_call(cls, **kwargs) -> None:
         """Check the arguments of a call without a loaded model: the same errors `__call__` raises before any model
-        work (unknown task or mode, wrong media, values out of range), plus missing media files. For front ends that
-        want to fail before loading 30 GB of weights.
+        work (unknown task or mode, wrong media, values out of range), plus missing or unreadable media files (each
+        video's container and first frame, each image decoded: `media.probe_video`, `media.probe_image`). For front
+        ends that want to fail before loading 30 GB of weights.
         """
         bound = inspect.signature(cls.__call__).bind(None, **kwargs)
         bound.apply_defaults()
@@ -458,7 +463,8 @@ class BerniniPipeline(DiffusionPipeline):
         named += [("image", args["image"])] + [(f"images[{i}]", v) for i, v in enumerate(args["images"] or [])]
         for name, value in named:
             if _is_path(value):
-                media.existing_path(value, name)
+                probe = media.probe_video if name.startswith("video") else media.probe_image
+                probe(value, name)
 
     @classmethod
     def _check_call(
@@ -706,7 +712,8 @@ class BerniniPipeline(DiffusionPipeline):
             max_image_size (`int`, defaults to 848):
                 Long-side limit of the input media (never upscaled; sizes snap to multiples of 16).
             fps (`float`, defaults to 16):
-                The rate source videos are resampled to, and the output video's rate.
+                The rate source videos are resampled to, and the output video's rate: 1 to 240 (`media.MIN_FPS`,
+                `media.MAX_FPS`).
             num_inference_steps (`int`, defaults to 40):
                 Denoising steps.
             flow_shift (`float`, defaults to 5.0):

@@ -214,6 +214,8 @@ def select_weights(names: list[str], variant: str | None, where: str) -> tuple[l
         if chosen:
             chosen += [n for n, m in indexes.items() if m["variant"] == wanted]
             return sorted(chosen), wanted
+    if weights:
+        return [], None  # safetensors of other variants only: diffusers' loader names the variants it has not found
     pickles = [n for n in names if _is_pickle(n)]
     if pickles:
         raise pickle_error(pickles, where)

@@ -132,18 +132,18 @@ def test_separate_checkpoints_load_ema_weights(work, reference):
 
 
 def test_checkpoint_forms_and_dtype(work, reference, tmp_path):
-    """An index file, a single .safetensors of bare keys, `transformer.`-prefixed keys; torch_dtype as diffusers."""
+    """An index file, a single .safetensors of bare keys, `transformer.`-prefixed keys; `dtype` as diffusers."""
     high = reference["transformer"].state_dict()
     save_file({k: v.contiguous() for k, v in high.items()}, str(tmp_path / "bare.safetensors"))
     low = reference["transformer_2"].state_dict()
     save_file({f"transformer.{k}": v.contiguous() for k, v in low.items()}, str(tmp_path / "prefixed.safetensors"))
     pipe = BerniniPipeline.from_pretrained(
         work / "base",
-        torch_dtype=torch.bfloat16,
+        dtype=torch.bfloat16,
         high_noise_ckpt=tmp_path / "bare.safetensors",
         low_noise_ckpt=tmp_path / "prefixed.safetensors",
     )
-    exported = BerniniPipeline.from_pretrained(work / "export", torch_dtype=torch.bfloat16)
+    exported = BerniniPipeline.from_pretrained(work / "export", dtype=torch.bfloat16)
     for expert in EXPERTS:
         ours, theirs = getattr(pipe, expert).state_dict(), getattr(exported, expert).state_dict()
         assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
@@ -281,9 +281,9 @@ def test_export_in_bf16(work, tmp_path):
     weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")  # one shard under 10GB
     assert weights["proj_out.weight"].dtype == torch.bfloat16
     assert weights["scale_shift_table"].dtype == torch.float32  # a module the model keeps in float32
-    loaded = BerniniPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    loaded = BerniniPipeline.from_pretrained(out, dtype=torch.bfloat16)
     direct = BerniniPipeline.from_pretrained(
-        work / "base", torch_dtype=torch.bfloat16, high_noise_ckpt=work / "Bernini-R", low_noise_ckpt=work / "Bernini-R"
+        work / "base", dtype=torch.bfloat16, high_noise_ckpt=work / "Bernini-R", low_noise_ckpt=work / "Bernini-R"
     )
     assert _same_weights(loaded.transformer_2, direct.transformer_2)
 

@@ -161,12 +161,15 @@ class ModelFiles:
         if path.exists() or not is_repo_id(name):
             raise FileNotFoundError(f"`{argument}`={name!r} is neither a model folder nor a Hub repo id (owner/name).")
         try:
-            root = Path(huggingface_hub.snapshot_download(name, allow_patterns=list(patterns), ignore_patterns=PICKLE_PATTERNS, **hub))
+            snapshot = huggingface_hub.snapshot_download(
+                name, allow_patterns=list(patterns), ignore_patterns=PICKLE_PATTERNS, **hub
+            )
         except (LocalEntryNotFoundError, HfHubHTTPError) as err:
             raise FileNotFoundError(
                 f"`{argument}`={name!r} is not a local folder, and the Hub repo could not be read "
                 f"({type(err).__name__}: {err})."
             ) from err
+        root = Path(snapshot)
         commit = root.name  # snapshots are named by commit: every later fetch reads the same one
         try:
             files = {
@@ -237,12 +240,12 @@ class Layout:
     base: str | None = None  # what `wan22_base` named, if the model has one
 
 
-def _read_json(model: ModelFiles, name: str) -> dict:
-    path = model.root / name
+def _read_json(path: Path) -> dict:
+    """A JSON file's content; `{}` when there is no such file."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} of {model} is not readable JSON: {err}") from None
+        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
 
 
 def _component_present(model: ModelFiles, component: str) -> bool:
@@ -258,7 +261,7 @@ def resolve_layout(
     """Read the root files of `name` and work out its layout, following `wan22_base` to the base it names."""
     model = ModelFiles.open(name, hub, argument)
     if "model_index.json" in model.files:
-        index = _read_json(model, "model_index.json")
+        index = _read_json(model.root / "model_index.json")
         listed = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][0] is not None]
         return Layout(
             components={c: model for c in listed if _component_present(model, c)},
@@ -271,7 +274,7 @@ def resolve_layout(
             f"{str(model)!r} is not a diffusers model folder: it has neither model_index.json nor a config.json of "
             "model_type 'bernini_renderer'."
         )
-    config = _read_json(model, "config.json")
+    config = _read_json(model.root / "config.json")
     if config.get("model_type") != "bernini_renderer":
         raise ValueError(
             f"{str(model)!r} has a config.json with model_type={config.get('model_type')!r}; expected "
@@ -501,20 +504,13 @@ def _folder_entry(folder: Path, component: str) -> list:
     if component in EXPERTS:
         return list(EXPERT_ENTRY)
     if component == "tokenizer":
-        config = _read_config(folder / component / "tokenizer_config.json")
+        config = _read_json(folder / component / "tokenizer_config.json")
         return ["transformers", config.get("tokenizer_class") or DEFAULT_TOKENIZER]
     if component == "text_encoder":
-        architectures = _read_config(folder / component / "config.json").get("architectures") or []
+        architectures = _read_json(folder / component / "config.json").get("architectures") or []
         return ["transformers", architectures[0] if architectures else DEFAULT_TEXT_ENCODER]
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return ["diffusers", _read_config(folder / component / name)["_class_name"]]
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
+    return ["diffusers", _read_json(folder / component / name).get("_class_name")]
 
 
 def root_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -538,9 +534,9 @@ def pipeline_index(folder: str | os.PathLike, pipeline_class) -> dict[str, Any] 
     """
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
-        index = _read_config(folder / "model_index.json")
+        index = _read_json(folder / "model_index.json")
     elif (folder / "config.json").is_file():
-        config = _read_config(folder / "config.json")
+        config = _read_json(folder / "config.json")
         if config.get("model_type") != "bernini_renderer":
             return None
         markers = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
@@ -614,7 +610,7 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
         raise ValueError("`use_safetensors`=False is not supported: bernini_diffusers loads safetensors only.")
     kwargs["use_safetensors"] = True
     if "dtype" in kwargs and "torch_dtype" in kwargs:
-        raise ValueError("`dtype` and `torch_dtype` were both given; pass `dtype` (diffusers deprecates `torch_dtype`).")
+        raise ValueError("`dtype` and `torch_dtype` were both given; pass `dtype` (diffusers deprecates the other).")
     dtype_argument = "torch_dtype" if "torch_dtype" in kwargs else "dtype"
     dtypes = kwargs[dtype_argument] = component_dtypes(kwargs.get(dtype_argument), dtype_argument)
     checkpoints = {expert: kwargs.pop(argument, None) for expert, argument in CHECKPOINT_ARGUMENTS.items()}
@@ -646,19 +642,22 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
         raise ValueError(
             f"`high_noise_ckpt`/`low_noise_ckpt` need a two-expert base, but {str(name)!r} has no `transformer_2`."
         )
-    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer") if c not in {**layout.components, **kwargs}]
+    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer") if c not in (*layout.components, *kwargs)]
     if missing:
         folders = ", ".join(f"`{c}/`" for c in missing)
         raise ValueError(f"{str(name)!r} has no {folders} folder; pass the component or a base.")
 
     # Fetch what diffusers will read, one download per repo: configs, one variant of each weight file, small folders
     # (and check that no weights are pickles only). No expert weights of the base when checkpoints replace them.
+    variant = kwargs.get("variant")
     picked = {
-        component: component_files(model, component, kwargs.get("variant"), not (from_checkpoints and component in EXPERTS))[0]
+        component: component_files(model, component, variant, not (from_checkpoints and component in EXPERTS))[0]
         for component, model in layout.components.items()
         if component not in kwargs
     }
     fetch_components(layout, picked)
+    if not roots:
+        raise ValueError(f"{str(name)!r} has no component folders for diffusers to read; pass a diffusers folder.")
     (model,) = roots.values()
     for expert in EXPERTS if from_checkpoints else ():
         expert_dtype = dtypes.get(expert, dtypes.get("default", torch.float32))  # diffusers' rule
@@ -724,7 +723,8 @@ def upload_saved(
     """Upload a folder that `pipe.save_pretrained` has written, the way diffusers' `save_pretrained(push_to_hub=True)`
     does (it uploads before the remote-code modules could be added, so the steps run here, after them): create the
     repo (default: the folder's name in the token's namespace), write diffusers' model card, upload the folder."""
-    repo_id = huggingface_hub.create_repo(repo_id or Path(folder).name, exist_ok=True, private=private, token=token).repo_id
+    repo = huggingface_hub.create_repo(repo_id or Path(folder).name, exist_ok=True, private=private, token=token)
+    repo_id = repo.repo_id
     card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
     card.save(str(Path(folder) / "README.md"))
     return pipe._upload_folder(str(folder), repo_id, token=token, commit_message=commit_message, create_pr=create_pr)

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 from diffusers import ModelMixin  # noqa: F401  (looked up here by diffusers' loader, see EXPERT_ENTRY)
 from diffusers.utils import logging
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-import huggingface_hub
 from huggingface_hub import get_cached_repo_tree
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,

@@ -412,7 +412,7 @@ def test_cli_export_push_and_dry_run(work, tmp_path, monkeypatch, capsys):
 
 
 def test_save_pretrained_loads_with_both_loaders_and_pushes(tiny_pipe, tmp_path, monkeypatch):
-    """The upload is diffusers' (`create_repo`, its model card, `PushToHubMixin._upload_folder`), after the remote code."""
+    """The upload is diffusers' (`create_repo`, its model card, `_upload_folder`), after the remote code is written."""
     import diffusers.utils.hub_utils
     from diffusers import DiffusionPipeline
     from huggingface_hub import RepoUrl

@@ -158,7 +158,8 @@ def test_per_component_logs_come_from_diffusers(folders, caplog, monkeypatch):
     monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers' loggers stop at its root
     with caplog.at_level(logging.INFO, logger="diffusers"):
         BerniniPipeline.from_pretrained(folders / "base")
-    loaded = {r.getMessage().split(" from ")[0] for r in caplog.records if r.name == "diffusers.pipelines.pipeline_utils"}
+    records = [r for r in caplog.records if r.name == "diffusers.pipelines.pipeline_utils"]
+    loaded = {r.getMessage().split(" from ")[0] for r in records}
     assert {
         "Loaded transformer as BerniniTransformer3DModel",
         "Loaded transformer_2 as BerniniTransformer3DModel",

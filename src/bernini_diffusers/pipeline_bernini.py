@@ -314,7 +314,7 @@ class BerniniPipeline(DiffusionPipeline):
 
         ```py
         pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", dtype=torch.bfloat16)
-        # int8 weights for both experts (torchao), the rest in bfloat16
+        # int8 weights for both experts (torchao), the text encoder in bfloat16, the VAE in float32
         from diffusers import PipelineQuantizationConfig, TorchAoConfig
         from torchao.quantization import Int8WeightOnlyConfig
 
@@ -381,7 +381,8 @@ class BerniniPipeline(DiffusionPipeline):
             raise ValueError(
                 "`safe_serialization`=False is not supported: bernini_diffusers writes and reads safetensors only."
             )
-        upload = {k: kwargs.pop(k) for k in ("repo_id", "private", "commit_message", "token", "create_pr") if k in kwargs}
+        upload_keys = ("repo_id", "private", "commit_message", "token", "create_pr")
+        upload = {k: kwargs.pop(k) for k in upload_keys if k in kwargs}
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         add_remote_code(save_directory)
         if push_to_hub:

@@ -236,7 +236,7 @@ def test_save_pretrained_round_trip(tmp_path, tiny_pipe):
 
 def test_dtypes_bf16_experts_fp32_vae(tmp_path):
     save_tiny_pretrained(tmp_path / "wan", layout="wan")
-    pipe = BerniniPipeline.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16)
+    pipe = BerniniPipeline.from_pretrained(tmp_path / "wan", dtype=torch.bfloat16)
     assert pipe.transformer.dtype == pipe.transformer_2.dtype == torch.bfloat16
     assert pipe.text_encoder.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.float32
@@ -401,7 +401,7 @@ def test_model_cpu_offload_keeps_one_expert_on_the_gpu(media_dir):
 
 def test_tiny_bf16_casts_like_from_pretrained(tmp_path):
     save_tiny_pretrained(tmp_path / "wan", layout="wan")
-    loaded = BerniniPipeline.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16)
+    loaded = BerniniPipeline.from_pretrained(tmp_path / "wan", dtype=torch.bfloat16)
     built = tiny_pipeline(torch_dtype=torch.bfloat16)
     for name in ("transformer", "transformer_2", "text_encoder", "vae"):
         loaded_dtypes = {k: v.dtype for k, v in getattr(loaded, name).state_dict().items()}

@@ -1,6 +1,6 @@
-"""`BerniniPipeline.from_pretrained`: find a Bernini-R model's files, locally or on the Hub, and build the pipeline.
+"""`BerniniPipeline.from_pretrained`: find a Bernini-R model's files, locally or on the Hub, and hand them to diffusers.
 
-Three published layouts load (SPEC section 9.2):
+Three published layouts load (docs/design.md, the loading layouts):
 
 - **diffusers folders**: a `model_index.json` (ours, the exported one, or Wan2.2's `WanPipeline`), or the same
   component folders under a root `config.json` of `model_type: bernini_renderer` (`ByteDance/Bernini-R-Diffusers`,
@@ -10,8 +10,11 @@ Three published layouts load (SPEC section 9.2):
 - **separate checkpoints** (`ByteDance/Bernini-R`: `bernini_renderer_high/`, `bernini_renderer_low/`), given as
   `high_noise_ckpt` / `low_noise_ckpt` on top of a base; see `resolve_checkpoint` for the accepted forms.
 
-A Hub repo is fetched as diffusers does: the root files first, then only the files the layout needs (no weights of
-an expert that a checkpoint replaces, one variant of each weight file, never a pickle). Only safetensors are loaded.
+This module only resolves files: a Hub repo is fetched as diffusers does (the root files first, then only the files
+the layout needs: no weights of an expert that a checkpoint replaces, one variant of each weight file, never a
+pickle), and `pipeline_index` reads the folder's root files as a `BerniniPipeline` model index. Every component is
+then loaded by `DiffusionPipeline.from_pretrained` itself, so its dtype dicts, `quantization_config`, `device_map`,
+variants and per-component logs apply. Only safetensors are loaded.
 """
 
 from __future__ import annotations
@@ -25,9 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from diffusers import ModelMixin  # noqa: F401  (looked up here by diffusers' loader, see EXPERT_ENTRY)
 from diffusers.utils import logging
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import get_cached_repo_tree
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
+from .constants import TINY_MODEL
 from .hub_export.convert import (
     EXPERTS,
     ConversionPlan,
@@ -40,6 +55,7 @@ from .hub_export.convert import (
     read_index,
     sample_names,
 )
+from .transformer_bernini import BerniniTransformer3DModel
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +65,14 @@ ROOT_FILES = ("model_index.json", "config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+# Every keyword `DiffusionPipeline.from_pretrained` (diffusers 0.42) reads; they pass through to it.
+DIFFUSERS_KWARGS = (
+    *HUB_KWARGS,
+    "proxies", "dtype", "torch_dtype", "custom_pipeline", "custom_revision", "provider", "sess_options",
+    "provider_options", "device_map", "max_memory", "offload_folder", "offload_state_dict", "low_cpu_mem_usage",
+    "variant", "use_safetensors", "use_onnx", "load_connected_pipeline", "quantization_config", "use_flashpack",
+    "disable_mmap", "trust_remote_code",
+)  # fmt: skip
 # Official root `config.json` keys -> `BerniniPipeline` config names.
 ROOT_CONFIG_KEYS = {
     "switch_dit_boundary": "boundary_ratio",
@@ -61,6 +85,15 @@ ROOT_CONFIG_KEYS = {
 CHECKPOINT_FOLDERS = {"transformer": "bernini_renderer_high", "transformer_2": "bernini_renderer_low"}
 CHECKPOINT_ARGUMENTS = {"transformer": "high_noise_ckpt", "transformer_2": "low_noise_ckpt"}
 DEFAULT_TEXT_ENCODER = "UMT5EncoderModel"
+DEFAULT_TOKENIZER = "T5Tokenizer"
+# diffusers loads a model index entry `[library, class]` as `getattr(library, class)` and picks the loading method from
+# the base classes that the same module exposes (`getattr(library, "ModelMixin")`). This module exposes both, so an
+# expert entry naming it loads through diffusers' own `ModelMixin.from_pretrained`, whatever class name the folder
+# records (`WanTransformer3DModel` in Wan2.2's index, the remote-code module in an export).
+EXPERT_ENTRY = [__name__, BerniniTransformer3DModel.__name__]
+EXPERT_CLASSES = ("WanTransformer3DModel", BerniniTransformer3DModel.__name__)
+# The default dtype of each component where `dtype` does not name it: the Wan VAE runs in float32, as upstream.
+DEFAULT_COMPONENT_DTYPES = {"vae": torch.float32}
 # diffusers / transformers weight names: `<stem>.safetensors`, `<stem>-00001-of-00002.safetensors` and with a variant
 # `<stem>.<variant>.safetensors`, `<stem>.<variant>-00001-of-00002.safetensors`; indexes
 # `<stem>.safetensors.index[.<variant>].json`.
@@ -95,9 +128,6 @@ def _walk(root: Path, depth: int = 2) -> set[str]:
 
 def is_repo_id(name: str) -> bool:
     """Whether `name` is a valid Hub repo id (huggingface_hub's rules); it says nothing of whether the repo exists."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -130,16 +160,16 @@ class ModelFiles:
         name = str(name)
         if path.exists() or not is_repo_id(name):
             raise FileNotFoundError(f"`{argument}`={name!r} is neither a model folder nor a Hub repo id (owner/name).")
-        from huggingface_hub import get_cached_repo_tree, snapshot_download
-        from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
         try:
-            root = Path(snapshot_download(name, allow_patterns=list(patterns), ignore_patterns=PICKLE_PATTERNS, **hub))
+            snapshot = huggingface_hub.snapshot_download(
+                name, allow_patterns=list(patterns), ignore_patterns=PICKLE_PATTERNS, **hub
+            )
         except (LocalEntryNotFoundError, HfHubHTTPError) as err:
             raise FileNotFoundError(
                 f"`{argument}`={name!r} is not a local folder, and the Hub repo could not be read "
                 f"({type(err).__name__}: {err})."
             ) from err
+        root = Path(snapshot)
         commit = root.name  # snapshots are named by commit: every later fetch reads the same one
         try:
             files = {
@@ -162,12 +192,9 @@ class ModelFiles:
         paths = sorted(set(paths))
         if self.repo_id is None or not paths:
             return
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
         hub = {k: v for k, v in self.hub.items() if k != "revision"}
         try:
-            snapshot_download(self.repo_id, revision=self.commit, allow_patterns=paths, **hub)
+            huggingface_hub.snapshot_download(self.repo_id, revision=self.commit, allow_patterns=paths, **hub)
         except (LocalEntryNotFoundError, HfHubHTTPError) as err:
             missing = [p for p in paths if not (self.root / p).is_file()] or paths
             raise FileNotFoundError(
@@ -190,6 +217,8 @@ def select_weights(names: list[str], variant: str | None, where: str) -> tuple[l
         if chosen:
             chosen += [n for n, m in indexes.items() if m["variant"] == wanted]
             return sorted(chosen), wanted
+    if weights:
+        return [], None  # safetensors of other variants only: diffusers' loader names the variants it has not found
     pickles = [n for n in names if _is_pickle(n)]
     if pickles:
         raise pickle_error(pickles, where)
@@ -211,12 +240,12 @@ class Layout:
     base: str | None = None  # what `wan22_base` named, if the model has one
 
 
-def _read_json(model: ModelFiles, name: str) -> dict:
-    path = model.root / name
+def _read_json(path: Path) -> dict:
+    """A JSON file's content; `{}` when there is no such file."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} of {model} is not readable JSON: {err}") from None
+        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
 
 
 def _component_present(model: ModelFiles, component: str) -> bool:
@@ -232,7 +261,7 @@ def resolve_layout(
     """Read the root files of `name` and work out its layout, following `wan22_base` to the base it names."""
     model = ModelFiles.open(name, hub, argument)
     if "model_index.json" in model.files:
-        index = _read_json(model, "model_index.json")
+        index = _read_json(model.root / "model_index.json")
         listed = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][0] is not None]
         return Layout(
             components={c: model for c in listed if _component_present(model, c)},
@@ -245,15 +274,13 @@ def resolve_layout(
             f"{str(model)!r} is not a diffusers model folder: it has neither model_index.json nor a config.json of "
             "model_type 'bernini_renderer'."
         )
-    config = _read_json(model, "config.json")
+    config = _read_json(model.root / "config.json")
     if config.get("model_type") != "bernini_renderer":
         raise ValueError(
             f"{str(model)!r} has a config.json with model_type={config.get('model_type')!r}; expected "
             "'bernini_renderer' (or a model_index.json). The full Bernini planner ('bernini') is not supported."
         )
-    settings = {ROOT_CONFIG_KEYS[k]: v for k, v in config.items() if k in ROOT_CONFIG_KEYS}
-    if "boundary_ratio" in settings:
-        settings["boundary_ratio"] = settings["boundary_ratio"] or None  # 0 means one expert, no switch
+    settings = root_settings(config)
     components = {c: model for c in COMPONENTS if _component_present(model, c)}
     layout = Layout(components=components, settings=settings, shift=config.get("shift"))
     base = config.get("wan22_base")
@@ -441,16 +468,6 @@ def load_checkpoint_expert(
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def _pop_dtype(kwargs: dict) -> torch.dtype | None:
-    torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
-    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-        raise ValueError(f"`torch_dtype`={torch_dtype} and `dtype`={dtype} disagree; pass one of them.")
-    dtype = torch_dtype or dtype
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"`torch_dtype`={dtype!r} is not a torch.dtype (e.g. torch.bfloat16).")
-    return dtype
-
-
 def component_files(
     model: ModelFiles, component: str, variant: str | None, weights: bool
 ) -> tuple[list[str], str | None]:
@@ -482,19 +499,120 @@ def pipeline_settings(cls) -> dict[str, Any]:
     return {name: parameters[name].default for name in cls._get_signature_keys(cls)[1]}
 
 
-def load_pipeline(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-    """The body of `BerniniPipeline.from_pretrained`; see its docstring."""
-    import transformers
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+def _folder_entry(folder: Path, component: str) -> list:
+    """The model index entry `[library, class]` of a component folder, from the config it holds."""
+    if component in EXPERTS:
+        return list(EXPERT_ENTRY)
+    if component == "tokenizer":
+        config = _read_json(folder / component / "tokenizer_config.json")
+        return ["transformers", config.get("tokenizer_class") or DEFAULT_TOKENIZER]
+    if component == "text_encoder":
+        architectures = _read_json(folder / component / "config.json").get("architectures") or []
+        return ["transformers", architectures[0] if architectures else DEFAULT_TEXT_ENCODER]
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return ["diffusers", _read_json(folder / component / name).get("_class_name")]
 
-    from .transformer_bernini import BerniniTransformer3DModel
 
-    dtype = _pop_dtype(kwargs)
-    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    variant = kwargs.pop("variant", None)
-    model_kwargs = {k: kwargs.pop(k) for k in ("low_cpu_mem_usage",) if k in kwargs}
-    if kwargs.pop("use_safetensors", True) is False:
+def root_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `BerniniPipeline` settings an official root `config.json` gives."""
+    settings = {ROOT_CONFIG_KEYS[k]: v for k, v in config.items() if k in ROOT_CONFIG_KEYS}
+    if "boundary_ratio" in settings:
+        settings["boundary_ratio"] = settings["boundary_ratio"] or None  # 0 means one expert, no switch
+    if config.get("skip_transformer_2"):
+        settings["boundary_ratio"] = None
+    return settings
+
+
+def pipeline_index(folder: str | os.PathLike, pipeline_class) -> dict[str, Any] | None:
+    """The model index that `pipeline_class.from_pretrained` hands to diffusers for a local model folder.
+
+    It is the folder's `model_index.json`, or, for a folder with a root `config.json` of `model_type:
+    bernini_renderer` instead, one made from its component folders and settings. Either way the pipeline class is
+    `pipeline_class` (never the repo's remote code), the experts load as `BerniniTransformer3DModel` through
+    `EXPERT_ENTRY` (a Wan2.2 index names `WanTransformer3DModel`, an export its remote-code module), and settings
+    the pipeline does not take are dropped. Returns `None` for anything else.
+    """
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        index = _read_json(folder / "model_index.json")
+    elif (folder / "config.json").is_file():
+        config = _read_json(folder / "config.json")
+        if config.get("model_type") != "bernini_renderer":
+            return None
+        markers = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+        present = [c for c in COMPONENTS if (folder / c / markers.get(c, "config.json")).is_file()]
+        index = {c: _folder_entry(folder, c) for c in present}
+        if config.get("skip_transformer_2"):
+            index["transformer_2"] = [None, None]
+        index.update(root_settings(config))
+    else:
+        return None
+    index["_class_name"] = pipeline_class.__name__
+    for expert in EXPERTS:
+        entry = index.get(expert)
+        if isinstance(entry, list) and entry[0] is not None and entry[1] in EXPERT_CLASSES:
+            index[expert] = list(EXPERT_ENTRY)
+    settings = pipeline_settings(pipeline_class)
+    ignored = [k for k, v in index.items() if not k.startswith("_") and not isinstance(v, list) and k not in settings]
+    if ignored:
+        logger.info(f"Settings of {folder} that {pipeline_class.__name__} does not take: {sorted(ignored)}")
+    return {k: v for k, v in index.items() if k not in ignored}
+
+
+def component_dtypes(dtype: Any, argument: str = "dtype") -> dict[str, torch.dtype | None]:
+    """`dtype` as diffusers' per-component dict (`{"default": ..., "<component>": ...}`), with
+    `DEFAULT_COMPONENT_DTYPES` (the float32 VAE) for the components it does not name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        dtype = {"default": dtype}
+    elif not isinstance(dtype, Mapping) or not all(isinstance(v, torch.dtype) for v in dtype.values()):
+        raise ValueError(
+            f"`{argument}`={dtype!r} is neither a torch.dtype nor a dict of them per component; pass e.g. "
+            "torch.bfloat16 or {'default': torch.bfloat16, 'vae': torch.float32}."
+        )
+    return {**DEFAULT_COMPONENT_DTYPES, **dtype}
+
+
+def _quantizes(quantization_config: Any, component: str) -> bool:
+    """Whether diffusers' `PipelineQuantizationConfig` quantizes `component` (its own rule: a `quant_mapping` names
+    the components; otherwise `components_to_quantize`, all of them when empty)."""
+    mapping = getattr(quantization_config, "quant_mapping", None)
+    if mapping is not None:
+        return component in mapping
+    wanted = getattr(quantization_config, "components_to_quantize", None)
+    return not wanted or component in wanted
+
+
+@dataclass
+class PreparedLoad:
+    """What `BerniniPipeline.from_pretrained` hands to `DiffusionPipeline.from_pretrained`."""
+
+    folder: Path  # a local diffusers folder (a Hub repo's snapshot): `pipeline_index` reads it
+    kwargs: dict[str, Any]  # diffusers' keywords, with the ready-made experts of checkpoints and the layout's settings
+    shift: float | None  # the root config's `shift`, recorded on the scheduler
+    has_scheduler: bool  # False: the folder has no scheduler and none was passed
+
+
+def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> PreparedLoad:
+    """Resolve the layout of `pretrained_model_name_or_path`, fetch the files it needs, and build the experts of
+    original checkpoints; see `BerniniPipeline.from_pretrained`."""
+    kwargs = dict(kwargs)
+    name = pretrained_model_name_or_path
+    signature = [p for p in inspect.signature(pipeline_class.__init__).parameters if p != "self"]
+    accepted = {*DIFFUSERS_KWARGS, *signature, *CHECKPOINT_ARGUMENTS.values()}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{pipeline_class.__name__}.from_pretrained got unexpected arguments: {unknown}. It accepts the "
+            f"components and settings {signature}, `high_noise_ckpt`, `low_noise_ckpt` and the keywords of "
+            "`DiffusionPipeline.from_pretrained`."
+        )
+    if kwargs.get("use_safetensors", True) is False:
         raise ValueError("`use_safetensors`=False is not supported: bernini_diffusers loads safetensors only.")
+    kwargs["use_safetensors"] = True
+    if "dtype" in kwargs and "torch_dtype" in kwargs:
+        raise ValueError("`dtype` and `torch_dtype` were both given; pass `dtype` (diffusers deprecates the other).")
+    dtype_argument = "torch_dtype" if "torch_dtype" in kwargs else "dtype"
+    dtypes = kwargs[dtype_argument] = component_dtypes(kwargs.get(dtype_argument), dtype_argument)
     checkpoints = {expert: kwargs.pop(argument, None) for expert, argument in CHECKPOINT_ARGUMENTS.items()}
     if (checkpoints["transformer"] is None) != (checkpoints["transformer_2"] is None):
         given = "transformer" if checkpoints["transformer"] is not None else "transformer_2"
@@ -504,125 +622,109 @@ def load_pipeline(cls, pretrained_model_name_or_path: str | os.PathLike, **kwarg
             f"`{CHECKPOINT_ARGUMENTS[missing]}`; the two original expert checkpoints go together."
         )
     from_checkpoints = checkpoints["transformer"] is not None
-    passed = {c: kwargs.pop(c) for c in COMPONENTS if c in kwargs}
-    config_names = sorted(pipeline_settings(cls))
-    overrides = {k: kwargs.pop(k) for k in config_names if k in kwargs}
-    if kwargs:
-        raise ValueError(
-            f"BerniniPipeline.from_pretrained got unexpected arguments: {sorted(kwargs)}. It accepts the components "
-            f"{list(COMPONENTS)}, the settings {config_names}, `torch_dtype`, `variant`, `high_noise_ckpt`, "
-            f"`low_noise_ckpt` and the Hub arguments {list(HUB_KWARGS)}."
+    if from_checkpoints:
+        _check_checkpoint_options(kwargs)
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}  # they resolve the files; diffusers gets a folder
+    if str(name) == TINY_MODEL and not Path(name).exists():
+        raise FileNotFoundError(
+            f"`pretrained_model_name_or_path`={TINY_MODEL!r} is the tiny random model, which is built in code, not "
+            "loaded: use `bernini_diffusers.testing.tiny_pipeline()` in Python or `bernini generate --model tiny`."
         )
 
-    layout = resolve_layout(pretrained_model_name_or_path, hub)
+    layout = resolve_layout(name, hub)
+    roots = {id(model): model for model in layout.components.values()}
+    if len(roots) > 1:
+        raise ValueError(
+            f"{str(name)!r} holds component folders of its own and names a base in `wan22_base`; keep the components "
+            "in one folder (the base, or a diffusers folder without `wan22_base`)."
+        )
     if from_checkpoints and "transformer_2" not in layout.components:
         raise ValueError(
-            f"`high_noise_ckpt`/`low_noise_ckpt` need a two-expert base, but {str(pretrained_model_name_or_path)!r} "
-            "has no `transformer_2`."
+            f"`high_noise_ckpt`/`low_noise_ckpt` need a two-expert base, but {str(name)!r} has no `transformer_2`."
         )
-    missing = [
-        c for c in ("transformer", "vae", "text_encoder", "tokenizer") if c not in {**layout.components, **passed}
-    ]
+    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer") if c not in (*layout.components, *kwargs)]
     if missing:
         folders = ", ".join(f"`{c}/`" for c in missing)
-        raise ValueError(
-            f"{str(pretrained_model_name_or_path)!r} has no {folders} folder; pass the component or a base."
-        )
+        raise ValueError(f"{str(name)!r} has no {folders} folder; pass the component or a base.")
 
-    # 1. Fetch what the load reads, one download per repo: configs, one variant of each weight file, small folders.
+    # Fetch what diffusers will read, one download per repo: configs, one variant of each weight file, small folders
+    # (and check that no weights are pickles only). No expert weights of the base when checkpoints replace them.
+    variant = kwargs.get("variant")
     picked = {
-        component: component_files(model, component, variant, weights=not (from_checkpoints and component in EXPERTS))
+        component: component_files(model, component, variant, not (from_checkpoints and component in EXPERTS))[0]
         for component, model in layout.components.items()
-        if component not in passed
+        if component not in kwargs
     }
-    variants = {component: used for component, (_, used) in picked.items()}
-    if variant is not None and variant not in variants.values():
-        raise ValueError(
-            f"`variant`={variant!r}: no component of {str(pretrained_model_name_or_path)!r} has weights of this "
-            "variant."
-        )
-    fetch_components(layout, {component: files for component, (files, _) in picked.items()})
+    fetch_components(layout, picked)
+    if not roots:
+        raise ValueError(f"{str(name)!r} has no component folders for diffusers to read; pass a diffusers folder.")
+    (model,) = roots.values()
+    for expert in EXPERTS if from_checkpoints else ():
+        expert_dtype = dtypes.get(expert, dtypes.get("default", torch.float32))  # diffusers' rule
+        config = BerniniTransformer3DModel.load_config(model.root / expert)
+        kwargs[expert] = load_checkpoint_expert(checkpoints[expert], expert, config, expert_dtype, hub)
+        if kwargs.get("device_map") is not None:
+            kwargs[expert].to(kwargs["device_map"])
 
-    def folder(component: str) -> Path:
-        return layout.components[component].root / component
-
-    def load_kwargs(component: str) -> dict:
-        return {"variant": variants[component], "use_safetensors": True, **model_kwargs}
-
-    # 2. The experts: from the layout's folders, or built from their configs and filled from the checkpoints.
-    experts = {}
-    for expert in EXPERTS:
-        if expert in passed:
-            experts[expert] = passed[expert]
-        elif expert not in layout.components:
-            experts[expert] = None
-        elif from_checkpoints:
-            config = BerniniTransformer3DModel.load_config(folder(expert))
-            experts[expert] = load_checkpoint_expert(checkpoints[expert], expert, config, dtype, hub)
-        else:
-            experts[expert] = BerniniTransformer3DModel.from_pretrained(
-                folder(expert), torch_dtype=dtype, **load_kwargs(expert)
-            )
-
-    # 3. The rest; the VAE always in float32, as upstream.
-    vae = passed.get("vae") or AutoencoderKLWan.from_pretrained(
-        folder("vae"), torch_dtype=torch.float32, **load_kwargs("vae")
+    if layout.base is not None:  # an official config folder: its settings win over its base's index
+        settings = pipeline_settings(pipeline_class)
+        for key, value in layout.settings.items():
+            if key in settings:
+                kwargs.setdefault(key, value)
+    if "transformer_2" not in layout.components:
+        kwargs.setdefault("transformer_2", None)  # e.g. `skip_transformer_2` over a two-expert base
+    if kwargs.get("transformer_2", False) is None:
+        kwargs["boundary_ratio"] = None  # one expert: no switch
+    return PreparedLoad(
+        folder=model.root,
+        kwargs=kwargs,
+        shift=layout.shift,
+        has_scheduler="scheduler" in layout.components or "scheduler" in kwargs,
     )
-    tokenizer = passed.get("tokenizer") or transformers.AutoTokenizer.from_pretrained(folder("tokenizer"))
-    text_encoder = passed.get("text_encoder")
-    if text_encoder is None:
-        encoder_class = getattr(transformers, layout.text_encoder_class, None)
-        if encoder_class is None:
-            raise ValueError(
-                f"transformers has no text encoder class {layout.text_encoder_class!r} (model_index.json)."
-            )
-        text_encoder = encoder_class.from_pretrained(
-            folder("text_encoder"), dtype=dtype, use_safetensors=True, variant=variants["text_encoder"]
-        )
-    scheduler = passed.get("scheduler")
-    if scheduler is None and "scheduler" in layout.components:
-        scheduler = UniPCMultistepScheduler.from_pretrained(folder("scheduler"))
-    if scheduler is None:
-        from .pipeline_bernini import default_scheduler
 
-        scheduler = default_scheduler()
-    if layout.shift is not None and "flow_shift" in scheduler.config:
+
+def _check_checkpoint_options(kwargs: Mapping[str, Any]) -> None:
+    """Refuse the options that diffusers applies while it reads weights, for experts read from original checkpoints."""
+    quantization_config = kwargs.get("quantization_config")
+    if quantization_config is not None and any(_quantizes(quantization_config, e) for e in EXPERTS):
+        raise ValueError(
+            "`quantization_config` quantizes the experts while diffusers reads their weights, but "
+            "`high_noise_ckpt`/`low_noise_ckpt` are read by bernini_diffusers: export them first (`bernini export`) "
+            "and load the export with `quantization_config`."
+        )
+    if kwargs.get("device_map") == "balanced":
+        raise ValueError(
+            "`device_map`='balanced' places components while diffusers reads their weights; with "
+            "`high_noise_ckpt`/`low_noise_ckpt` pass one device (e.g. 'cuda'), or load an export (`bernini export`)."
+        )
+
+
+def finish_load(pipe, prepared: PreparedLoad, pretrained_model_name_or_path: str | os.PathLike) -> None:
+    """What diffusers does not know about a Bernini layout: the name it was loaded by and the root config's shift."""
+    pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+    if prepared.shift is not None and "flow_shift" in pipe.scheduler.config:
         # Recorded for reference; each call's `flow_shift` (default 5.0, the official CLI's) is what sampling uses.
-        scheduler.register_to_config(flow_shift=layout.shift)
-
-    settings = {k: v for k, v in layout.settings.items() if k in config_names}
-    ignored = sorted(set(layout.settings) - set(config_names) - {"expand_timesteps"})
-    if ignored:
-        logger.info(f"Settings of {pretrained_model_name_or_path} that BerniniPipeline does not take: {ignored}")
-    settings.update(overrides)
-    if experts["transformer_2"] is None:
-        settings["boundary_ratio"] = None
-    return cls(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder.eval(),
-        vae=vae,
-        scheduler=scheduler,
-        transformer=experts["transformer"],
-        transformer_2=experts["transformer_2"],
-        **settings,
-    )
+        pipe.scheduler.register_to_config(flow_shift=prepared.shift)
 
 
-def save_pipeline(pipe, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-    """The body of `BerniniPipeline.save_pretrained`: diffusers' save, the remote-code modules, then the upload."""
-    from diffusers import DiffusionPipeline
+# ------------------------------------------------------------------------------------------------ saving
 
-    from .hub_export.remote_code import add_remote_code
 
-    if kwargs.pop("safe_serialization", True) is False:
-        raise ValueError(
-            "`safe_serialization`=False is not supported: bernini_diffusers writes and reads safetensors only."
-        )
-    upload = {k: kwargs.pop(k) for k in ("repo_id", "private", "commit_message", "token", "create_pr") if k in kwargs}
-    DiffusionPipeline.save_pretrained(pipe, save_directory, safe_serialization=True, push_to_hub=False, **kwargs)
-    add_remote_code(save_directory)
-    if push_to_hub:
-        from .hub_export.export import push_folder
-
-        # diffusers' default: the folder's name, in the token's namespace
-        push_folder(save_directory, upload.pop("repo_id", None) or Path(save_directory).name, **upload)
+def upload_saved(
+    pipe,
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload a folder that `pipe.save_pretrained` has written, the way diffusers' `save_pretrained(push_to_hub=True)`
+    does (it uploads before the remote-code modules could be added, so the steps run here, after them): create the
+    repo (default: the folder's name in the token's namespace), write diffusers' model card, upload the folder."""
+    repo = huggingface_hub.create_repo(repo_id or Path(folder).name, exist_ok=True, private=private, token=token)
+    repo_id = repo.repo_id
+    card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+    card.save(str(Path(folder) / "README.md"))
+    return pipe._upload_folder(str(folder), repo_id, token=token, commit_message=commit_message, create_pr=create_pr)

@@ -25,6 +25,8 @@ from diffusers.video_processor import VideoProcessor
 from . import media
 from .attention import set_attention_backend
 from .guidance import GUIDANCE_SPECS, Combo, Guidance
+from .hub_export.remote_code import add_remote_code
+from .loading import finish_load, pipeline_index, prepare_load, upload_saved
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     TASKS,
@@ -308,7 +310,25 @@ class BerniniPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> BerniniPipeline:
         r"""
-        Load Bernini-R from a folder or a Hub repo, with Bernini experts and a float32 VAE.
+        Load Bernini-R from a folder or a Hub repo, in any published layout, with Bernini experts and a float32 VAE.
+
+        The components load through [`~diffusers.DiffusionPipeline.from_pretrained`], so all of its keywords apply
+        (`dtype`, `quantization_config`, `device_map`, `variant`, `low_cpu_mem_usage`, ...); this method only finds
+        the files of the layout and builds the experts of original checkpoints.
+
+        ```py
+        pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", dtype=torch.bfloat16)
+        # int8 weights for both experts (torchao), the text encoder in bfloat16, the VAE in float32
+        from diffusers import PipelineQuantizationConfig, TorchAoConfig
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantization = {e: TorchAoConfig(Int8WeightOnlyConfig()) for e in ("transformer", "transformer_2")}
+        pipe = BerniniPipeline.from_pretrained(
+            "ByteDance/Bernini-R-Diffusers",
+            dtype=torch.bfloat16,
+            quantization_config=PipelineQuantizationConfig(quant_mapping=quantization),
+        )
+        ```
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`):
@@ -316,39 +336,61 @@ class BerniniPipeline(DiffusionPipeline):
                 a `Wan-AI/Wan2.2-T2V-A14B-Diffusers`-style `model_index.json` folder, a `bernini export` or
                 `save_pretrained` folder; or an official config folder (root `config.json` of `model_type:
                 bernini_renderer` naming its base in `wan22_base`), whose base supplies the components.
-            torch_dtype (`torch.dtype`, *optional*):
-                dtype of the experts and the text encoder (`dtype` is accepted too); the VAE always loads in float32.
+            dtype (`torch.dtype` or `dict[str, torch.dtype]`, *optional*):
+                As in diffusers: one dtype, or one per component with `"default"` for the others (`torch_dtype` is
+                diffusers' deprecated name). The VAE loads in float32 unless the dict names `"vae"`.
             high_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 An original high-noise expert checkpoint (`ByteDance/Bernini-R` layout) that replaces the base's
                 `transformer` weights: a folder, an index or `.safetensors` file, or a Hub path
-                `owner/name[@revision][/folder]`. Must come with `low_noise_ckpt`.
+                `owner/name[@revision][/folder]`. Must come with `low_noise_ckpt`. Its expert takes `dtype` and a
+                single-device `device_map`; to quantize it, export the checkpoints first (`bernini export`).
             low_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 The low-noise expert's original checkpoint (for `transformer_2`), in the same forms.
-            variant (`str`, *optional*):
-                Load weight files of this variant (e.g. `"bf16"`) where a component has them.
             revision, cache_dir, local_files_only, token, force_download:
-                Passed to huggingface_hub for a repo id, as in diffusers.
+                Resolve a repo id through huggingface_hub, as in diffusers; only the files the layout needs are
+                fetched.
             kwargs:
-                Ready-made components (`vae=...`, `transformer=...`) or pipeline settings (`boundary_ratio`, ...)
-                replace what the folder holds.
+                Every other keyword of [`~diffusers.DiffusionPipeline.from_pretrained`], ready-made components
+                (`vae=...`, `transformer=...`) or pipeline settings (`boundary_ratio`, ...).
 
         Only safetensors are read; a pickle file where weights are expected is an error naming it.
         """
-        from .loading import load_pipeline
+        prepared = prepare_load(cls, pretrained_model_name_or_path, kwargs)
+        if not prepared.has_scheduler:
+            prepared.kwargs["scheduler"] = default_scheduler()
+        pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
+        finish_load(pipe, prepared, pretrained_model_name_or_path)
+        return pipe
 
-        return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        r"""
+        diffusers' `load_config`, except that a local Bernini-R folder reads as a `BerniniPipeline` model index (see
+        [`~loading.pipeline_index`]): [`~BerniniPipeline.from_pretrained`] loads every layout through it.
+        """
+        index = None if kwargs else pipeline_index(pretrained_model_name_or_path, cls)
+        return index if index is not None else super().load_config(pretrained_model_name_or_path, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs
+    ) -> None:
         r"""
         Save as diffusers does, plus the modules that let `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
         load the folder (`BerniniPipeline.from_pretrained` needs none). Weights are always safetensors.
 
-        `push_to_hub=True` (with `repo_id`, `private`, `commit_message`, `token`, `create_pr`) uploads the folder
-        after it is complete.
+        `push_to_hub=True` (with `repo_id`, `private`, `commit_message`, `token`, `create_pr`) then uploads the folder
+        as diffusers does.
         """
-        from .loading import save_pipeline
-
-        save_pipeline(self, save_directory, **kwargs)
+        if not safe_serialization:
+            raise ValueError(
+                "`safe_serialization`=False is not supported: bernini_diffusers writes and reads safetensors only."
+            )
+        upload_keys = ("repo_id", "private", "commit_message", "token", "create_pr")
+        upload = {k: kwargs.pop(k) for k in upload_keys if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        add_remote_code(save_directory)
+        if push_to_hub:
+            upload_saved(self, save_directory, **upload)
 
     # ------------------------------------------------------------------------------------------------ inputs
 

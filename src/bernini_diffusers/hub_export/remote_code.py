@@ -5,7 +5,7 @@ diffusers 0.42 resolves custom classes from the repository itself: a `model_inde
 whose `<component>/<module>.py` exists loads that component's class from it, in both cases only with
 `trust_remote_code=True`. Our modules define nothing: they import the classes of the installed `bernini_diffusers`,
 so the code that runs is the package's, and a missing package fails with its pip line. `BerniniPipeline.from_pretrained`
-ignores these files.
+never runs them: it reads the index with its own class and the Bernini experts (`loading.pipeline_index`).
 """
 
 from __future__ import annotations

@@ -275,11 +275,11 @@ def test_gradio_loads_only_when_the_page_is_built():
 
 def test_demo_command_errors_name_the_flag(capsys):
     assert cli.main(["demo", "--model", "tiny", "--ulysses", "2"]) == 2
-    assert "`ulysses`=2: the demo serves one pipeline in one process" in capsys.readouterr().err
+    assert "--ulysses=2: the demo serves one pipeline in one process" in capsys.readouterr().err
     assert cli.main(["demo", "--model", "tiny", "--port", "70000"]) == 2
-    assert "`port`=70000 must be in [1, 65535]" in capsys.readouterr().err
+    assert "--port=70000 must be in [1, 65535]" in capsys.readouterr().err
     assert cli.main(["demo"]) == 2
-    assert "`model` is not set" in capsys.readouterr().err
+    assert "--model is not set" in capsys.readouterr().err
 
 
 # --- the served page in headless Chromium ---------------------------------------------------------------

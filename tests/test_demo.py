@@ -189,6 +189,7 @@ def test_generate_writes_the_pipeline_result_and_reports_each_step(tiny_pipe, tm
     )
     assert path.parent == tmp_path and path.suffix == ".png" and used == "make it blue"
     assert [p for p, _ in seen] == [(0, 2), (1, 2), (2, 2)]
+    assert seen[-1][1] == "Decoding and writing"  # no silent gap after the last step
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left behind
 
     direct = tiny_pipe(

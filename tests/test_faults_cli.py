@@ -460,3 +460,27 @@ def test_the_demo_starts_with_the_tiny_defaults(tmp_path, monkeypatch):
     args.save_dir = str(tmp_path)
     demo.serve(args)
     assert seen["num_inference_steps"] == 7 and seen["num_frames"] == 81 and seen["height"] == 480
+
+
+def _readme() -> str:
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_readme_command_1_installs_only_what_generation_needs_and_ci_runs_command_2():
+    block = _readme().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    first = block[block.index(next(line for line in block if line.startswith("# 1."))) + 1]
+    second = block[block.index(next(line for line in block if line.startswith("# 2."))) + 1]
+    install, run = first.split(" && ")
+    assert install == 'python -m pip install "torch==2.13.0" -e .'  # no extra: the core dependencies generate
+    assert run.startswith("bernini generate --model tiny --prompt") and "--num_frames" not in run
+    assert "--task_type" not in run  # t2v without media
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == second and '".[test]"' in second
+
+
+def test_readme_tiny_pipeline_snippet_runs(tmp_path):
+    blocks = [block.split("```", 1)[0] for block in _readme().split("```python\n")[1:]]
+    (code,) = [block for block in blocks if "import tiny_pipeline" in block]
+    exec(compile(code.replace("outputs/tiny.mp4", str(tmp_path / "tiny.mp4")), "README.md", "exec"), {})
+    frames, _ = read_video(tmp_path / "tiny.mp4")
+    assert len(frames) == 9 and frames[0].size == (96, 64)

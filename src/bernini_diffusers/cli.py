@@ -42,9 +42,9 @@ SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size"
 TINY_DEFAULTS = {"num_frames": 9, "height": 64, "width": 96, "max_image_size": 96, "num_inference_steps": 4}
 # `torch.Generator.manual_seed` takes any integer in [-2**63, 2**64 - 1] (a negative seed wraps modulo 2**64).
 SEED_RANGE = (-(2**63), 2**64 - 1)
-# The longest guidance branch allowed by default, in transformer tokens: four times the official 720p 121-frame rv2v
-# example at its upper-bound estimate, and three orders of magnitude below what the rope table of the released
-# models would accept (1024 positions per axis).
+# The longest guidance branch allowed by default, in transformer tokens: 2.5 times the official 720p 121-frame rv2v
+# example at its upper-bound estimate (409,600), and three orders of magnitude below what the rope table of the
+# released models would accept (1024 positions per axis, 1024**3 tokens).
 DEFAULT_MAX_TOKENS = 2**20
 MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
 DEBUG_ENV = "BERNINI_DEBUG"
@@ -768,7 +768,7 @@ def _sweep_temporaries(output: Path) -> list[Path]:
     return removed
 
 
-def _claim(case: case_files.Case, args: argparse.Namespace, batch: bool, started: float, state=None):
+def _claim(case: case_files.Case, batch: bool, started: float, state=None):
     """Claim the case's output for this run: (the lock, None) or (None, why the case is left to another run).
 
     The writer rank decides, and its group follows its decision (a collective under parallelism).
@@ -781,8 +781,8 @@ def _claim(case: case_files.Case, args: argparse.Namespace, batch: bool, started
             pid, _, host = holder.partition(" ")
             who = f"pid {pid} on {host}" if host else holder
             reason = f"{case.output} is being written by another run ({who}; lock {lock.path})"
-        elif batch and case.output.exists() and (not args.overwrite or case.output.stat().st_mtime >= started):
-            lock.release()  # another run finished it after this one made its list
+        elif batch and case.output.exists() and case.output.stat().st_mtime >= started:
+            lock.release()  # another run finished it after this one made its list (an older file is this run's to redo)
             reason = f"{case.output} was written by another run meanwhile"
         elif lock.took_over is not None:
             pid, _, host = lock.took_over.partition(" ")
@@ -863,7 +863,7 @@ def generate(args: argparse.Namespace) -> int:
             mine = state.assign_cases([case for case in cases if case.number in numbers])
         enhancer = load_prompt_enhancer(args)
         for case in mine:
-            lock, reason = _claim(case, args, batch, started, state)
+            lock, reason = _claim(case, batch, started, state)
             if lock is None:
                 if not batch:
                     raise CaseBusyError(f"{reason}; wait for it, or choose another --output.")

@@ -261,9 +261,8 @@ def generate(
     report((0, steps), desc="Denoising", unit="steps")
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
-        report((step + 1, steps), desc="Denoising", unit="steps")
-        if step + 1 == steps:  # the VAE decode and the write follow: say so rather than sit at 100%
-            report((steps, steps), desc="Decoding and writing", unit="steps")
+        # After the last step the VAE decode and the write follow: say so rather than sit silently at 100%.
+        report((step + 1, steps), desc="Denoising" if step + 1 < steps else "Decoding and writing", unit="steps")
         return callback_kwargs
 
     out = pipe(

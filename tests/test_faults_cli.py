@@ -484,3 +484,17 @@ def test_readme_tiny_pipeline_snippet_runs(tmp_path):
     exec(compile(code.replace("outputs/tiny.mp4", str(tmp_path / "tiny.mp4")), "README.md", "exec"), {})
     frames, _ = read_video(tmp_path / "tiny.mp4")
     assert len(frames) == 9 and frames[0].size == (96, 64)
+
+
+def test_the_token_estimate_counts_the_streams_of_the_longest_branch():
+    from bernini_diffusers.pipeline_bernini import BerniniPipeline
+
+    call = {"prompt": "p", "task_type": "rv2v", "video": "v.mp4", "images": ["a.png", "b.png"], "num_frames": 121,
+            "max_image_size": 1280, "fps": 24}  # fmt: skip
+    sizes = {"video": (1280, 720), "images[0]": (1024, 1024), "images[1]": (512, 512)}
+    # rv2v's VI branch: target and video 31 x 45 x 80 each, references 1 x 64 x 64 and 1 x 32 x 32
+    assert BerniniPipeline.estimate_tokens(sizes, **call) == (2 * 31 * 45 * 80 + 64 * 64 + 32 * 32, (31, 64, 80))
+    # unknown sizes: max_image_size squares, an upper bound
+    assert BerniniPipeline.estimate_tokens(**call)[0] == 2 * 31 * 80 * 80 + 2 * 80 * 80
+    # a mode that never looks at the conditions runs the target alone
+    assert BerniniPipeline.estimate_tokens(sizes, **call, guidance_mode="t2v")[0] == 31 * 45 * 80

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -300,12 +301,16 @@ def test_a_killed_batch_restarted_finishes_only_what_is_missing(tmp_path):
     assert first.exists()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")}
     assert 1 <= len(before) < 6, before  # killed part-way
-    (tmp_path / "out" / ".0006_t2i.tmp-killed.png").write_bytes(b"half")  # what a kill mid-write leaves
+    # What a kill mid-write leaves: the case's lock, naming the dead process, and its temporary. The lock is taken
+    # over, and only then is the temporary removed (a live run's temporary is never touched: test_faults_cli.py).
+    (tmp_path / "out" / ".0006_t2i.png.lock").write_text(f"{process.pid} {socket.gethostname()}\n")
+    (tmp_path / "out" / ".0006_t2i.tmp-killed.png").write_bytes(b"half")
 
     assert cli.main(argv) == 0
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")}
     assert sorted(after) == [f"{i:04d}_t2i.png" for i in range(1, 7)]
     assert all(after[name] == stamp for name, stamp in before.items())  # finished cases were not redone
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary left
+    assert not list((tmp_path / "out").glob(".*.lock"))  # the killed run's locks were taken over and released
     for path in (tmp_path / "out").glob("*.png"):
         assert png(path).shape == (32, 48, 3)  # every output is whole

@@ -65,12 +65,14 @@ def test_every_contract_argument_has_a_same_named_flag():
 
 def test_flag_defaults_match_call_defaults():
     parser = generate_parser()
+    args = parser.parse_args(["--model", "some/repo"])
+    cli.resolve_size_defaults(args)  # the size flags are unset until the model is known
     for name, parameter in contract_parameters().items():
-        default = parser.get_default(name)
+        default = getattr(args, name)
         if name == "norm_threshold":  # the official CLI's three values, each the pipeline's default
             assert default == [parameter.default] * 3
-        elif name == "task_type":  # the official CLI's default; the Python API's is t2v
-            assert default == "v2v"
+        elif name == "task_type":  # chosen from the media of each case (cases.default_task_type)
+            assert default is None
         else:
             assert default == parameter.default, name
     assert parser.get_default("seed") == 42
@@ -189,7 +191,7 @@ def test_v2v_without_video_names_the_argument(tmp_path, capsys):
     out = tmp_path / "out.mp4"
     assert cli.main(["generate", *SMALL, "--task_type", "v2v", "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "bernini: error:" in err and "`video`" in err
+    assert "bernini: error:" in err and "requires --video" in err  # the flag, not the Python argument
     assert list(tmp_path.iterdir()) == []
 
 
@@ -199,7 +201,7 @@ def test_missing_video_file_is_an_error_without_traceback_or_output(tmp_path, ca
     argv = ["generate", *SMALL, "--task_type", "v2v", "--video", str(missing), "--output", str(out)]
     assert cli.main(argv) == 2  # an exception escaping main would fail here
     captured = capsys.readouterr()
-    assert "bernini: error:" in captured.err and "`video`" in captured.err and str(missing) in captured.err
+    assert "bernini: error: --video: no such file" in captured.err and str(missing) in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
 
@@ -221,8 +223,9 @@ def test_help_lists_subcommands_tasks_and_guidance_modes():
             assert f"guidance {TASKS[task].default_guidance_mode.value}" in text
         for mode in [*GuidanceMode, *PLANNER_GUIDANCE_MODES]:
             assert str(mode) in text
-    assert "(default: 81)" in generate.stdout and "--neg_prompt" in generate.stdout
-    assert "--use_unipc, --no-use_unipc" in generate.stdout and "(default: v2v)" in generate.stdout
+    text = " ".join(generate.stdout.split())
+    assert "default: 81 (9 with --model tiny)" in text and "--neg_prompt" in generate.stdout
+    assert "--use_unipc, --no-use_unipc" in generate.stdout and "v2v (the official default) for one --video" in text
     assert "defaults to rv2v" in generate.stdout and "full Bernini planner" in generate.stdout
     assert "infer_single_gpu.py" in generate.stdout and "--case" in generate.stdout and "--inputs" in generate.stdout
 
@@ -260,7 +263,7 @@ def test_every_official_flag_parses_and_its_default_is_the_official_one():
     parser = generate_parser()
     official_defaults = {
         "model": None, "high_noise_ckpt": None, "low_noise_ckpt": None, "use_unipc": True, "use_src_tgt_id": True,
-        "interpolate_src_id": True, "max_trained_src_id": 5, "task_type": "v2v", "output": "outputs/output.mp4",
+        "interpolate_src_id": True, "max_trained_src_id": 5, "task_type": None, "output": "outputs/output.mp4",
         "case": None, "inputs": None, "omega_tgt": 0.5, "planning_step": 25, "vit_txt_cfg": 1.2, "vit_img_cfg": 1.0,
         "vit_denoising_step": 5, "use_pe": False, "pe_model": None, "ulysses": 1, "branch_parallel": 1,
         "overwrite": False, "seed": 42, "fps": 16, "norm_threshold": [50.0, 50.0, 50.0],
@@ -326,7 +329,7 @@ def test_ulysses_without_torchrun_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model must not load"))
     assert cli.main(["generate", *SMALL, "--task_type", "t2v", "--ulysses", "8"]) == 2
     err = capsys.readouterr().err
-    assert "`ulysses`=8" in err and "torchrun --nproc-per-node 8" in err and "WORLD_SIZE is 1" in err
+    assert "--ulysses=8" in err and "torchrun --nproc-per-node 8" in err and "WORLD_SIZE is 1" in err
 
 
 # --- the pipeline seams of the official model flags ---------------------------------------------------------------

@@ -189,6 +189,7 @@ def test_generate_writes_the_pipeline_result_and_reports_each_step(tiny_pipe, tm
     )
     assert path.parent == tmp_path and path.suffix == ".png" and used == "make it blue"
     assert [p for p, _ in seen] == [(0, 2), (1, 2), (2, 2)]
+    assert seen[-1][1] == "Decoding and writing"  # no silent gap after the last step
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left behind
 
     direct = tiny_pipe(
@@ -275,11 +276,11 @@ def test_gradio_loads_only_when_the_page_is_built():
 
 def test_demo_command_errors_name_the_flag(capsys):
     assert cli.main(["demo", "--model", "tiny", "--ulysses", "2"]) == 2
-    assert "`ulysses`=2: the demo serves one pipeline in one process" in capsys.readouterr().err
+    assert "--ulysses=2: the demo serves one pipeline in one process" in capsys.readouterr().err
     assert cli.main(["demo", "--model", "tiny", "--port", "70000"]) == 2
-    assert "`port`=70000 must be in [1, 65535]" in capsys.readouterr().err
+    assert "--port=70000 must be in [1, 65535]" in capsys.readouterr().err
     assert cli.main(["demo"]) == 2
-    assert "`model` is not set" in capsys.readouterr().err
+    assert "--model is not set" in capsys.readouterr().err
 
 
 # --- the served page in headless Chromium ---------------------------------------------------------------

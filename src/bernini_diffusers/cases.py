@@ -6,18 +6,24 @@ A **case file** (`--case FILE`) is one JSON object describing one run: `task_typ
 list (`.json`) or JSON lines (`.jsonl`) of such objects, each one case; a case without `output` gets a derived name.
 Paths inside either file are relative to the working directory, as upstream.
 
+A case whose file is being written is claimed with a `CaseLock`, a lock file beside its output, so that several
+runs of one batch on one folder split the cases between them instead of each running all of them.
+
 Only the standard library and the task table are imported: files are read and checked before any model loads.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tasks import TASKS, parse_guidance_mode, parse_task_type
+from .tasks import TASKS, Need, TaskType, parse_guidance_mode, parse_task_type
 
 CASE_KEYS = ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
 BATCH_SUFFIXES = (".json", ".jsonl")
@@ -152,3 +158,160 @@ def derived_output(directory: str | os.PathLike, number: int, total: int, task_t
     """The name of a batch case without `output`: `<directory>/<number>_<task>.png|mp4`, numbers zero-padded."""
     width = max(4, len(str(total)))
     return output_path(Path(directory) / f"{number:0{width}d}_{task_type}", single_frame)
+
+
+def default_task_type(inputs: dict[str, Any]) -> str:
+    """The task of a case that names none, from the media it gives.
+
+    No media at all means `t2v` (a first run with only a prompt makes a video); one video keeps the official command
+    line's default, `v2v`. Other media go to the one task that takes exactly them (`--image`: i2i, `--images`: r2v,
+    a video and images: rv2v, two videos: ads2v); where several fit, `ValueError` names them.
+    """
+    video = inputs.get("video")
+    given = {
+        "video": bool(video),
+        "image": inputs.get("image") is not None,
+        "images": bool(inputs.get("images")),
+    }
+    if not any(given.values()):
+        return TaskType.T2V.value
+    num_videos = 0 if not video else len(video) if isinstance(video, (list, tuple)) else 1
+    fits = [
+        spec.task.value for spec in TASKS.values()
+        if all((getattr(spec, key) is not Need.NO) if on else (getattr(spec, key) is not Need.REQUIRED)
+               for key, on in given.items())
+        and (not num_videos or spec.num_videos[0] <= num_videos <= spec.num_videos[1])
+    ]  # fmt: skip
+    if given == {"video": True, "image": False, "images": False} and TaskType.V2V.value in fits:
+        return TaskType.V2V.value
+    if len(fits) == 1:
+        return fits[0]
+    flags = " ".join(f"--{key}" for key, on in given.items() if on)
+    choice = f"one of {', '.join(fits)}" if fits else "a task that takes them (see the task table in --help)"
+    raise ValueError(f"`task_type` is not set and no single task takes {flags}: pick {choice}.")
+
+
+def check_writable(output: str | os.PathLike, argument: str = "output") -> None:
+    """Refuse, before any model work, an output path the result could not be written to.
+
+    The check does what the writer will do: it creates (and removes) a temporary file in the output's folder, or in
+    its nearest existing ancestor when the folder is still to be made. Raises `ValueError` naming `argument`, the path
+    and why: an empty name, an existing directory or device (`/dev/null`), a parent that is a file, a folder that is
+    read-only or on a full disk.
+    """
+    text = os.fspath(output)
+    if not text.strip():
+        raise ValueError(f"`{argument}`={text!r} is empty; give a file path such as outputs/result.mp4.")
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ValueError(f"`{argument}`='{text}' is {kind}; give a file path (the result is a .mp4 or .png file).")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"`{argument}`='{text}' cannot be written: '{folder}' is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bernini-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = f"the folder is not writable ({reason})"
+        raise ValueError(f"`{argument}`='{text}' cannot be written in '{folder}': {reason}.") from None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class CaseLock:
+    r"""
+    An exclusive claim on one output file, shared by every run that writes into the same folder.
+
+    The lock is a file `.<output name>.lock` beside the (real path of the) output, created atomically
+    (`O_CREAT | O_EXCL`) and holding `pid host`. A lock left by a process that died on this host is taken over; one
+    held by a live process, or by any process on another host, is left alone. The holder removes it after the write,
+    or when the case fails.
+
+    Args:
+        output (`str` or `os.PathLike`):
+            The output file the lock guards.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        real = Path(os.path.realpath(output))
+        self.output = Path(output)
+        self.path = real.parent / f".{real.name}.lock"
+        self.owner = f"{os.getpid()} {socket.gethostname()}"
+        self.held = False
+        self.took_over: str | None = None  # the dead holder's `pid host`, when this lock replaced a stale one
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.owner + "\n")
+        return True
+
+    def holder(self) -> str | None:
+        """The `pid host` written in the lock file, None without one ("" for a lock still being written)."""
+        try:
+            return self.path.read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def _stale(self, holder: str) -> bool:
+        pid, _, host = holder.partition(" ")
+        return pid.isdigit() and host == socket.gethostname() and not _process_alive(int(pid))
+
+    def acquire(self) -> bool:
+        """Claim the output; False if another live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._create():
+            self.held = True
+            return True
+        holder = self.holder()
+        if holder is None:  # released between the two calls
+            self.held = self._create()
+            return self.held
+        if not self._stale(holder):
+            return False
+        # Move the stale lock aside under a name of our own, then check it was still the stale one: two runs taking
+        # over at once cannot both remove each other's fresh lock this way.
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = aside.read_text().strip()
+        if moved != holder:  # someone else took it over first: give theirs back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        self.held = self._create()
+        if self.held:
+            self.took_over = holder
+        return self.held
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (never another's)."""
+        if self.held and self.holder() == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __repr__(self) -> str:
+        return f"CaseLock({str(self.path)!r}, held={self.held})"

@@ -261,7 +261,8 @@ def generate(
     report((0, steps), desc="Denoising", unit="steps")
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
-        report((step + 1, steps), desc="Denoising", unit="steps")
+        # After the last step the VAE decode and the write follow: say so rather than sit silently at 100%.
+        report((step + 1, steps), desc="Denoising" if step + 1 < steps else "Decoding and writing", unit="steps")
         return callback_kwargs
 
     out = pipe(
@@ -484,6 +485,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     )
     cli.add_model_arguments(parser.add_argument_group("model"))
     server = parser.add_argument_group("demo")
+    cli.add_size_arguments(parser.add_argument_group("the page's initial sizes"))
     server.add_argument("--flow_shift", type=float, default=5.0, help="the page's initial flow shift")
     server.add_argument("--ulysses", type=int, default=1, help="must be 1: the demo runs in one process")
     server.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 0.0.0.0 serves the whole network")
@@ -491,12 +493,17 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     server.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where the PNG/MP4 results are written")
     cli.add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
+    cli.add_debug_argument(parser)
     parser.set_defaults(func=serve)
     return parser
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Load the pipeline named by the flags and serve the page until interrupted."""
+    """Load the pipeline named by the flags and serve the page until interrupted.
+
+    The page starts from the pipeline's defaults, with the size flags given (for `--model tiny`, small sizes and few
+    steps unless they are given, as `bernini generate`).
+    """
     from . import cli
 
     if args.ulysses != 1:
@@ -506,11 +513,18 @@ def serve(args: argparse.Namespace) -> None:
         )
     if not 0 < args.port < 65536:
         raise ValueError(f"`port`={args.port} must be in [1, 65535].")
+    cli.resolve_model(args)
+    cli.resolve_size_defaults(args)
+    for name in cli.SIZE_DEFAULTS:
+        if getattr(args, name) < 1:
+            raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
+    defaults = {"flow_shift": args.flow_shift, **{name: getattr(args, name) for name in cli.SIZE_DEFAULTS}}
+    cli.check_environment(args)
     enhancer = cli.load_prompt_enhancer(args)
     pipe = cli.load_pipeline(args)
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults={"flow_shift": args.flow_shift})
+    demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults=defaults)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True,
         allowed_paths=[str(save_dir.resolve())],

@@ -24,6 +24,7 @@ from diffusers.video_processor import VideoProcessor
 
 from . import media
 from .attention import set_attention_backend
+from .constants import TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
 from .loading import finish_load, pipeline_index, prepare_load, upload_saved
@@ -507,6 +508,54 @@ class BerniniPipeline(DiffusionPipeline):
             if _is_path(value):
                 probe = media.probe_video if name.startswith("video") else media.probe_image
                 probe(value, name)
+
+    @classmethod
+    def estimate_tokens(cls, media_sizes: dict[str, tuple[int, int]] | None = None, **kwargs) -> tuple[int, tuple]:
+        """The transformer sequence length of a call's longest guidance branch, without a model or the media.
+
+        Each stream (target, every condition of the branch's combo) counts `T_lat x H/16 x W/16` tokens, a reference
+        image one latent frame. `media_sizes` maps an input name (`video`, `video[1]`, `image`, `images[0]`) to its
+        (width, height); an input without one is bounded by a `max_image_size` square and a source video by
+        `num_frames`, so the estimate is an upper bound. Returns (tokens, the largest (T_lat, H/16, W/16) grid of
+        any stream) for the rope-table check. The arguments are assumed valid (`validate_call`).
+        """
+        bound = inspect.signature(cls.__call__).bind(None, **kwargs)
+        bound.apply_defaults()
+        args = bound.arguments
+        spec, mode, videos, _ = _resolve_call(args)
+        sizes, cap, stride = media_sizes or {}, args["max_image_size"], 16  # VAE 8 x patch 2
+
+        def size(name: str) -> tuple[int, int]:
+            if name in sizes:
+                return media.target_size(*sizes[name], cap)
+            return media.make_divisible(cap), media.make_divisible(cap)
+
+        frames = 1 if spec.is_image else args["num_frames"] // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1
+        video_names = ["video" if len(videos) == 1 else f"video[{i}]" for i in range(len(videos))]
+        video_grids = [((frames - 1) // TEMPORAL_FACTOR + 1, h // stride, w // stride) for w, h in map(size, video_names)]
+        image_grid = [(1, h // stride, w // stride) for w, h in [size("image")]] if args["image"] is not None else []
+        reference_grids = [
+            (1, h // stride, w // stride) for w, h in (size(f"images[{i}]") for i in range(len(args["images"] or [])))
+        ]
+        if video_grids:
+            target = video_grids[0]
+        elif image_grid:
+            target = image_grid[0]
+        else:
+            height, width = media.make_divisible(args["height"]), media.make_divisible(args["width"])
+            target = ((frames - 1) // TEMPORAL_FACTOR + 1, height // stride, width // stride)
+        if spec.is_image:
+            target = (1, *target[1:])
+        combos = {
+            Combo.NONE: [],
+            Combo.V: video_grids[:1],
+            Combo.I: reference_grids,
+            Combo.VI: [*video_grids, *image_grid, *reference_grids],
+        }
+        used = [[target, *combos[branch.combo]] for branch in GUIDANCE_SPECS[mode].branches]
+        tokens = max(sum(t * h * w for t, h, w in streams) for streams in used)
+        grids = [grid for streams in used for grid in streams]
+        return tokens, tuple(max(grid[axis] for grid in grids) for axis in range(3))
 
     @classmethod
     def _check_call(

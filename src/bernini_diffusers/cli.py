@@ -34,6 +34,7 @@ from .constants import (
     TINY_MODEL,
     WAN22_BASE,
 )
+from .prompt_enhancer import printable
 from .tasks import PLANNER_GUIDANCE_MODES, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_guidance_mode
 
 # The `BerniniPipeline.__call__` arguments that have a same-named flag and are passed on by name.
@@ -470,7 +471,7 @@ def load_pipeline(args: argparse.Namespace):
         pipe = tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
         print(f"note: --model {TINY_MODEL} has random weights; its output is noise.", file=sys.stderr)
     else:
-        pipe = BerniniPipeline.from_pretrained(model, torch_dtype=dtype, **checkpoints)
+        pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
     # The official flags win over the loaded config, as the official loader passes them as overrides.
     pipe.register_to_config(
         use_unipc=args.use_unipc,
@@ -779,7 +780,7 @@ def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=Non
     if enhancer is not None:
         enhanced = enhance_on_writer(enhancer, kwargs, state)
         if writer and enhanced != kwargs["prompt"]:
-            print(f"prompt: {enhanced}", file=sys.stderr)
+            print(f"prompt: {printable(enhanced)}", file=sys.stderr)  # the endpoint's reply, escaped
         kwargs["prompt"] = enhanced
     last_step = kwargs["num_inference_steps"] - 1
 
@@ -901,6 +902,7 @@ def generate(args: argparse.Namespace) -> int:
 
     state = None
     if pending:
+        enhancer = load_prompt_enhancer(args)  # its settings are checked before the model loads
         pipe = load_pipeline(args)
         state = enable_parallelism(pipe, args)
         writer = state is None or state.is_writer
@@ -911,7 +913,6 @@ def generate(args: argparse.Namespace) -> int:
             # The writer's pending list stands for its whole group, then the groups split it (cases[rank::degree]).
             numbers = set(state.broadcast_object([case.number for case in pending]))
             mine = state.assign_cases([case for case in cases if case.number in numbers])
-        enhancer = load_prompt_enhancer(args)
         for case in mine:
             lock, reason = _claim(case, batch, started, state)
             if lock is None:

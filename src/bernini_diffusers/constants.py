@@ -17,6 +17,11 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa2", "fa3")
 # `--model tiny` / `from_pretrained("tiny")`: the random tiny model built in code by `bernini_diffusers.testing`.
 TINY_MODEL = "tiny"
 
+# The frame rates accepted for sampling and writing. The model works at 16 to 24 fps; below 1 fps a video is a
+# slide show and above 240 no source or player is meant, while ffmpeg refuses rates like 1e-9 or 1e300.
+MIN_FPS = 1.0
+MAX_FPS = 240.0
+
 # The video VAE compresses time by 4 and keeps the first frame, so frame counts are 4k + 1.
 TEMPORAL_FACTOR = 4
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .constants import MAX_FPS, MIN_FPS
 from .tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_task_type
 
 # The generation parameters the page exposes, named as `BerniniPipeline.__call__` arguments. Their defaults are read
@@ -377,7 +378,7 @@ def create_demo(
                             info="long-side limit of the inputs", elem_id="max_image_size",
                         )
                         fps = gr.Number(
-                            values["fps"], label="FPS", minimum=1, info="source videos are resampled to it",
+                            values["fps"], label="FPS", minimum=MIN_FPS, maximum=MAX_FPS, info="source videos are resampled to it",
                             elem_id="fps",
                         )
                         flow_shift = gr.Number(values["flow_shift"], label="Flow shift", elem_id="flow_shift")
@@ -450,6 +451,8 @@ def create_demo(
                     pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress
                 )
             except (ValueError, FileNotFoundError) as err:  # bad input: shown in the page, the server carries on
+                raise gr.Error(str(err), print_exception=False) from None
+            except OSError as err:  # the output could not be written (no space, file too large): nothing was kept
                 raise gr.Error(str(err), print_exception=False) from None
             is_image = path.suffix == ".png"
             return (

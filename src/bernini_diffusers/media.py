@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .constants import TEMPORAL_FACTOR
+from .constants import MAX_FPS, MIN_FPS, TEMPORAL_FACTOR
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -53,12 +53,6 @@ __all__ = [
     "MIN_FPS",
     "MAX_FPS",
 ]
-
-# The frame rates accepted for sampling and writing. The model works at 16 to 24 fps; below 1 fps a video is a
-# slide show and above 240 no source or player is meant, while ffmpeg refuses rates like 1e-9 or 1e300 (which
-# used to leave a broken output behind).
-MIN_FPS = 1.0
-MAX_FPS = 240.0
 
 # (what the system or ffmpeg prints, its errno, the cause in words)
 _SYSTEM_CAUSES = (

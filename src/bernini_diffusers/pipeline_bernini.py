@@ -263,7 +263,7 @@ class BerniniPipeline(DiffusionPipeline):
 
         ```py
         # torchrun --nproc-per-node 8 script.py
-        pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", torch_dtype=torch.bfloat16)
+        pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", dtype=torch.bfloat16)
         state = pipe.enable_parallelism(ulysses_degree=4, branch_degree=2)
         pipe.to(state.device)
         out = pipe("turn the car red", task_type="v2v", video="car.mp4", generator=torch.Generator().manual_seed(42))
@@ -803,8 +803,8 @@ class BerniniPipeline(DiffusionPipeline):
             max_image_size (`int`, defaults to 848):
                 Long-side limit of the input media (never upscaled; sizes snap to multiples of 16).
             fps (`float`, defaults to 16):
-                The rate source videos are resampled to, and the output video's rate: 1 to 240 (`media.MIN_FPS`,
-                `media.MAX_FPS`).
+                The rate source videos are resampled to, and the output video's rate: 1 to 240 (`constants.MIN_FPS`,
+                `constants.MAX_FPS`).
             num_inference_steps (`int`, defaults to 40):
                 Denoising steps.
             flow_shift (`float`, defaults to 5.0):

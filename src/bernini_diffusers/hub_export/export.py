@@ -333,7 +333,7 @@ pip install bernini_diffusers
 import torch
 from bernini_diffusers import BerniniPipeline
 
-pipe = BerniniPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)
+pipe = BerniniPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16)
 pipe.enable_model_cpu_offload()
 out = pipe(prompt="Add a realistic snowman next to the bench.", task_type="v2v", video="park.mp4")
 out.save("park_snowman.mp4")
@@ -347,7 +347,7 @@ Keep the VAE in float32 as the pipeline above does:
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained(
-    "{repo_id}", trust_remote_code=True, torch_dtype={{"default": torch.bfloat16, "vae": torch.float32}}
+    "{repo_id}", trust_remote_code=True, dtype={{"default": torch.bfloat16, "vae": torch.float32}}
 )
 ```
 """

@@ -251,6 +251,18 @@ def test_wan_lora_on_both_experts(lora_pipe, media):
 
 
 @needs_peft
+def test_single_expert_lora():
+    pipe = BerniniPipeline(**get_tiny_components(two_experts=False))
+    with pytest.raises(ValueError, match="load_into_transformer_2=True.*transformer_2=None"):
+        pipe.load_lora_weights(_lora(1), load_into_transformer_2=True)
+    pipe.load_lora_weights(_lora(1, "original"), adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    assert "a" in pipe.transformer.peft_config
+    pipe.unload_lora_weights()
+    assert not _lora_weights(pipe.transformer)
+
+
+@needs_peft
 def test_lora_scale_on_the_packed_forward():
     model = tiny_transformer()
     model.load_lora_adapter(_lora(3), adapter_name="a")

@@ -246,13 +246,29 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"` or `"fa3"`.
 
         `None` reads `BERNINI_ATTENTION_BACKEND`, else `"auto"` (FA3 on Hopper, else FA2, else SDPA; float32
-        experts stay on SDPA). A backend that is chosen but missing raises with its install line.
+        experts stay on SDPA). A backend that is chosen but missing raises with its install line. The choice is the
+        experts' own: diffusers' process-wide backend, which other models follow, is left as it was.
         """
         choice = None
         for expert in (self.transformer, self.transformer_2):
             if expert is not None:
                 choice = set_attention_backend(expert, name)
         return choice
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor], adapter_name: str | None = None,
+        hotswap: bool = False, **kwargs,
+    ) -> None:
+        """diffusers' [`~loaders.WanLoraLoaderMixin.load_lora_weights`]: into `transformer`, or into `transformer_2`
+        with `load_into_transformer_2=True` (load a Wan 2.2 LoRA's high- and low-noise files with one call each)."""
+        if kwargs.get("load_into_transformer_2") and self.transformer_2 is None:
+            raise ValueError(
+                "`load_into_transformer_2=True` needs a low-noise expert, but this pipeline has `transformer_2=None` "
+                "(a single-expert model); load the LoRA without it, into `transformer`."
+            )
+        super().load_lora_weights(
+            pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
+        )
 
     # ------------------------------------------------------------------------------------------------ parallelism
 

@@ -135,6 +135,20 @@ def test_branches_sharing_a_forward_share_its_context(pipe, media_dir, cached):
     assert seen == dict.fromkeys(EXPERTS, {"uncond", "uncond_vi", "cond_vi"})
 
 
+def test_a_call_stopped_by_an_error_leaves_no_cache_state(pipe, media, cached):
+    cached(lambda: FirstBlockCacheConfig(threshold=1e9))
+    clean = _run(pipe, media, "t2v")
+
+    def fail_late(p, step, timestep, kwargs):
+        if step == 3:
+            raise RuntimeError("stopped")
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        _run(pipe, media, "t2v", callback_on_step_end=fail_late)
+    assert torch.equal(_run(pipe, media, "t2v"), clean)
+
+
 def test_caches_whose_state_is_not_per_branch_are_refused(pipe):
     with pytest.raises(ValueError, match="FasterCacheConfig.*guidance branch"):
         pipe.transformer.enable_cache(FasterCacheConfig(current_timestep_callback=lambda: 0))
@@ -167,6 +181,16 @@ def test_taylorseer_and_magcache_run_on_both_experts(pipe, media, cached):
     assert torch.isfinite(taylor).all() and not torch.equal(taylor, reference)
     assert spy.counts == {"transformer": branches, "transformer_2": branches}
     assert torch.isfinite(mag).all() and not torch.equal(mag, reference)
+
+
+def test_first_block_cache_refused_under_ulysses():
+    # Each process would judge the first block on its own tokens and could skip while another computes.
+    model = tiny_transformer()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    model.sequence_parallel = object()  # a seam is set: Ulysses is on; the check comes before it is used
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="FirstBlockCache cannot run under Ulysses"), model.cache_context("cond"):
+        model(torch.randn(1, 16, 1, 4, 4, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g))
 
 
 # ------------------------------------------------------------------------------------------------ LoRA

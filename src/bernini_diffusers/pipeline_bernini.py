@@ -860,7 +860,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         branch_keys = [(conditions.key(), positive) for conditions, positive in branches]
         branch_names = [branch_name(b) for b in GUIDANCE_SPECS[mode].branches]
 
-        # 7. Denoising loop.
+        # 7. Denoising loop. Cache hooks start clean even when an earlier call stopped on an error before its reset.
+        for expert in (e for e in experts if e is not None):
+            expert._reset_stateful_cache()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:

@@ -188,6 +188,20 @@ def test_set_attention_backend_on_wan_model(caplog):
     assert choices == ["attention backend: sdpa (argument)"]
 
 
+def test_backend_is_the_models_own():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName._NATIVE_MATH)
+    model, other = _tiny_wan(), _tiny_wan()
+    assert set_attention_backend(model, "sdpa") == "sdpa"
+    # diffusers' process-wide backend, which `other` follows, is the one set before.
+    assert _AttentionBackendRegistry._active_backend == AttentionBackendName._NATIVE_MATH
+    assert all(m.processor._attention_backend is None for m in other.modules() if hasattr(m, "processor"))
+    assert all(
+        m.processor._attention_backend == AttentionBackendName.NATIVE for m in model.modules() if hasattr(m, "processor")
+    )
+
+
 def test_experimental_warning_is_muted_only_during_the_call():
     modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
     before = modeling_logger.level

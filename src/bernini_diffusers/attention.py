@@ -141,9 +141,19 @@ def _quiet_diffusers_modeling() -> Iterator[None]:
 def set_attention_backend(model: torch.nn.Module, name: str | None = None) -> str:
     """Resolve ``name`` (see resolve_attention_backend) and apply it to a diffusers model; returns the concrete name.
 
-    Note that diffusers also makes the backend its process-wide active one.
+    The choice is the model's own: every attention processor of ``model`` gets it, and the process-wide backend that
+    other diffusers models fall back to is left as it was (``ModelMixin.set_attention_backend`` alone would make the
+    choice process-wide).
     """
+    # Imported here rather than at the top, so that importing this module stays free of diffusers' dispatcher (which
+    # imports flash-attn where it is installed); any diffusers model given here has imported it already.
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     choice = resolve_attention_backend(name, getattr(model, "dtype", None))
-    with _quiet_diffusers_modeling():
-        model.set_attention_backend(_DIFFUSERS_NAMES[choice])
+    process_wide = _AttentionBackendRegistry._active_backend
+    try:
+        with _quiet_diffusers_modeling():
+            model.set_attention_backend(_DIFFUSERS_NAMES[choice])
+    finally:
+        _AttentionBackendRegistry.set_active_backend(process_wide)
     return choice

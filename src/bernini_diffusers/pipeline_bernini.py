@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
@@ -25,7 +26,7 @@ from diffusers.video_processor import VideoProcessor
 from . import media
 from .attention import set_attention_backend
 from .constants import TEMPORAL_FACTOR
-from .guidance import GUIDANCE_SPECS, Combo, Guidance
+from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
 from .loading import finish_load, pipeline_index, prepare_load, upload_saved
 from .tasks import (
@@ -156,10 +157,23 @@ def _split_videos(video: Any) -> list[Any]:
     )
 
 
-class BerniniPipeline(DiffusionPipeline):
+def branch_name(branch: Branch) -> str:
+    """The cache-context name of a guidance branch: `"cond"` or `"uncond"` for its text, then `_<combo>` for its
+    condition streams (`"uncond"`, `"uncond_v"`, `"uncond_vi"`, `"cond_vi"`, `"cond_i"`, ...)."""
+    text = "cond" if branch.positive else "uncond"
+    return text if branch.combo is Combo.NONE else f"{text}_{branch.combo.value}"
+
+
+class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     r"""
     The Bernini-R renderer: text-to-image, image editing, text-to-video, video editing, reference-to-video,
     reference+video editing and ad insertion with one model, numerically equal to the official renderer.
+
+    diffusers' runtime features work on both experts: LoRA through [`~loaders.WanLoraLoaderMixin.load_lora_weights`]
+    (`load_into_transformer_2=True` for the low-noise expert; Wan 2.2 files in diffusers' and the original key
+    formats), and caches through `pipe.transformer.enable_cache(...)` / `pipe.transformer_2.enable_cache(...)`: each
+    model call runs inside `cache_context(name)` with the name of its guidance branch ([`branch_name`]), so every
+    branch and each expert keeps its own cache state.
 
     Args:
         tokenizer ([`~transformers.T5Tokenizer`]):
@@ -239,13 +253,29 @@ class BerniniPipeline(DiffusionPipeline):
         """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"` or `"fa3"`.
 
         `None` reads `BERNINI_ATTENTION_BACKEND`, else `"auto"` (FA3 on Hopper, else FA2, else SDPA; float32
-        experts stay on SDPA). A backend that is chosen but missing raises with its install line.
+        experts stay on SDPA). A backend that is chosen but missing raises with its install line. The choice is the
+        experts' own: diffusers' process-wide backend, which other models follow, is left as it was.
         """
         choice = None
         for expert in (self.transformer, self.transformer_2):
             if expert is not None:
                 choice = set_attention_backend(expert, name)
         return choice
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor], adapter_name: str | None = None,
+        hotswap: bool = False, **kwargs,
+    ) -> None:
+        """diffusers' [`~loaders.WanLoraLoaderMixin.load_lora_weights`]: into `transformer`, or into `transformer_2`
+        with `load_into_transformer_2=True` (load a Wan 2.2 LoRA's high- and low-noise files with one call each)."""
+        if kwargs.get("load_into_transformer_2") and self.transformer_2 is None:
+            raise ValueError(
+                "`load_into_transformer_2=True` needs a low-noise expert, but this pipeline has `transformer_2=None` "
+                "(a single-expert model); load the LoRA without it, into `transformer`."
+            )
+        super().load_lora_weights(
+            pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
+        )
 
     # ------------------------------------------------------------------------------------------------ parallelism
 
@@ -681,28 +711,35 @@ class BerniniPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor,
         attention_kwargs: dict[str, Any] | None = None,
+        branch_names: Sequence[str] | None = None,
+        cache_context_kwargs: dict[str, Any] | None = None,
     ) -> list[torch.Tensor]:
         """One step's prediction of every guidance branch, in branch order.
 
         Branches with the same key (identical conditions and text, e.g. V == none without a video) share one forward.
         Under branch parallelism the distinct forwards are dealt to the branch groups and exchanged, so every process
         returns all of them.
+
+        Each forward runs inside `model.cache_context(name, **cache_context_kwargs)`, `name` being the first of its
+        branches' `branch_names` (by default `"branch<i>"`), so that diffusers' cache hooks keep one state per branch.
         """
+        names = list(branch_names) if branch_names is not None else [f"branch{i}" for i in range(len(branches))]
         forwards: dict[tuple, Callable[[], torch.Tensor]] = {}
-        for (conditions, positive), key in zip(branches, branch_keys):
+        for (conditions, positive), key, name in zip(branches, branch_keys, names):
             if key in forwards:
                 continue
 
-            def forward(conditions=conditions, positive=positive) -> torch.Tensor:
-                return model(
-                    hidden_states=latents,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds if positive else negative_prompt_embeds,
-                    condition_latents=conditions.latents or None,
-                    condition_source_ids=conditions.ids or None,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                )[0]
+            def forward(conditions=conditions, positive=positive, name=name) -> torch.Tensor:
+                with model.cache_context(name, **(cache_context_kwargs or {})):
+                    return model(
+                        hidden_states=latents,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds if positive else negative_prompt_embeds,
+                        condition_latents=conditions.latents or None,
+                        condition_source_ids=conditions.ids or None,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
 
             forwards[key] = forward
         if self._parallel_state is None:
@@ -914,13 +951,16 @@ class BerniniPipeline(DiffusionPipeline):
             # one noise for every process of a data group, whatever seed each was given
             latents = self._parallel_state.broadcast(latents)
 
-        # 6. Decide each step's expert and weights, and which branches are the same forward.
+        # 6. Decide each step's expert and weights, which branches are the same forward, and their cache names.
         plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
         experts = (self.transformer, self.transformer_2)
         branches = [(combos[b.combo], b.positive) for b in GUIDANCE_SPECS[mode].branches]
         branch_keys = [(conditions.key(), positive) for conditions, positive in branches]
+        branch_names = [branch_name(b) for b in GUIDANCE_SPECS[mode].branches]
 
-        # 7. Denoising loop.
+        # 7. Denoising loop. Cache hooks start clean even when an earlier call stopped on an error before its reset.
+        for expert in (e for e in experts if e is not None):
+            expert._reset_stateful_cache()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -932,7 +972,8 @@ class BerniniPipeline(DiffusionPipeline):
                 timestep = t.expand(1)
                 branch_outputs = self.predict_branches(
                     model, model_input, timestep, branches, branch_keys, prompt_embeds, negative_prompt_embeds,
-                    attention_kwargs,
+                    attention_kwargs, branch_names,
+                    cache_context_kwargs={"step_index": i, "sigma": sigmas[i], "num_inference_steps": len(timesteps)},
                 )
                 link_weights = [weights[name] for name in guidance.spec.weights]
                 noise_pred = guidance(latents, branch_outputs, link_weights, sigmas[i])

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import ContextParallelConfig, WanTransformer3DModel
+from diffusers.hooks import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import apply_lora_scale
 
 
 def assign_source_ids(num_sources: int, max_trained_src_id: int = 5, interpolate: bool = True) -> list[float]:
@@ -59,6 +61,52 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
     _sequence_parallel_attention: tuple[str, ...] = ("attn1",)
     sequence_parallel: Any = None
 
+    # diffusers' context-parallel plan for Wan splits the target's tokens at `blocks.0` and the output of `rope`, and
+    # gathers after `proj_out`. None of it fits the packed sequence: its RoPE is built per stream, and the output head
+    # keeps the target tokens before `proj_out`, which on a shard would cut the wrong tokens. So there is no plan, and
+    # `enable_parallelism` refuses context parallelism; sequence parallelism is `BerniniPipeline.enable_parallelism`.
+    _cp_plan = None
+
+    def enable_parallelism(self, *, config, cp_plan=None):
+        r"""
+        diffusers' model parallelism, without context parallelism: the packed sequence has no context-parallel plan.
+
+        Raises:
+            ValueError: for a config with a `context_parallel_config` (or a `ContextParallelConfig`), before anything
+                is changed; split the sequence with [`~BerniniPipeline.enable_parallelism`] instead.
+        """
+        if (
+            isinstance(config, ContextParallelConfig)
+            or getattr(config, "context_parallel_config", None) is not None
+            or cp_plan is not None
+        ):
+            raise ValueError(
+                f"`config`={config!r}: BerniniTransformer3DModel does not support diffusers' context parallelism "
+                "(its plan splits the target sequence, not the packed condition + target sequence); use "
+                "`BerniniPipeline.enable_parallelism(ulysses_degree=...)` for sequence parallelism."
+            )
+        return super().enable_parallelism(config=config)
+
+    def enable_cache(self, config) -> None:
+        r"""
+        diffusers' [`~CacheMixin.enable_cache`] for the caches whose state is kept per `cache_context`: FirstBlockCache,
+        TaylorSeer, MagCache (`BerniniPipeline` names each guidance branch's context).
+
+        Raises:
+            ValueError: for FasterCache and Pyramid Attention Broadcast. Their hooks keep one state for every call of
+                the model, so the guidance branches (whose packed sequences differ in length) would reuse each other's
+                attention outputs; FasterCache also expects the unconditional and conditional inputs batched in one
+                forward, while `BerniniPipeline` runs one forward per branch.
+        """
+        if isinstance(config, (FasterCacheConfig, PyramidAttentionBroadcastConfig)):
+            raise ValueError(
+                f"`config` is a {type(config).__name__}, whose state is shared by every guidance branch: the branches "
+                "would reuse each other's attention. Use FirstBlockCacheConfig, TaylorSeerCacheConfig or "
+                "MagCacheConfig, which keep one state per guidance branch."
+            )
+        super().enable_cache(config)
+
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -83,7 +131,8 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             return_dict (`bool`, defaults to `True`):
                 Whether to return a [`~models.modeling_outputs.Transformer2DModelOutput`] instead of a tuple.
             attention_kwargs (`dict`, *optional*):
-                Passed through as in `WanTransformer3DModel`.
+                As in `WanTransformer3DModel`: its `"scale"` scales the LoRA layers for this call, with or without
+                conditions.
             condition_latents (`list[torch.Tensor]`, *optional*):
                 Clean condition latents, each `(batch_size or 1, num_channels, frames_i, height_i, width_i)`, packed in
                 this order before the target.
@@ -91,6 +140,8 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
                 The source id of each condition stream (the target's is 0). Fractional ids are allowed.
         """
         if not condition_latents and self.sequence_parallel is None:
+            # `attention_kwargs` no longer holds "scale" here (the decorator took it), so the parent's own
+            # `apply_lora_scale` scales by 1, a no-op: the LoRA scale is applied once.
             return super().forward(
                 hidden_states,
                 timestep,
@@ -112,6 +163,13 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             )
         if timestep.ndim != 1:
             raise ValueError(f"`timestep` must hold one value per sample, got shape {tuple(timestep.shape)}.")
+        if self.sequence_parallel is not None and isinstance(self._cache_config, FirstBlockCacheConfig):
+            # Each process would judge the first block's change on its own slice of the tokens; processes that
+            # decide differently then wait on different collectives.
+            raise ValueError(
+                "FirstBlockCache cannot run under Ulysses sequence parallelism (each process would decide on its own "
+                "tokens); call `disable_cache()` on the experts or use `branch_degree` instead of `ulysses_degree`."
+            )
 
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size

@@ -21,7 +21,7 @@ import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from bernini_diffusers import attention, cases, cli, demo
+from bernini_diffusers import attention, cases, cli, demo, options
 from bernini_diffusers.media import read_video
 from bernini_diffusers.testing import make_test_image, make_test_video
 
@@ -102,11 +102,11 @@ def test_flash_attention_needs_half_precision(monkeypatch):
     args = cli.build_parser().parse_args(["generate", "--model", "tiny", "--attention_backend", "fa2"])
     monkeypatch.setattr(attention, "resolve_attention_backend", lambda name, dtype: "fa2")  # as on a GPU with flash-attn
     with pytest.raises(ValueError, match="takes bf16 or fp16 weights, not float32"):
-        cli._attention_backend(args, torch.device("cuda"), torch.float32)
-    assert cli._attention_backend(args, torch.device("cuda"), torch.bfloat16) == "fa2"
+        options._attention_backend(args, torch.device("cuda"), torch.float32)
+    assert options._attention_backend(args, torch.device("cuda"), torch.bfloat16) == "fa2"
     # `auto` off CUDA is sdpa whatever is installed: the flash kernels would fail on the first step.
     auto = cli.build_parser().parse_args(["generate", "--model", "tiny", "--attention_backend", "auto"])
-    assert cli._attention_backend(auto, torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert options._attention_backend(auto, torch.device("cpu"), torch.bfloat16) == "sdpa"
 
 
 @pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
@@ -294,7 +294,7 @@ def test_the_rope_table_of_a_local_folder_is_read_from_its_config(tmp_path, caps
     model = tmp_path / "model"
     (model / "transformer").mkdir(parents=True)
     (model / "transformer" / "config.json").write_text(json.dumps({"rope_max_seq_len": 4}))
-    assert cli.known_rope_length(str(model)) == 4 and cli.known_rope_length("org/repo") is None
+    assert options.known_rope_length(str(model)) == 4 and options.known_rope_length("org/repo") is None
     argv = ["generate", "--model", str(model), "--prompt", "p", "--task_type", "t2v", "--num_frames", "17",
             "--height", "32", "--width", "32", "--output", str(tmp_path / "o.mp4")]  # fmt: skip
     assert cli.main(argv) == 2
@@ -446,7 +446,7 @@ def test_media_that_fit_no_single_task_say_which_to_pick(tmp_path, capsys, no_lo
 
 def test_the_demo_starts_with_the_tiny_defaults(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "load_pipeline", lambda args: "pipe")
+    monkeypatch.setattr(options, "load_pipeline", lambda args: "pipe")
 
     def create_demo(pipe, **kwargs):
         seen.update(kwargs["defaults"])
@@ -455,7 +455,7 @@ def test_the_demo_starts_with_the_tiny_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "create_demo", create_demo)
     args = cli.build_parser().parse_args(["demo", "--model", "tiny", "--save_dir", str(tmp_path)])
     demo.serve(args)
-    assert {k: seen[k] for k in cli.TINY_DEFAULTS} == cli.TINY_DEFAULTS
+    assert {k: seen[k] for k in options.TINY_DEFAULTS} == options.TINY_DEFAULTS
     args = cli.build_parser().parse_args(["demo", "--model", "org/repo", "--num_inference_steps", "7"])
     args.save_dir = str(tmp_path)
     demo.serve(args)

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from .constants import ATTENTION_BACKENDS
 
@@ -145,10 +146,6 @@ def set_attention_backend(model: torch.nn.Module, name: str | None = None) -> st
     other diffusers models fall back to is left as it was (``ModelMixin.set_attention_backend`` alone would make the
     choice process-wide).
     """
-    # Imported here rather than at the top, so that importing this module stays free of diffusers' dispatcher (which
-    # imports flash-attn where it is installed); any diffusers model given here has imported it already.
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
     choice = resolve_attention_backend(name, getattr(model, "dtype", None))
     process_wide = _AttentionBackendRegistry._active_backend
     try:

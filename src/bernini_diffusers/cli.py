@@ -1,9 +1,8 @@
 """The `bernini` command line. `bernini generate` runs one case (flags or `--case FILE`) or a batch (`--inputs FILE`).
 
 The official run scripts' commands work with `bernini generate` in place of `python infer_single_gpu.py`, and with
-`torchrun ... -m bernini_diffusers.cli generate` in place of `torchrun ... infer_multi_gpu.py`. Only the standard
-library and the task table are imported at module level, so `bernini --help` answers at once; torch, diffusers and
-the model load inside the command, after every case has been checked.
+`torchrun ... -m bernini_diffusers.cli generate` in place of `torchrun ... infer_multi_gpu.py`. The model loads
+inside the command, after every case has been checked.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
-import json
 import os
 import re
 import sys
@@ -21,21 +19,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import cases as case_files
+from . import media
 from .constants import (
-    ATTENTION_BACKENDS,
-    DTYPES,
-    PE_MAX_RETRIES,
-    PE_MAX_TIMEOUT,
-    PE_RETRIES,
-    PE_RETRIES_ENV,
-    PE_TIMEOUT,
-    PE_TIMEOUT_ENV,
     TINY_MODEL,
-    WAN22_BASE,
 )
+from .demo import add_demo_parser
+from .hub_export.cli import add_export_parser
+from .options import (
+    DEBUG_ENV,
+    HelpFormatter,
+    add_debug_argument,
+    add_model_arguments,
+    add_prompt_enhancer_arguments,
+    add_size_arguments,
+    check_environment,
+    known_rope_length,
+    load_pipeline,
+    load_prompt_enhancer,
+    resolve_model,
+    resolve_size_defaults,
+)
+from .pipeline_bernini import BerniniPipeline
 from .prompt_enhancer import printable
-from .tasks import PLANNER_GUIDANCE_MODES, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_guidance_mode
+from .tasks import (
+    PLANNER_GUIDANCE_MODES,
+    TASKS,
+    GuidanceMode,
+    Need,
+    TaskSpec,
+    TaskType,
+    parse_guidance_mode,
+)
 
 # The `BerniniPipeline.__call__` arguments that have a same-named flag and are passed on by name.
 CALL_ARGUMENTS = (
@@ -48,10 +65,6 @@ CASE_INPUTS = ("prompt", "task_type", "video", "image", "images", "guidance_mode
 GENERATION_ARGUMENTS = tuple(name for name in CALL_ARGUMENTS if name not in CASE_INPUTS)
 # Flags of the full Bernini planner model, accepted with their official defaults and ignored by the renderer.
 PLANNER_FLAGS = {"omega_tgt": 0.5, "planning_step": 25, "vit_txt_cfg": 1.2, "vit_img_cfg": 1.0, "vit_denoising_step": 5}
-# Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
-# tiny random model (the official 81 frames at 480x848 and 40 steps take tens of minutes on a CPU, for noise).
-SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size": 848, "num_inference_steps": 40}
-TINY_DEFAULTS = {"num_frames": 9, "height": 64, "width": 96, "max_image_size": 96, "num_inference_steps": 4}
 # `torch.Generator.manual_seed` takes any integer in [-2**63, 2**64 - 1] (a negative seed wraps modulo 2**64).
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # The longest guidance branch allowed by default, in transformer tokens: 2.5 times the official 720p 121-frame rv2v
@@ -59,16 +72,6 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 # released models would accept (1024 positions per axis, 1024**3 tokens).
 DEFAULT_MAX_TOKENS = 2**20
 MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
-DEBUG_ENV = "BERNINI_DEBUG"
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults appended to each flag's help (a None default's meaning is in the text); epilogs kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _describe_task(spec: TaskSpec) -> str:
@@ -108,140 +111,10 @@ official commands: `python infer_single_gpu.py ARGS` is `bernini generate ARGS`;
 """
 
 
-def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the size flags, unset by default: `resolve_size_defaults` fills them once the model is known."""
-    official, tiny = SIZE_DEFAULTS, TINY_DEFAULTS
-    both = "default: {} ({} with --model tiny)".format
-    parser.add_argument(
-        "--num_frames", type=int,
-        help=f"output frames; for video inputs, the cap (4k+1); {both(official['num_frames'], tiny['num_frames'])}",
-    )
-    parser.add_argument(
-        "--height", type=int,
-        help=f"output height without a source video or image; {both(official['height'], tiny['height'])}",
-    )
-    parser.add_argument(
-        "--width", type=int,
-        help=f"output width without a source video or image; {both(official['width'], tiny['width'])}",
-    )
-    parser.add_argument(
-        "--max_image_size", type=int,
-        help=f"long-side limit of the input media; {both(official['max_image_size'], tiny['max_image_size'])}",
-    )
-    parser.add_argument(
-        "--num_inference_steps", type=int,
-        help=f"denoising steps; {both(official['num_inference_steps'], tiny['num_inference_steps'])}",
-    )
-
-
-def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:
-    """Fill the size flags left unset (see `add_size_arguments`) for the model of `args`; returns what was filled."""
-    defaults = TINY_DEFAULTS if getattr(args, "model", None) == TINY_MODEL else SIZE_DEFAULTS
-    filled = {name: value for name, value in defaults.items() if getattr(args, name, None) is None}
-    for name, value in filled.items():
-        setattr(args, name, value)
-    return filled
-
-
-def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    """`--debug`: show the traceback of a failure (also `BERNINI_DEBUG=1`). Accepted before or after the command."""
-    parser.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS,
-        help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)",
-    )
-
-
-def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload and the official
-    model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
-    """
-    parser.add_argument(
-        "--model", "--config", dest="model", metavar="PATH|REPO|tiny",
-        help=f"diffusers folder or Hub repo of the weights (the official --config folder works too); with "
-             f"--high_noise_ckpt and no --model: {WAN22_BASE}; '{TINY_MODEL}': a random tiny model (noise, for tests)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--high_noise_ckpt", metavar="PATH|REPO", help="separate high-noise expert weights (with --low_noise_ckpt)"
-    )
-    parser.add_argument(
-        "--low_noise_ckpt", metavar="PATH|REPO", help="separate low-noise expert weights (with --high_noise_ckpt)"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bf16 on an accelerator, fp32 on CPU)")
-    parser.add_argument("--device", help="torch device (default: cuda, the local rank's under torchrun; else cpu)")
-    parser.add_argument(
-        "--attention_backend", choices=ATTENTION_BACKENDS,
-        help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa)",
-    )
-    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
-    parser.add_argument(
-        "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
-        help="sample with UniPC; --no-use_unipc: the official Euler flow-matching fallback",
-    )
-    parser.add_argument(
-        "--use_src_tgt_id", action=argparse.BooleanOptionalAction, default=True,
-        help="source-id rotary embedding of the condition streams (use_src_id_rotary_emb)",
-    )
-    parser.add_argument(
-        "--interpolate_src_id", action=argparse.BooleanOptionalAction, default=True,
-        help="spread the ids of more than --max_trained_src_id sources over [1, max] instead of extrapolating",
-    )
-    parser.add_argument("--max_trained_src_id", type=int, default=5, help="largest source id seen in training")
-
-
-def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_prompt_enhancer` reads: `--use_pe`, `--pe_model`, `--pe_timeout` and `--pe_retries`."""
-
-    def checked(kind: type, low: float, high: float, allowed: str):
-        # Refused while the command line is parsed, naming the flag, long before any model work.
-        def convert(text: str):
-            try:
-                value = kind(text)
-            except ValueError:
-                value = None
-            if value is None or not (low < value <= high if kind is float else low <= value <= high):
-                raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
-            return value
-
-        return convert
-
-    parser.add_argument(
-        "--use_pe", action="store_true",
-        help="rewrite each prompt through an OpenAI-compatible endpoint first ($BERNINI_PE_API_KEY or "
-             "$OPENAI_API_KEY, $BERNINI_PE_BASE_URL or $OPENAI_BASE_URL); the raw prompt if it fails",
-    )  # fmt: skip
-    parser.add_argument(
-        "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the official one)"
-    )
-    parser.add_argument(
-        "--pe_timeout", metavar="SECONDS",
-        type=checked(float, 0, PE_MAX_TIMEOUT, f"a number of seconds in (0, {PE_MAX_TIMEOUT:g}]"),
-        help=f"seconds one enhancer request may take (default: ${PE_TIMEOUT_ENV}, else {PE_TIMEOUT:g})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--pe_retries", metavar="N", type=checked(int, 0, PE_MAX_RETRIES, f"a whole number from 0 to {PE_MAX_RETRIES}"),
-        help=f"further tries after a failed enhancer request (default: ${PE_RETRIES_ENV}, else {PE_RETRIES}); a prompt "
-             "waits at most timeout x (retries + 1) plus 1 s, 2 s, ... between tries (63 s by default), then is used "
-             "as given, and an endpoint that failed so is not asked again in the run",
-    )  # fmt: skip
-
-
-def load_prompt_enhancer(args: argparse.Namespace):
-    """The `PromptEnhancer` the enhancer flags describe (see `add_prompt_enhancer_arguments`), None without --use_pe.
-
-    Unset flags fall back to the environment; a bad `BERNINI_PE_TIMEOUT` or `BERNINI_PE_RETRIES` is a `ValueError`
-    naming the variable. No request is made here.
-    """
-    if not args.use_pe:
-        return None
-    from .prompt_enhancer import PromptEnhancer  # an optional part: imported when used
-
-    return PromptEnhancer(model=args.pe_model, timeout=args.pe_timeout, max_retries=args.pe_retries)
-
-
 def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate", help="run one case or a batch; writes a PNG (one frame) or an MP4 per case",
-        formatter_class=_HelpFormatter, description="Run Bernini-R cases and write their results.",
+        formatter_class=HelpFormatter, description="Run Bernini-R cases and write their results.",
         epilog=_tasks_epilog() + "\n" + _GENERATE_EPILOG,
     )
     add_model_arguments(parser.add_argument_group("model"))
@@ -326,169 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     _add_generate_parser(subparsers)
-    from .demo import add_demo_parser  # these modules import nothing heavy at module level
-    from .hub_export.cli import add_export_parser
-
     add_export_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 
 
 # ------------------------------------------------------------------------------------------------ the model
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
-    """The model path or repo to load and the separate-checkpoint arguments of `from_pretrained`."""
-    high, low = args.high_noise_ckpt, args.low_noise_ckpt
-    if (high is None) != (low is None):
-        given = "high_noise_ckpt" if high is not None else "low_noise_ckpt"
-        raise ValueError(f"`high_noise_ckpt` and `low_noise_ckpt` must be given together; got only `{given}`.")
-    checkpoints = {} if high is None else {"high_noise_ckpt": high, "low_noise_ckpt": low}
-    model = args.model
-    if model is None:
-        if not checkpoints:
-            raise ValueError(
-                "`model` is not set: pass --model/--config (a diffusers folder or Hub repo, e.g. "
-                "ByteDance/Bernini-R-Diffusers), or --high_noise_ckpt and --low_noise_ckpt on the Wan2.2 base."
-            )
-        model = WAN22_BASE
-    if model == TINY_MODEL and checkpoints:
-        raise ValueError(f"`model`={TINY_MODEL!r} is built in code; it takes no --high_noise_ckpt/--low_noise_ckpt.")
-    return model, checkpoints
-
-
-def _device(name: str | None):
-    """The torch device `--device` names, checked to exist here (a missing GPU fails now, not after the load)."""
-    import torch
-
-    local_rank = os.environ.get("LOCAL_RANK")
-    given = name
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"  # under torchrun each rank takes its own GPU
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"`device`={given!r} is not a torch device; use cpu, cuda, cuda:N (or another backend torch has)."
-        ) from None
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)
-    available = getattr(backend, "is_available", None)
-    if device.type == "mps":
-        available = torch.backends.mps.is_available
-    if available is None or not available():
-        why = "torch was built without CUDA" if device.type == "cuda" and torch.version.cuda is None else "none found"
-        raise ValueError(
-            f"`device`={given!r}: no {device.type} device is available here ({why}; torch {torch.__version__}); "
-            "use --device cpu, or install a torch build for your accelerator."
-        )
-    count = getattr(backend, "device_count", None)
-    if device.index is not None and count is not None and device.index >= count():
-        raise ValueError(f"`device`={name!r}: this machine has {count()} {device.type} device(s), numbered from 0.")
-    return device
-
-
-def _dtype(args: argparse.Namespace, device):
-    import torch
-
-    return getattr(torch, DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")])
-
-
-def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
-    """The attention backend to set, checked against the device and dtype without loading a model.
-
-    An explicit choice (`--attention_backend` or the environment variable) that cannot run here is a `ValueError`
-    naming it; `auto` off a CUDA device is sdpa, since the flash kernels run on CUDA only.
-    """
-    from . import attention
-
-    name = args.attention_backend
-    source = "`attention_backend`" if name is not None else f"${attention.ENV_VAR}"
-    requested = name if name is not None else os.environ.get(attention.ENV_VAR, "").strip() or "auto"
-    if requested.lower() == "auto" and device.type != "cuda":
-        return "sdpa"
-    try:
-        choice = attention.resolve_attention_backend(name, dtype)
-    except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
-        raise ValueError(f"{source}={requested!r}: {err}") from None
-    if choice in ("fa2", "fa3") and device.type != "cuda":
-        raise ValueError(
-            f"{source}={requested!r} runs on CUDA GPUs only, but the device is {device}; use --attention_backend "
-            "sdpa (or auto)."
-        )
-    if choice in ("fa2", "fa3") and not (dtype.is_floating_point and dtype.itemsize == 2):
-        raise ValueError(
-            f"{source}={requested!r} takes bf16 or fp16 weights, not {str(dtype).replace('torch.', '')}; pass "
-            "--dtype bf16, or use --attention_backend sdpa."
-        )
-    return name
-
-
-def check_environment(args: argparse.Namespace) -> None:
-    """The device, dtype and attention backend the model flags ask for, checked before any weight is read."""
-    device = _device(args.device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
-    _attention_backend(args, device, _dtype(args, device))
-
-
-def known_rope_length(model: str) -> int | None:
-    """The experts' `rope_max_seq_len` when it is known without loading: the tiny model's, or a local folder's
-    `transformer/config.json`; None otherwise (a Hub repo is checked against its config only once loaded)."""
-    if model == TINY_MODEL:
-        from .testing import TINY_TRANSFORMER_CONFIG
-
-        return TINY_TRANSFORMER_CONFIG["rope_max_seq_len"]
-    config = Path(model) / "transformer" / "config.json"
-    try:
-        value = json.loads(config.read_text()).get("rope_max_seq_len")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def load_pipeline(args: argparse.Namespace):
-    """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
-    import torch
-
-    from .pipeline_bernini import BerniniPipeline
-
-    model, checkpoints = resolve_model(args)
-    device = _device(args.device)
-    dtype = _dtype(args, device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
-    max_src_id = args.max_trained_src_id
-    if not isinstance(max_src_id, int) or max_src_id < 1:
-        raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
-
-    if model == TINY_MODEL:
-        from .testing import tiny_pipeline
-
-        pipe = tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
-        print(f"note: --model {TINY_MODEL} has random weights; its output is noise.", file=sys.stderr)
-    else:
-        pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
-    # The official flags win over the loaded config, as the official loader passes them as overrides.
-    pipe.register_to_config(
-        use_unipc=args.use_unipc,
-        use_src_id_rotary_emb=args.use_src_tgt_id,
-        interpolate_src_id=args.interpolate_src_id,
-        max_trained_src_id=max_src_id,
-    )
-    backend = _attention_backend(args, device, dtype)
-    try:
-        pipe.set_attention_backend(backend)
-    except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
-        raise ValueError(f"`attention_backend`={backend!r}: {err}") from None
-    if args.enable_model_cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
 
 
 def enable_parallelism(pipe, args: argparse.Namespace):
@@ -680,8 +396,6 @@ def call_arguments(args: argparse.Namespace, case: case_files.Case) -> dict[str,
 
 def _size_problem(args: argparse.Namespace, call: dict[str, Any], limit: int, rope: int | None) -> str | None:
     """Why the case is too large for the model (its rope table) or for the token budget; None if it fits."""
-    from .pipeline_bernini import BerniniPipeline
-
     tokens, grid = BerniniPipeline.estimate_tokens(**call)
     if rope is not None and max(grid) > rope:
         return (
@@ -703,8 +417,6 @@ def check_cases(args: argparse.Namespace, cases: list[case_files.Case]) -> None:
     """Validate every case's call (inputs, media files, values, size) without a model, and refuse two cases writing
     one file (compared by real path, so a symlinked folder is the same folder); the problems are recorded on the
     cases, in flag names (a case file's own keys keep theirs)."""
-    from .pipeline_bernini import BerniniPipeline
-
     keep = case_files.CASE_KEYS if args.case is not None or args.inputs is not None else ()
     limit, rope = _max_tokens(args), known_rope_length(resolve_model(args)[0])
     writers: dict[str, int] = {}
@@ -744,7 +456,9 @@ def check_outputs(cases: list[case_files.Case], keep: Sequence[str] = ()) -> Non
 
 def _status(message: str) -> None:
     """One status line on stderr, printed above a running progress bar rather than through it."""
-    from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's; already imported with the pipeline
+    from tqdm.auto import (
+        tqdm,  # diffusers' progress bars are tqdm's; already imported with the pipeline
+    )
 
     tqdm.write(message, file=sys.stderr)
 
@@ -771,10 +485,6 @@ def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=Non
 
     The writer prints one status line when the last step ends (decoding) and one before the write.
     """
-    import torch
-
-    from . import media
-
     writer = state is None or state.is_writer
     kwargs = call_arguments(args, case)
     if enhancer is not None:
@@ -856,7 +566,6 @@ def _summary(cases: list[case_files.Case], outcomes: dict[int, _Outcome]) -> str
 
 def _complete_or_note(case: case_files.Case) -> bool:
     """Whether the existing output of `case` is complete; if not (empty, cut short, unreadable) it is redone, noted."""
-    from . import media  # torch comes with it: loaded by the command, not by `bernini --help`
 
     if media.is_complete_output(case.output):
         return True

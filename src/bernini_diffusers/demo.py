@@ -5,8 +5,7 @@
 guidance mode and shows only the media it takes. Requests map onto one `BerniniPipeline` call with `build_call`, the
 result is written with `media.write_output` into the save folder and shown inline.
 
-Only the standard library and the task table are imported at module level (the command line imports this module to
-build its parser); gradio, torch and the pipeline load inside the functions that use them.
+gradio, an optional part, is imported only when the page is built.
 """
 
 from __future__ import annotations
@@ -22,8 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import media, options
 from .constants import MAX_FPS, MIN_FPS
-from .tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, GuidanceMode, Need, TaskSpec, TaskType, parse_task_type
+from .pipeline_bernini import BerniniPipeline
+from .tasks import (
+    DEFAULT_NEGATIVE_PROMPT,
+    TASKS,
+    GuidanceMode,
+    Need,
+    TaskSpec,
+    TaskType,
+    parse_task_type,
+)
 
 # The generation parameters the page exposes, named as `BerniniPipeline.__call__` arguments. Their defaults are read
 # from that signature, so the page and the pipeline cannot drift apart.
@@ -45,8 +56,6 @@ def default_values() -> dict[str, Any]:
     `negative_prompt=None` means the standard Wan negative prompt: the page shows that text. `system_prompt=None`
     means the task's prefix: the page leaves the box empty and shows the prefix as its placeholder.
     """
-    from .pipeline_bernini import BerniniPipeline
-
     parameters = inspect.signature(BerniniPipeline.__call__).parameters
     values = {name: parameters[name].default for name in GENERATION_PARAMETERS}
     values["task_type"] = DEFAULT_TASK.value
@@ -223,10 +232,6 @@ def generate(
     Raises:
         `ValueError` or `FileNotFoundError` for bad input, before any model work.
     """
-    import torch
-
-    from . import media
-
     def report(*args, **kwargs):
         if progress is not None:
             progress(*args, **kwargs)
@@ -480,23 +485,21 @@ def create_demo(
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bernini demo`: the model and prompt-enhancer flags of `bernini generate` plus the official demo's
     server flags."""
-    from . import cli
-
     parser = subparsers.add_parser(
-        "demo", help="serve the Gradio demo", formatter_class=cli._HelpFormatter,
+        "demo", help="serve the Gradio demo", formatter_class=options.HelpFormatter,
         description="Serve every Bernini-R task in a web page (Gradio). One generation runs at a time.",
     )
-    cli.add_model_arguments(parser.add_argument_group("model"))
+    options.add_model_arguments(parser.add_argument_group("model"))
     server = parser.add_argument_group("demo")
-    cli.add_size_arguments(parser.add_argument_group("the page's initial sizes"))
+    options.add_size_arguments(parser.add_argument_group("the page's initial sizes"))
     server.add_argument("--flow_shift", type=float, default=5.0, help="the page's initial flow shift")
     server.add_argument("--ulysses", type=int, default=1, help="must be 1: the demo runs in one process")
     server.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 0.0.0.0 serves the whole network")
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     server.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where the PNG/MP4 results are written")
-    cli.add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
-    cli.add_debug_argument(parser)
+    options.add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
+    options.add_debug_argument(parser)
     parser.set_defaults(func=serve)
     return parser
 
@@ -507,8 +510,6 @@ def serve(args: argparse.Namespace) -> None:
     The page starts from the pipeline's defaults, with the size flags given (for `--model tiny`, small sizes and few
     steps unless they are given, as `bernini generate`).
     """
-    from . import cli
-
     if args.ulysses != 1:
         raise ValueError(
             f"`ulysses`={args.ulysses}: the demo serves one pipeline in one process; use 1 here, and run multi-GPU "
@@ -516,15 +517,15 @@ def serve(args: argparse.Namespace) -> None:
         )
     if not 0 < args.port < 65536:
         raise ValueError(f"`port`={args.port} must be in [1, 65535].")
-    cli.resolve_model(args)
-    cli.resolve_size_defaults(args)
-    for name in cli.SIZE_DEFAULTS:
+    options.resolve_model(args)
+    options.resolve_size_defaults(args)
+    for name in options.SIZE_DEFAULTS:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
-    defaults = {"flow_shift": args.flow_shift, **{name: getattr(args, name) for name in cli.SIZE_DEFAULTS}}
-    cli.check_environment(args)
-    enhancer = cli.load_prompt_enhancer(args)
-    pipe = cli.load_pipeline(args)
+    defaults = {"flow_shift": args.flow_shift, **{name: getattr(args, name) for name in options.SIZE_DEFAULTS}}
+    options.check_environment(args)
+    enhancer = options.load_prompt_enhancer(args)
+    pipe = options.load_pipeline(args)
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults=defaults)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
+import imageio
 import numpy as np
 from PIL import Image
 
@@ -199,8 +200,6 @@ def evenly_spaced(total: int, count: int = FRAMES_PER_VIDEO) -> list[int]:
 def video_frames(video: Any, count: int = FRAMES_PER_VIDEO) -> list[Image.Image]:
     """`count` evenly spaced frames of a video file (read with imageio's ffmpeg, as `media.read_video`) or of frames."""
     if isinstance(video, (str, os.PathLike)):
-        import imageio
-
         reader = imageio.get_reader(Path(video), "ffmpeg")
         try:
             indices = evenly_spaced(reader.count_frames(), count)

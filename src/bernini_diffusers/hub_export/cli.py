@@ -1,7 +1,5 @@
 """`bernini export`: original checkpoints -> one diffusers folder, optionally uploaded to the Hub.
 
-Only argparse is imported at module level (the `bernini` parser builds this subcommand on every start); the
-conversion modules load inside the command.
 """
 
 from __future__ import annotations
@@ -9,7 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..constants import DTYPES, WAN22_BASE
+from .export import check_export_target, export_pipeline, push_folder
 
 DEFAULT_BASE = WAN22_BASE
 
@@ -76,10 +77,6 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> Path:
     """Export (unless only an upload of an existing --out is asked for), then push or list the upload."""
-    import torch
-
-    from .export import check_export_target, export_pipeline, push_folder
-
     if args.dry_run and not args.push_to_hub:
         raise ValueError("`--dry_run` lists an upload; it needs `--push_to_hub REPO_ID`.")
     given = [name for name in ("high_noise_ckpt", "low_noise_ckpt") if getattr(args, name)]

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
+
+from ..transformer_bernini import BerniniTransformer3DModel
 
 EXPERTS = ("transformer", "transformer_2")
 EXPERT_NAMES = {"transformer": "high-noise", "transformer_2": "low-noise"}
@@ -184,10 +189,6 @@ def read_checkpoint(files: list[Path], weight_map: Mapping[str, str] | None = No
 
 def expert_skeleton(config: Mapping):
     """The expert of `config` with its parameters on the meta device (no weight memory); buffers are real."""
-    from accelerate import init_empty_weights
-
-    from ..transformer_bernini import BerniniTransformer3DModel
-
     with init_empty_weights():  # parameters only: RoPE tables are non-persistent buffers the checkpoint lacks
         model = BerniniTransformer3DModel.from_config(dict(config))
     return model
@@ -371,8 +372,6 @@ def output_dtypes(plan: ConversionPlan, dtype: torch.dtype | None = None) -> dic
 def shard_layout(plan: ConversionPlan, max_shard_size: int | str, dtypes: Mapping[str, torch.dtype]):
     """How the converted tensors, written in `dtypes`, split into diffusers-named shards (huggingface_hub's greedy
     split, in plan order)."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
     sizes = {name: _nbytes(info.shape, dtypes[name]) for name, info in plan.tensors.items()}
     return split_state_dict_into_shards_factory(
         sizes, get_storage_size=lambda size: size, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size
@@ -391,8 +390,6 @@ def write_expert_shards(
     Source shards are read in order and each output shard is written as its tensors arrive, so memory holds one
     tensor (plus the pages of the source file being read), never the model. Returns the files written.
     """
-    from huggingface_hub.utils import tqdm
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtypes = output_dtypes(plan, dtype)

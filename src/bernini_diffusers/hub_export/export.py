@@ -23,8 +23,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers.utils import logging
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.serialization._base import parse_size_to_int
+from huggingface_hub.utils import validate_repo_id
 
 from .. import __version__
 from ..constants import WAN22_BASE
@@ -39,8 +44,16 @@ from ..loading import (
     plan_checkpoint,
     resolve_layout,
 )
+from ..pipeline_bernini import BerniniPipeline, default_scheduler
+from ..tasks import TASKS
 from ..transformer_bernini import BerniniTransformer3DModel
-from .convert import DEFAULT_MAX_SHARD_SIZE, EXPERT_NAMES, EXPERTS, verify_written, write_expert_shards
+from .convert import (
+    DEFAULT_MAX_SHARD_SIZE,
+    EXPERT_NAMES,
+    EXPERTS,
+    verify_written,
+    write_expert_shards,
+)
 from .remote_code import add_remote_code
 
 DEFAULT_BASE = WAN22_BASE  # the official `wan22_base`
@@ -264,8 +277,6 @@ class _SignalGuard:
 
 
 def _parse_size(max_shard_size: int | str) -> int:
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
         size = max_shard_size
     elif str(max_shard_size).strip().isdigit():
@@ -285,18 +296,12 @@ def _parse_size(max_shard_size: int | str) -> int:
 
 def _settings(layout: Layout) -> dict[str, Any]:
     """The pipeline settings the exported `model_index.json` records (the base's, with the pipeline's defaults)."""
-    from ..pipeline_bernini import BerniniPipeline
-
     defaults = pipeline_settings(BerniniPipeline)
     return {**defaults, **{k: v for k, v in layout.settings.items() if k in defaults}}
 
 
 def _model_card(repo_id: str, base_model: str, checkpoints: Mapping[str, str]) -> str:
     """README.md with the Hub's YAML front matter (huggingface_hub's ModelCard) and a usage snippet."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from ..tasks import TASKS
-
     data = ModelCardData(
         license=LICENSE,
         library_name="diffusers",
@@ -474,8 +479,6 @@ def export_pipeline(
                 for file in files.get(component, ()):
                     _copy_file(layout.components[component].root / file, tmp / file)
             if "scheduler" not in files:
-                from ..pipeline_bernini import default_scheduler
-
                 default_scheduler().save_config(tmp / "scheduler")
             _write_model_index(tmp, layout)
             add_remote_code(tmp)
@@ -505,8 +508,6 @@ def _is_repo_id(name: Any) -> bool:
 
 
 def _write_model_index(folder: Path, layout: Layout) -> None:
-    import diffusers
-
     index = {
         "_class_name": "BerniniPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -601,10 +602,6 @@ def push_folder(
     Returns:
         The `CommitInfo` of the upload, or for a dry run the list of `(path, size)` that would be uploaded.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import __version__
 from .convert import EXPERTS
 
 PIPELINE_MODULE = "pipeline_bernini"
@@ -41,8 +42,6 @@ __all__ = ["{name}"]
 
 def module_source(name: str) -> str:
     """The source of the module that exposes `name` (the pipeline or the transformer class)."""
-    from .. import __version__
-
     module, what = {
         PIPELINE_CLASS: ("pipeline_bernini", "The Bernini-R pipeline class"),
         TRANSFORMER_CLASS: ("transformer_bernini", "The Bernini-R expert class"),

@@ -1,0 +1,315 @@
+"""The flags and loaders `bernini generate` and `bernini demo` share: the model (weights, dtype, device, attention
+kernel, offload, the official switches), the sizes with their model-dependent defaults, the prompt enhancer and
+`--debug`; and the checks of the device and kernel that run before any weight is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import attention
+from .constants import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    PE_MAX_RETRIES,
+    PE_MAX_TIMEOUT,
+    PE_RETRIES,
+    PE_RETRIES_ENV,
+    PE_TIMEOUT,
+    PE_TIMEOUT_ENV,
+    TINY_MODEL,
+    WAN22_BASE,
+)
+from .pipeline_bernini import BerniniPipeline
+from .prompt_enhancer import PromptEnhancer
+from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
+
+
+# Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
+# tiny random model (the official 81 frames at 480x848 and 40 steps take tens of minutes on a CPU, for noise).
+SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size": 848, "num_inference_steps": 40}
+TINY_DEFAULTS = {"num_frames": 9, "height": 64, "width": 96, "max_image_size": 96, "num_inference_steps": 4}
+DEBUG_ENV = "BERNINI_DEBUG"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to each flag's help (a None default's meaning is in the text); epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add the size flags, unset by default: `resolve_size_defaults` fills them once the model is known."""
+    official, tiny = SIZE_DEFAULTS, TINY_DEFAULTS
+    both = "default: {} ({} with --model tiny)".format
+    parser.add_argument(
+        "--num_frames", type=int,
+        help=f"output frames; for video inputs, the cap (4k+1); {both(official['num_frames'], tiny['num_frames'])}",
+    )
+    parser.add_argument(
+        "--height", type=int,
+        help=f"output height without a source video or image; {both(official['height'], tiny['height'])}",
+    )
+    parser.add_argument(
+        "--width", type=int,
+        help=f"output width without a source video or image; {both(official['width'], tiny['width'])}",
+    )
+    parser.add_argument(
+        "--max_image_size", type=int,
+        help=f"long-side limit of the input media; {both(official['max_image_size'], tiny['max_image_size'])}",
+    )
+    parser.add_argument(
+        "--num_inference_steps", type=int,
+        help=f"denoising steps; {both(official['num_inference_steps'], tiny['num_inference_steps'])}",
+    )
+
+
+def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:
+    """Fill the size flags left unset (see `add_size_arguments`) for the model of `args`; returns what was filled."""
+    defaults = TINY_DEFAULTS if getattr(args, "model", None) == TINY_MODEL else SIZE_DEFAULTS
+    filled = {name: value for name, value in defaults.items() if getattr(args, name, None) is None}
+    for name, value in filled.items():
+        setattr(args, name, value)
+    return filled
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """`--debug`: show the traceback of a failure (also `BERNINI_DEBUG=1`). Accepted before or after the command."""
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS,
+        help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload and the official
+    model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
+    """
+    parser.add_argument(
+        "--model", "--config", dest="model", metavar="PATH|REPO|tiny",
+        help=f"diffusers folder or Hub repo of the weights (the official --config folder works too); with "
+             f"--high_noise_ckpt and no --model: {WAN22_BASE}; '{TINY_MODEL}': a random tiny model (noise, for tests)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--high_noise_ckpt", metavar="PATH|REPO", help="separate high-noise expert weights (with --low_noise_ckpt)"
+    )
+    parser.add_argument(
+        "--low_noise_ckpt", metavar="PATH|REPO", help="separate low-noise expert weights (with --high_noise_ckpt)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bf16 on an accelerator, fp32 on CPU)")
+    parser.add_argument("--device", help="torch device (default: cuda, the local rank's under torchrun; else cpu)")
+    parser.add_argument(
+        "--attention_backend", choices=ATTENTION_BACKENDS,
+        help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa)",
+    )
+    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
+    parser.add_argument(
+        "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
+        help="sample with UniPC; --no-use_unipc: the official Euler flow-matching fallback",
+    )
+    parser.add_argument(
+        "--use_src_tgt_id", action=argparse.BooleanOptionalAction, default=True,
+        help="source-id rotary embedding of the condition streams (use_src_id_rotary_emb)",
+    )
+    parser.add_argument(
+        "--interpolate_src_id", action=argparse.BooleanOptionalAction, default=True,
+        help="spread the ids of more than --max_trained_src_id sources over [1, max] instead of extrapolating",
+    )
+    parser.add_argument("--max_trained_src_id", type=int, default=5, help="largest source id seen in training")
+
+
+def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add the flags `load_prompt_enhancer` reads: `--use_pe`, `--pe_model`, `--pe_timeout` and `--pe_retries`."""
+
+    def checked(kind: type, low: float, high: float, allowed: str):
+        # Refused while the command line is parsed, naming the flag, long before any model work.
+        def convert(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                value = None
+            if value is None or not (low < value <= high if kind is float else low <= value <= high):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+            return value
+
+        return convert
+
+    parser.add_argument(
+        "--use_pe", action="store_true",
+        help="rewrite each prompt through an OpenAI-compatible endpoint first ($BERNINI_PE_API_KEY or "
+             "$OPENAI_API_KEY, $BERNINI_PE_BASE_URL or $OPENAI_BASE_URL); the raw prompt if it fails",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pe_model", help="the enhancer's chat model (default: $BERNINI_PE_MODEL, else the official one)"
+    )
+    parser.add_argument(
+        "--pe_timeout", metavar="SECONDS",
+        type=checked(float, 0, PE_MAX_TIMEOUT, f"a number of seconds in (0, {PE_MAX_TIMEOUT:g}]"),
+        help=f"seconds one enhancer request may take (default: ${PE_TIMEOUT_ENV}, else {PE_TIMEOUT:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pe_retries", metavar="N", type=checked(int, 0, PE_MAX_RETRIES, f"a whole number from 0 to {PE_MAX_RETRIES}"),
+        help=f"further tries after a failed enhancer request (default: ${PE_RETRIES_ENV}, else {PE_RETRIES}); a prompt "
+             "waits at most timeout x (retries + 1) plus 1 s, 2 s, ... between tries (63 s by default), then is used "
+             "as given, and an endpoint that failed so is not asked again in the run",
+    )  # fmt: skip
+
+
+def load_prompt_enhancer(args: argparse.Namespace):
+    """The `PromptEnhancer` the enhancer flags describe (see `add_prompt_enhancer_arguments`), None without --use_pe.
+
+    Unset flags fall back to the environment; a bad `BERNINI_PE_TIMEOUT` or `BERNINI_PE_RETRIES` is a `ValueError`
+    naming the variable. No request is made here.
+    """
+    if not args.use_pe:
+        return None
+    return PromptEnhancer(model=args.pe_model, timeout=args.pe_timeout, max_retries=args.pe_retries)
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """The model path or repo to load and the separate-checkpoint arguments of `from_pretrained`."""
+    high, low = args.high_noise_ckpt, args.low_noise_ckpt
+    if (high is None) != (low is None):
+        given = "high_noise_ckpt" if high is not None else "low_noise_ckpt"
+        raise ValueError(f"`high_noise_ckpt` and `low_noise_ckpt` must be given together; got only `{given}`.")
+    checkpoints = {} if high is None else {"high_noise_ckpt": high, "low_noise_ckpt": low}
+    model = args.model
+    if model is None:
+        if not checkpoints:
+            raise ValueError(
+                "`model` is not set: pass --model/--config (a diffusers folder or Hub repo, e.g. "
+                "ByteDance/Bernini-R-Diffusers), or --high_noise_ckpt and --low_noise_ckpt on the Wan2.2 base."
+            )
+        model = WAN22_BASE
+    if model == TINY_MODEL and checkpoints:
+        raise ValueError(f"`model`={TINY_MODEL!r} is built in code; it takes no --high_noise_ckpt/--low_noise_ckpt.")
+    return model, checkpoints
+
+
+def _device(name: str | None):
+    """The torch device `--device` names, checked to exist here (a missing GPU fails now, not after the load)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    given = name
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"  # under torchrun each rank takes its own GPU
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"`device`={given!r} is not a torch device; use cpu, cuda, cuda:N (or another backend torch has)."
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        why = "torch was built without CUDA" if device.type == "cuda" and torch.version.cuda is None else "none found"
+        raise ValueError(
+            f"`device`={given!r}: no {device.type} device is available here ({why}; torch {torch.__version__}); "
+            "use --device cpu, or install a torch build for your accelerator."
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"`device`={name!r}: this machine has {count()} {device.type} device(s), numbered from 0.")
+    return device
+
+
+def _dtype(args: argparse.Namespace, device):
+    return getattr(torch, DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")])
+
+
+def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
+    """The attention backend to set, checked against the device and dtype without loading a model.
+
+    An explicit choice (`--attention_backend` or the environment variable) that cannot run here is a `ValueError`
+    naming it; `auto` off a CUDA device is sdpa, since the flash kernels run on CUDA only.
+    """
+    name = args.attention_backend
+    source = "`attention_backend`" if name is not None else f"${attention.ENV_VAR}"
+    requested = name if name is not None else os.environ.get(attention.ENV_VAR, "").strip() or "auto"
+    if requested.lower() == "auto" and device.type != "cuda":
+        return "sdpa"
+    try:
+        choice = attention.resolve_attention_backend(name, dtype)
+    except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
+        raise ValueError(f"{source}={requested!r}: {err}") from None
+    if choice in ("fa2", "fa3") and device.type != "cuda":
+        raise ValueError(
+            f"{source}={requested!r} runs on CUDA GPUs only, but the device is {device}; use --attention_backend "
+            "sdpa (or auto)."
+        )
+    if choice in ("fa2", "fa3") and not (dtype.is_floating_point and dtype.itemsize == 2):
+        raise ValueError(
+            f"{source}={requested!r} takes bf16 or fp16 weights, not {str(dtype).replace('torch.', '')}; pass "
+            "--dtype bf16, or use --attention_backend sdpa."
+        )
+    return name
+
+
+def check_environment(args: argparse.Namespace) -> None:
+    """The device, dtype and attention backend the model flags ask for, checked before any weight is read."""
+    device = _device(args.device)
+    if args.enable_model_cpu_offload and device.type == "cpu":
+        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    _attention_backend(args, device, _dtype(args, device))
+
+
+def known_rope_length(model: str) -> int | None:
+    """The experts' `rope_max_seq_len` when it is known without loading: the tiny model's, or a local folder's
+    `transformer/config.json`; None otherwise (a Hub repo is checked against its config only once loaded)."""
+    if model == TINY_MODEL:
+        return TINY_TRANSFORMER_CONFIG["rope_max_seq_len"]
+    config = Path(model) / "transformer" / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("rope_max_seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
+    model, checkpoints = resolve_model(args)
+    device = _device(args.device)
+    dtype = _dtype(args, device)
+    if args.enable_model_cpu_offload and device.type == "cpu":
+        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    max_src_id = args.max_trained_src_id
+    if not isinstance(max_src_id, int) or max_src_id < 1:
+        raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
+
+    if model == TINY_MODEL:
+        pipe = tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
+        print(f"note: --model {TINY_MODEL} has random weights; its output is noise.", file=sys.stderr)
+    else:
+        pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
+    # The official flags win over the loaded config, as the official loader passes them as overrides.
+    pipe.register_to_config(
+        use_unipc=args.use_unipc,
+        use_src_id_rotary_emb=args.use_src_tgt_id,
+        interpolate_src_id=args.interpolate_src_id,
+        max_trained_src_id=max_src_id,
+    )
+    backend = _attention_backend(args, device, dtype)
+    try:
+        pipe.set_attention_backend(backend)
+    except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
+        raise ValueError(f"`attention_backend`={backend!r}: {err}") from None
+    if args.enable_model_cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe

@@ -28,6 +28,7 @@ from .constants import (
 )
 from .demo import add_demo_parser
 from .hub_export.cli import add_export_parser
+from .loading import written_as_path
 from .options import (
     DEBUG_ENV,
     HelpFormatter,
@@ -48,7 +49,6 @@ from .tasks import (
     PLANNER_GUIDANCE_MODES,
     TASKS,
     GuidanceMode,
-    Need,
     TaskSpec,
     TaskType,
     parse_guidance_mode,
@@ -76,10 +76,9 @@ MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
 
 def _describe_task(spec: TaskSpec) -> str:
     inputs = []
-    for name, need in (("video", spec.video), ("image", spec.image), ("images", spec.images)):
-        if need is not Need.NO:
-            count = f" x{spec.num_videos[1]}" if name == "video" and spec.num_videos[1] > 1 else ""
-            inputs.append(f"--{name}{count} ({need.value})")
+    for name, need in spec.inputs:
+        count = f" x{spec.num_videos[1]}" if name == "video" and spec.num_videos[1] > 1 else ""
+        inputs.append(f"--{name}{count} ({need.value})")
     output = "PNG" if spec.is_image else "MP4"
     return (
         f"  {spec.task.value:<6} {spec.description}; {', '.join(inputs) or 'text only'}; "
@@ -280,17 +279,13 @@ def _max_tokens(args: argparse.Namespace) -> int:
     return int(raw)
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or model in (".", "..") or os.sep + os.sep in model
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     """Flag checks that need no file and no model: each error names the flag, the value and what is allowed.
 
     Also fills the size flags left unset with the model's defaults (`resolve_size_defaults`).
     """
     model, _ = resolve_model(args)
-    if model != TINY_MODEL and _looks_like_path(model) and not Path(model).expanduser().exists():
+    if model != TINY_MODEL and written_as_path(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"`model`: no such folder: '{model}'")
     filled = resolve_size_defaults(args)
     if model == TINY_MODEL and set(filled) - {"max_image_size"}:

@@ -107,13 +107,12 @@ def media_layout(spec: TaskSpec) -> MediaLayout:
 
 def describe_task(spec: TaskSpec) -> str:
     """One line for the page: what the task does and what it takes."""
-    takes = []
-    if spec.video is not Need.NO:
-        takes.append("a source video and an insert video" if spec.num_videos[1] > 1 else "a source video")
-    if spec.image is not Need.NO:
-        takes.append("a source image")
-    if spec.images is not Need.NO:
-        takes.append("reference images" + (" (optional)" if spec.images is Need.OPTIONAL else ""))
+    words = {
+        "video": "a source video and an insert video" if spec.num_videos[1] > 1 else "a source video",
+        "image": "a source image",
+        "images": "reference images",
+    }
+    takes = [words[name] + (" (optional)" if need is Need.OPTIONAL else "") for name, need in spec.inputs]
     output = "one image" if spec.is_image else "a video"
     return (
         f"**{spec.task.value}**: {spec.description}. Takes {', '.join(takes) or 'text only'}; makes {output}. "

@@ -126,8 +126,19 @@ def _walk(root: Path, depth: int = 2) -> set[str]:
     return found
 
 
-def is_repo_id(name: str) -> bool:
-    """Whether `name` is a valid Hub repo id (huggingface_hub's rules); it says nothing of whether the repo exists."""
+def written_as_path(name: str) -> bool:
+    """Whether `name` is written as a filesystem path (absolute, `./`, `../`, `~`, `.`, `..`): never a Hub repo id,
+    so a typo in it is reported as a missing path instead of becoming a Hub request."""
+    name = str(name)
+    return Path(name).is_absolute() or name.startswith(("./", "../", "~")) or name in (".", "..")
+
+
+def is_repo_id(name: str | os.PathLike) -> bool:
+    """Whether `name` names a Hub repo: not an existing local path, not written as one (`written_as_path`), and a
+    valid repo id by huggingface_hub's rules. It says nothing of whether the repo exists."""
+    name = str(name)
+    if Path(name).exists() or written_as_path(name):
+        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -158,7 +169,7 @@ class ModelFiles:
         if path.is_dir():
             return cls(str(name), path, _walk(path))
         name = str(name)
-        if path.exists() or not is_repo_id(name):
+        if not is_repo_id(name):
             raise FileNotFoundError(f"`{argument}`={name!r} is neither a model folder nor a Hub repo id (owner/name).")
         try:
             snapshot = huggingface_hub.snapshot_download(
@@ -387,7 +398,7 @@ def resolve_checkpoint(
     if path.is_dir():
         repo, inner = ModelFiles.open(path, {}, argument), ""
     else:
-        if path.is_absolute() or spec.startswith(("./", "../")):  # a path, never a Hub id: no request for a typo
+        if written_as_path(spec):  # a path, never a Hub id: no request for a typo
             raise FileNotFoundError(f"{where} does not exist.")
         repo_id, revision, inner = parse_checkpoint_spec(spec)
         if not is_repo_id(repo_id):

@@ -30,7 +30,6 @@ from .pipeline_bernini import BerniniPipeline
 from .prompt_enhancer import PromptEnhancer
 from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
 
-
 # Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
 # tiny random model (the official 81 frames at 480x848 and 40 steps take tens of minutes on a CPU, for noise).
 SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size": 848, "num_inference_steps": 40}

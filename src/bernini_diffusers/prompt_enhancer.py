@@ -38,7 +38,14 @@ import imageio
 import numpy as np
 from PIL import Image
 
-from .constants import PE_MAX_RETRIES, PE_MAX_TIMEOUT, PE_RETRIES, PE_RETRIES_ENV, PE_TIMEOUT, PE_TIMEOUT_ENV
+from .constants import (
+    PE_MAX_RETRIES,
+    PE_MAX_TIMEOUT,
+    PE_RETRIES,
+    PE_RETRIES_ENV,
+    PE_TIMEOUT,
+    PE_TIMEOUT_ENV,
+)
 
 logger = logging.getLogger(__name__)
 

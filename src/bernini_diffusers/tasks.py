@@ -90,6 +90,14 @@ class TaskSpec:
     def system_prompt(self) -> str:
         return SYSTEM_PROMPTS[self.task.value]
 
+    @property
+    def inputs(self) -> tuple[tuple[str, Need], ...]:
+        """The media arguments the task takes (`video`, `image`, `images`, in that order), each with its need; the
+        one description of a task's inputs that the argument check, the command line and the demo word their own way.
+        """
+        media = (("video", self.video), ("image", self.image), ("images", self.images))
+        return tuple((name, need) for name, need in media if need is not Need.NO)
+
 
 TASKS: dict[TaskType, TaskSpec] = {
     spec.task: spec

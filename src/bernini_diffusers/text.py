@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # ftfy, double html.unescape, whitespace collapse
+from diffusers.pipelines.wan.pipeline_wan import (
+    prompt_clean,  # ftfy, double html.unescape, whitespace collapse
+)
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .tasks import SYSTEM_PROMPTS, TaskType

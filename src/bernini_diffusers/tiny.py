@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .pipeline_bernini import BerniniPipeline, default_scheduler

@@ -503,8 +503,8 @@ def export_pipeline(
 
 
 def _is_repo_id(name: Any) -> bool:
-    """Whether `name` names a repo for the model card: an owner/name id that is not a local path."""
-    return isinstance(name, str) and not Path(name).exists() and name.count("/") == 1 and is_repo_id(name)
+    """Whether `name` names a repo for the model card's `base_model`: an owner/name id that is not a local path."""
+    return isinstance(name, str) and "/" in name and is_repo_id(name)
 
 
 def _write_model_index(folder: Path, layout: Layout) -> None:

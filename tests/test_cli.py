@@ -24,10 +24,11 @@ from bernini_diffusers.testing import make_test_image, make_test_video, save_tin
 
 SMALL = ["--model", "tiny", "--prompt", "a cat", "--num_frames", "5", "--height", "32", "--width", "48",
          "--num_inference_steps", "2"]  # fmt: skip
-# `__call__` arguments that are Python-only (objects, callbacks) or fixed by the CLI.
+# `__call__` arguments that are Python-only (objects, callbacks, diffusers' aliases and batching) or fixed by the CLI.
 NOT_FLAGS = {
     "self", "generator", "latents", "output_type", "return_dict", "attention_kwargs", "callback_on_step_end",
-    "callback_on_step_end_tensor_inputs",
+    "callback_on_step_end_tensor_inputs", "prompt_embeds", "negative_prompt_embeds", "guidance_scale",
+    "num_videos_per_prompt", "max_sequence_length",
 }  # fmt: skip
 
 

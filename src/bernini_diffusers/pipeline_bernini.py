@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -46,7 +48,7 @@ from .tasks import (
     parse_guidance_mode,
     parse_task_type,
 )
-from .text import encode_texts, positive_text, restore_tokenizer_pipeline
+from .text import MAX_SEQUENCE_LENGTH, encode_texts, positive_text, restore_tokenizer_pipeline
 from .transformer_bernini import BerniniTransformer3DModel, assign_source_ids
 
 if TYPE_CHECKING:
@@ -99,8 +101,8 @@ class BerniniPipelineOutput(BaseOutput):
     Args:
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
             The decoded frames, `(batch_size, num_frames, height, width, 3)` for `"np"`, `(batch_size, num_frames, 3,
-            height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latent
-            `(1, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that do not
+            height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latents
+            `(batch_size, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that do not
             write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
         fps (`float`):
             The frame rate the frames were sampled at; `save` writes the video at it.
@@ -191,8 +193,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             The Wan VAE; it runs in float32.
         scheduler ([`UniPCMultistepScheduler`]):
             UniPC on flow sigmas. `flow_shift` is set per call.
-        transformer ([`BerniniTransformer3DModel`]):
-            The high-noise expert (the only one of the 1.3B model).
+        transformer ([`BerniniTransformer3DModel`], *optional*):
+            The high-noise expert (the only one of the 1.3B model). `None` with a `transformer_2` needs
+            `boundary_ratio=1.0`: every step then runs on `transformer_2`, as in `WanPipeline`.
         transformer_2 ([`BerniniTransformer3DModel`], *optional*):
             The low-noise expert; `None` for the single-expert 1.3B model.
         boundary_ratio (`float`, *optional*, defaults to 0.875):
@@ -219,7 +222,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         text_encoder,
         vae: AutoencoderKLWan,
         scheduler: UniPCMultistepScheduler,
-        transformer: BerniniTransformer3DModel,
+        transformer: BerniniTransformer3DModel | None,
         transformer_2: BerniniTransformer3DModel | None = None,
         boundary_ratio: float | None = 0.875,
         max_trained_src_id: int = 5,
@@ -234,6 +237,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     f"`{name}` must be a BerniniTransformer3DModel, got {type(expert).__name__}; load the weights "
                     "with `BerniniTransformer3DModel.from_pretrained(...)` (the checkpoints are Wan-compatible)."
                 )
+        _check_experts(transformer, transformer_2, boundary_ratio)
         restore_tokenizer_pipeline(tokenizer)
         self.register_modules(
             tokenizer=tokenizer,
@@ -456,6 +460,11 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         output_type,
         callback_on_step_end_tensor_inputs,
         limits: tuple[int, int, int] = (1024, 4, 8),
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        num_videos_per_prompt=1,
+        guidance_scale=None,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
     ):
         """Validate every argument before any model work; each error names the argument, the value and what is allowed.
 
@@ -463,11 +472,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         released models'.
         """
         task = spec.task.value
-        if not isinstance(prompt, str):
-            raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
-        for name, value in (("negative_prompt", negative_prompt), ("system_prompt", system_prompt)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"`{name}` must be a string or None, got {type(value).__name__}.")
+        num_prompts = cls._check_text(
+            prompt, negative_prompt, system_prompt, prompt_embeds, negative_prompt_embeds, scalars, guidance_scale
+        )
 
         def need(name: str, rule: Need, given: bool, takes: str):
             if rule is Need.NO and given:
@@ -493,13 +500,18 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
                 raise ValueError(f"`{name}`={value!r} must be an integer {bound}.")
 
-        rope_len, temporal, spatial = limits
-        integer("num_frames", num_frames, 1, (rope_len - 1) * temporal + 1)
-        max_pixels = rope_len * spatial * 2
+        # The experts' RoPE table bounds only the sizes a call uses: image tasks make one frame whatever
+        # `num_frames` says, and a source video or image sets the output size instead of `height`/`width`.
+        rope_len, temporal, _ = limits
+        integer("num_frames", num_frames, 1, None if spec.is_image else (rope_len - 1) * temporal + 1)
+        max_pixels = None if videos or image is not None else _max_pixels(limits)
         integer("height", height, 16, max_pixels)
         integer("width", width, 16, max_pixels)
-        integer("max_image_size", max_image_size, 16, max_pixels)
+        # A cap on the media's long side, not a size: above what the experts hold it is clamped (see `__call__`).
+        integer("max_image_size", max_image_size, 16)
         integer("num_inference_steps", num_inference_steps, 1, 1000)
+        integer("num_videos_per_prompt", num_videos_per_prompt, 1)
+        integer("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
         media.check_fps(fps)  # the range the writer and the frame sampling accept, so no output is lost to it
         if not _is_real(flow_shift) or flow_shift <= 0:
             raise ValueError(f"`flow_shift`={flow_shift!r} must be a positive number.")
@@ -511,13 +523,24 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError(
                 f"`norm_threshold`={norm_threshold!r} must be a number >= 0 or a non-empty list of them (0 disables)."
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
-        if generator is not None and generator.device.type != "cpu":
+        batch_size = num_prompts * num_videos_per_prompt
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
             raise ValueError(
-                f"`generator` must be a CPU torch.Generator (the official noise is drawn on the CPU), got one on "
-                f"{generator.device}."
+                f"`generator` is a list of {len(generator)} generators; it must hold one per video: {num_prompts} "
+                f"prompt(s) x num_videos_per_prompt={num_videos_per_prompt} = {batch_size}."
             )
+        for g in generators:
+            if g is not None and not isinstance(g, torch.Generator):
+                raise ValueError(
+                    f"`generator` must be a torch.Generator, a list of them (one per video) or None, got "
+                    f"{type(g).__name__}."
+                )
+            if g is not None and g.device.type != "cpu":
+                raise ValueError(
+                    f"`generator` must be a CPU torch.Generator (the official noise is drawn on the CPU), got one on "
+                    f"{g.device}."
+                )
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise ValueError(f"`latents` must be a torch.Tensor or None, got {type(latents).__name__}.")
         if output_type not in OUTPUT_TYPES:
@@ -527,6 +550,65 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {cls._callback_tensor_inputs}."
             )
+
+    @classmethod
+    def _check_text(
+        cls, prompt, negative_prompt, system_prompt, prompt_embeds, negative_prompt_embeds, scalars, guidance_scale
+    ) -> int:
+        """Check the text arguments and return the number of prompts (rows of `prompt_embeds` when given)."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both: the embeddings replace the text.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError(
+                "Pass either `negative_prompt` or `negative_prompt_embeds`, not both: the embeddings replace the text."
+            )
+        if prompt_embeds is not None:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3 or not len(prompt_embeds):
+                raise ValueError(
+                    f"`prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim), got {_describe(prompt_embeds)}."
+                )
+            num_prompts = prompt_embeds.shape[0]
+        elif isinstance(prompt, str):
+            num_prompts = 1
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            num_prompts = len(prompt)
+        else:
+            raise ValueError(
+                f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got "
+                f"{_describe(prompt)}."
+            )
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != num_prompts or not all(isinstance(n, str) for n in negative_prompt):
+                raise ValueError(
+                    f"`negative_prompt` as a list must hold one string per prompt ({num_prompts}), got "
+                    f"{_describe(negative_prompt)}."
+                )
+        elif negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(
+                f"`negative_prompt` must be a string, a list of strings (one per prompt) or None, got "
+                f"{type(negative_prompt).__name__}."
+            )
+        if negative_prompt_embeds is not None and (
+            not isinstance(negative_prompt_embeds, torch.Tensor)
+            or negative_prompt_embeds.ndim != 3
+            or negative_prompt_embeds.shape[0] != num_prompts
+        ):
+            raise ValueError(
+                f"`negative_prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim) with one row per "
+                f"prompt ({num_prompts}), got {_describe(negative_prompt_embeds)}."
+            )
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"`system_prompt` must be a string or None, got {type(system_prompt).__name__}.")
+        if guidance_scale is not None:
+            if not _is_real(guidance_scale):
+                raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number or None.")
+            omega_txt, default = scalars["omega_txt"], inspect.signature(cls.__call__).parameters["omega_txt"].default
+            if omega_txt != default and omega_txt != guidance_scale:
+                raise ValueError(
+                    f"`guidance_scale`={guidance_scale!r} and `omega_txt`={omega_txt!r} disagree: `guidance_scale` is "
+                    "diffusers' name of the text weight `omega_txt`; pass one of them."
+                )
+        return num_prompts
 
     @classmethod
     def validate_call(cls, **kwargs) -> None:
@@ -605,6 +687,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             args["images"], args["num_frames"], args["height"], args["width"], args["max_image_size"], args["fps"],
             args["num_inference_steps"], args["flow_shift"], scalars, args["norm_threshold"], args["generator"],
             args["latents"], args["output_type"], args["callback_on_step_end_tensor_inputs"], limits=limits,
+            prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
+            num_videos_per_prompt=args["num_videos_per_prompt"], guidance_scale=args["guidance_scale"],
+            max_sequence_length=args["max_sequence_length"],
         )
         return spec, mode, videos
 
@@ -639,11 +724,117 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------------------------------------ encoders
 
-    def encode_prompt(self, positive: str, negative: str, device: torch.device, dtype: torch.dtype):
-        """Embeddings `[1, 512, D]` of the positive text (already prefixed and cleaned) and the raw negative text."""
-        positive_embeds = encode_texts(self.tokenizer, self.text_encoder, [positive], device, dtype)
-        negative_embeds = encode_texts(self.tokenizer, self.text_encoder, [negative], device, dtype)
-        return positive_embeds, negative_embeds
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        task_type: str | TaskType | None = "t2v",
+        system_prompt: str | None = None,
+    ):
+        r"""
+        Encode the positive and negative texts with UMT5, as `__call__` does; the embeddings can be passed to
+        `__call__` as `prompt_embeds` and `negative_prompt_embeds`, which then equals the call with the texts.
+
+        The task's system prefix belongs to the positive text: `task_type` (or `system_prompt`) prepends it to each
+        cleaned prompt here, so encode with the `task_type` (and `system_prompt`) of the call the embeddings are for.
+        `__call__` takes precomputed embeddings as given. The negative text is encoded raw (no prefix, no cleaning).
+        Each distinct text is encoded on its own, so a batch's rows equal the single texts' embeddings exactly.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s); `None` when `prompt_embeds` is given.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The negative text, one for all prompts or one per prompt. `None` uses the default Wan negative prompt.
+            do_classifier_free_guidance (`bool`, defaults to `True`):
+                Also encode the negative text. Every guidance mode of the renderer uses it; `False` returns `None` in
+                its place.
+            num_videos_per_prompt (`int`, defaults to 1):
+                Repeat each prompt's row this many times (consecutively), as the batch of `__call__` does.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed positive embeddings `(num_prompts, sequence_length, text_dim)`, used as given.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed negative embeddings, one row per prompt, used as given.
+            max_sequence_length (`int`, defaults to 512):
+                Tokens per text; the rows past a text's length are zero. The renderer uses 512.
+            device (`torch.device`, *optional*):
+                Where the embeddings go; defaults to the pipeline's execution device.
+            dtype (`torch.dtype`, *optional*):
+                Their dtype; defaults to the experts' (the text encoder's when the pipeline has no expert).
+            task_type (`str` or `TaskType`, *optional*, defaults to `"t2v"`):
+                The task whose system prefix is prepended to each cleaned prompt. `None` encodes `prompt` exactly as
+                given (no prefix, no cleaning).
+            system_prompt (`str`, *optional*):
+                A prefix to use instead of the task's (with a `task_type`).
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor | None]`: `prompt_embeds` and `negative_prompt_embeds`, each
+            `(num_prompts * num_videos_per_prompt, max_sequence_length, text_dim)`.
+        """
+        if isinstance(do_classifier_free_guidance, (torch.device, str)) or isinstance(num_videos_per_prompt, torch.dtype):
+            # The earlier form `encode_prompt(positive_text, negative_text, device, dtype)`, texts taken as given.
+            warnings.warn(
+                "`encode_prompt(prompt, negative_prompt, device, dtype)` is deprecated; pass `device=` and `dtype=` by "
+                "name (and `task_type=None` for texts that already carry the system prefix).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            device, dtype = do_classifier_free_guidance, num_videos_per_prompt
+            do_classifier_free_guidance, num_videos_per_prompt, task_type = True, 1, None
+        device = torch.device(device) if device is not None else self._execution_device
+        if dtype is None:
+            expert = self._first_expert(required=False)
+            dtype = (expert or self.text_encoder).dtype
+
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if task_type is not None:
+                task = parse_task_type(task_type)
+                prompts = [positive_text(p, task, system_prompt) for p in prompts]
+            prompt_embeds = self._encode_each(prompts, device, dtype, max_sequence_length)
+        else:
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        num_prompts = prompt_embeds.shape[0]
+
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        elif negative_prompt_embeds is None:
+            negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            negatives = [negative] * num_prompts if isinstance(negative, str) else list(negative)
+            if len(negatives) != num_prompts:
+                raise ValueError(
+                    f"`negative_prompt` holds {len(negatives)} texts; it must hold one, or one per prompt "
+                    f"({num_prompts})."
+                )
+            negative_prompt_embeds = self._encode_each(negatives, device, dtype, max_sequence_length)
+        else:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+
+        # (num_prompts, L, D) -> (num_prompts * num_videos_per_prompt, L, D): each prompt's videos side by side
+        prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_each(self, texts: list[str], device, dtype, max_sequence_length: int) -> torch.Tensor:
+        """UMT5 embeddings `(len(texts), L, D)`, each distinct text encoded alone (a batch then equals single calls)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no `text_encoder`/`tokenizer`; pass `prompt_embeds` and `negative_prompt_embeds`."
+            )
+        encoded: dict[str, torch.Tensor] = {}
+        for text in texts:
+            if text not in encoded:
+                encoded[text] = encode_texts(
+                    self.tokenizer, self.text_encoder, [text], device, dtype, max_sequence_length
+                )
+        return torch.cat([encoded[text] for text in texts])
 
     def _latents_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -668,7 +859,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return self.video_processor.postprocess_video(video.float(), output_type=output_type)
 
     def prepare_latents(self, shape: tuple[int, ...], generator, latents, device: torch.device) -> torch.Tensor:
-        """The initial noise, drawn in float32 on the CPU with `generator` (the first and only draw), then moved."""
+        """The initial noise `shape` (batch first), drawn in float32 on the CPU with `generator` (the first and only
+        draw), then moved. As diffusers' `randn_tensor`: one generator draws the whole batch at once; a list of
+        generators (one per video) draws each video's noise from its own, as a single call with it would."""
         if latents is not None:
             return latents.to(device=device, dtype=torch.float32)
         return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32).to(device)
@@ -695,10 +888,13 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """Per step: which expert (0 high, 1 low) and which guidance weights, decided before the loop.
 
         `t >= boundary` (on the integer timestep) uses the high-noise expert. At the first low-noise step the weights
-        are multiplied by `omega_scale`, once; they stay scaled to the end. A single expert never rescales.
+        are multiplied by `omega_scale`, once; they stay scaled to the end. A single expert never rescales. Without a
+        high-noise expert (`transformer=None`, `boundary_ratio >= 1`) every step is a low-noise step.
         """
         two_experts = self.transformer_2 is not None and self.config.boundary_ratio is not None
         boundary = self.config.boundary_ratio * num_train_timesteps if two_experts else None
+        if two_experts and self.transformer is None:
+            boundary = math.inf  # a timestep of exactly 1000 (the Euler fallback's first) stays on `transformer_2`
         plan, scaled = [], False
         for t in timesteps:
             expert = 1 if two_experts and t < boundary else 0
@@ -784,15 +980,33 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def guidance_scale(self) -> float:
+        """The text weight (`omega_txt`) of the current or last call, under diffusers' name."""
+        return self._guidance_scale
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        return self._attention_kwargs
+
+    def _first_expert(self, required: bool = True) -> BerniniTransformer3DModel | None:
+        """The high-noise expert, else the low-noise one (they share their config); `required` raises without one."""
+        expert = self.transformer if self.transformer is not None else self.transformer_2
+        if expert is None and required:
+            raise ValueError(
+                "This pipeline has no expert (`transformer` and `transformer_2` are None); it can only `encode_prompt`."
+            )
+        return expert
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str = None,
+        prompt: str | list[str] | None = None,
         task_type: str | TaskType = "t2v",
         video: Any = None,
         image: str | os.PathLike | PIL.Image.Image | None = None,
         images: Sequence[str | os.PathLike | PIL.Image.Image] | None = None,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         system_prompt: str | None = None,
         guidance_mode: str | GuidanceMode | None = None,
         num_frames: int = 81,
@@ -809,33 +1023,41 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         eta: float = 0.5,
         momentum: float = 0.0,
         norm_threshold: float | Sequence[float] = 50.0,
-        generator: torch.Generator | None = None,
+        guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ) -> BerniniPipelineOutput | tuple:
         r"""
         Run the Bernini-R renderer.
 
         Args:
-            prompt (`str`):
+            prompt (`str` or `list[str]`, *optional*):
                 What to generate or how to edit. The task's system prefix is prepended (no separator) after cleaning.
+                A list renders one batch, each prompt with the same media and settings. Give `prompt_embeds` instead
+                to skip the text encoder.
             task_type (`str` or `TaskType`, defaults to `"t2v"`):
                 One of `t2i`, `t2v`, `i2i`, `v2v`, `mv2v`, `r2v`, `rv2v`, `ads2v`.
             video (`str`, `list[str]` or frames, *optional*):
                 The source video (v2v, mv2v, rv2v) or `[source, insert]` (ads2v): paths, or decoded frames (a list of
-                PIL images or a uint8 array `[T, H, W, 3]`, taken to be at `fps`).
+                PIL images or a uint8 array `[T, H, W, 3]`, taken to be at `fps`). Shared by every video of a batch.
             image (`str` or `PIL.Image.Image`, *optional*):
-                The source image of i2i.
+                The source image of i2i. Shared by every video of a batch.
             images (`list[str | PIL.Image.Image]`, *optional*):
-                Reference images (r2v, rv2v; optional for i2i and ads2v).
-            negative_prompt (`str`, *optional*):
-                Tokenized raw, with no prefix and no cleaning. `None` uses the default Wan negative prompt.
+                Reference images (r2v, rv2v; optional for i2i and ads2v). Shared by every video of a batch.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                Tokenized raw, with no prefix and no cleaning; one for all prompts or one per prompt. `None` uses the
+                default Wan negative prompt.
             system_prompt (`str`, *optional*):
-                The prefix of the positive prompt. `None` uses the task's.
+                The prefix of the positive prompt. `None` uses the task's. Not applied to `prompt_embeds`.
             guidance_mode (`str` or `GuidanceMode`, *optional*):
                 One of `t2v`, `t2v_apg`, `v2v`, `v2v_apg`, `v2v_chain`, `r2v_apg`, `rv2v`. `None` uses the task's default.
             num_frames (`int`, defaults to 81):
@@ -845,7 +1067,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             width (`int`, defaults to 848):
                 Output width when no video or source image sets it.
             max_image_size (`int`, defaults to 848):
-                Long-side limit of the input media (never upscaled; sizes snap to multiples of 16).
+                Long-side limit of the input media (never upscaled; sizes snap to multiples of 16). A limit above what
+                the experts' RoPE table holds (`rope_max_seq_len` x 16 pixels, 16384 for the released models) is
+                lowered to it, so the default fits small test models too.
             fps (`float`, defaults to 16):
                 The rate source videos are resampled to, and the output video's rate: 1 to 240 (`constants.MIN_FPS`,
                 `constants.MAX_FPS`).
@@ -867,10 +1091,24 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 APG momentum.
             norm_threshold (`float` or `list[float]`, defaults to 50.0):
                 APG per-frame norm clamp (0 disables); a list gives one value per APG link.
-            generator (`torch.Generator`, *optional*):
-                A CPU generator for the initial noise.
+            guidance_scale (`float`, *optional*):
+                diffusers' name of the text weight: the same as `omega_txt` (an `omega_txt` other than its default
+                that disagrees with it is an error). The low-noise steps scale it by `omega_scale` as they do
+                `omega_txt`; there is no `guidance_scale_2`.
+            num_videos_per_prompt (`int`, defaults to 1):
+                Videos per prompt; the batch is `len(prompt) * num_videos_per_prompt`, each prompt's videos
+                consecutive. Every sample is guided on its own (per-sample APG norms), so a batch equals its samples
+                run one by one with the same generators.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                CPU generator(s) for the initial noise: one draws the whole batch at once; a list holds one per video
+                (in batch order), and a video then gets the noise a single call with its generator gets.
             latents (`torch.Tensor`, *optional*):
-                Initial noise `[1, 16, T_lat, H/8, W/8]` instead of drawing it.
+                Initial noise `[batch, 16, T_lat, H/8, W/8]` instead of drawing it.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed positive text embeddings `(num_prompts, sequence_length, text_dim)`, used as given: make
+                them with [`~BerniniPipeline.encode_prompt`] and the call's `task_type`, which adds the system prefix.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed negative text embeddings, one row per prompt. `None` encodes `negative_prompt`.
             output_type (`str`, defaults to `"np"`):
                 `"np"`, `"pil"`, `"pt"`, or `"latent"` for the final normalised latent.
             return_dict (`bool`, defaults to `True`):
@@ -881,28 +1119,43 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after each step.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 The tensors passed in `callback_kwargs`.
+            max_sequence_length (`int`, defaults to 512):
+                Tokens per text (at most 512, the renderer's length).
 
         Returns:
-            [`BerniniPipelineOutput`] or `tuple`: the frames (or latent) and the fps.
+            [`BerniniPipelineOutput`] or `tuple`: the frames (or latents) of every video of the batch, and the fps.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs and read the media, before any model work.
-        rope_len = self.transformer.config.rope_max_seq_len
+        expert = self._first_expert()
+        _check_experts(self.transformer, self.transformer_2, self.config.boundary_ratio)
+        rope_len = expert.config.rope_max_seq_len
         limits = (rope_len, self.vae_scale_factor_temporal, self.vae_scale_factor_spatial)
         spec, mode, videos = self._check_call(locals(), limits)
+        if prompt_embeds is not None and prompt_embeds.shape[-1] != expert.config.text_dim:
+            raise ValueError(
+                f"`prompt_embeds` must have the experts' text_dim {expert.config.text_dim} as last size, got shape "
+                f"{tuple(prompt_embeds.shape)}."
+            )
         task = spec.task
+        omega_txt = omega_txt if guidance_scale is None else guidance_scale
         omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
         if spec.is_image:
             num_frames = 1
+        max_image_size = min(max_image_size, _max_pixels(limits))
         video_pixels, image_pixels, reference_pixels = self.load_media(
             videos, image, images, max_image_size, fps, num_frames
         )
         frames, height, width = self.output_geometry(spec, video_pixels, image_pixels, num_frames, height, width)
+        if prompt_embeds is not None:
+            num_prompts = prompt_embeds.shape[0]
+        else:
+            num_prompts = 1 if isinstance(prompt, str) else len(prompt)
         latent_shape = (
-            1,
-            self.transformer.config.in_channels,
+            num_prompts * num_videos_per_prompt,
+            expert.config.in_channels,
             (frames - 1) // self.vae_scale_factor_temporal + 1,
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
@@ -910,18 +1163,31 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
 
+        self._guidance_scale = omega_txt
+        self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
-        dtype = self.transformer.dtype
+        dtype = expert.dtype
 
-        # 2. Encode the text: the positive with the task prefix, the negative raw.
-        positive = positive_text(prompt, task, system_prompt)
-        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(positive, negative, device, dtype)
+        # 2. Encode the text: each positive with the task prefix, the negatives raw; precomputed embeddings as given.
+        if prompt is None:
+            positive = None
+        elif isinstance(prompt, str):
+            positive = positive_text(prompt, task, system_prompt)
+        else:
+            positive = [positive_text(p, task, system_prompt) for p in prompt]
+        negative = negative_prompt
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative = DEFAULT_NEGATIVE_PROMPT
+        # In `encode_prompt`'s order, ending with task_type=None: `positive` already carries the prefix.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            positive, negative, True, num_videos_per_prompt, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length, device, dtype, None,
+        )
 
-        # 3. Encode the conditions, each on its own, and group them into the combos guidance uses.
-        # Media the mode never looks at (e.g. references under v2v_chain's V) are not encoded.
+        # 3. Encode the conditions, each on its own, and group them into the combos guidance uses. The batch shares
+        # them. Media the mode never looks at (e.g. references under v2v_chain's V) are not encoded.
         guidance = Guidance(mode, eta=eta, momentum=momentum, norm_threshold=norm_threshold)
         needed = {branch.combo for branch in guidance.spec.branches}
         if not needed & {Combo.V, Combo.VI}:
@@ -952,7 +1218,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         sigmas = list(scheduler.sigmas.to(torch.float32).unbind(0))  # 0-dim float32 tensors
         self._num_timesteps = len(timesteps)
 
-        # 5. The initial noise.
+        # 5. The initial noise, one per video.
         latents = self.prepare_latents(latent_shape, generator, latents, device)
         if self._parallel_state is not None:
             # one noise for every process of a data group, whatever seed each was given
@@ -965,7 +1231,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         branch_keys = [(conditions.key(), positive) for conditions, positive in branches]
         branch_names = [branch_name(b) for b in GUIDANCE_SPECS[mode].branches]
 
-        # 7. Denoising loop. Cache hooks start clean even when an earlier call stopped on an error before its reset.
+        # 7. Denoising loop. Guidance reduces per sample (APG norms over each video's frames), so the batch's
+        # videos never mix. Cache hooks start clean even when an earlier call stopped on an error before its reset.
         for expert in (e for e in experts if e is not None):
             expert._reset_stateful_cache()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -976,7 +1243,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 expert_index, weights = plan[i]
                 model = experts[expert_index]
                 model_input = latents.to(dtype)
-                timestep = t.expand(1)
+                timestep = t.expand(latents.shape[0])
                 branch_outputs = self.predict_branches(
                     model, model_input, timestep, branches, branch_keys, prompt_embeds, negative_prompt_embeds,
                     attention_kwargs, branch_names,
@@ -1012,6 +1279,30 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return (result,)
         return BerniniPipelineOutput(frames=result, fps=fps, output_type=output_type)
+
+
+def _check_experts(transformer, transformer_2, boundary_ratio) -> None:
+    """A pipeline without a high-noise expert must send every step to `transformer_2` (as `WanPipeline` allows)."""
+    if transformer is None and transformer_2 is not None and (boundary_ratio is None or boundary_ratio < 1.0):
+        raise ValueError(
+            f"`transformer` is None but `boundary_ratio`={boundary_ratio!r} sends the high-noise steps to it; with "
+            "only the low-noise expert `transformer_2`, set `boundary_ratio=1.0` (every step runs on `transformer_2`), "
+            "or pass the expert as `transformer` (a single-expert model, e.g. the 1.3B one)."
+        )
+
+
+def _max_pixels(limits: tuple[int, int, int]) -> int:
+    """The longest side, in pixels, whose 2x2-patch tokens fit the experts' RoPE table: rope_len * 2 * spatial."""
+    rope_len, _, spatial = limits
+    return rope_len * spatial * 2
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}: {value!r:.200}"
+    return type(value).__name__
 
 
 def _resolve_call(args: dict[str, Any]) -> tuple[TaskSpec, GuidanceMode, list, dict[str, Any]]:

@@ -56,12 +56,20 @@ def restore_tokenizer_pipeline(tokenizer, tokenizer_file: str | os.PathLike | No
 
 
 @torch.no_grad()
-def encode_texts(tokenizer, text_encoder, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """UMT5 `last_hidden_state` of each text, rows past its length zeroed, all 512 rows kept: `[N, 512, D]`."""
+def encode_texts(
+    tokenizer,
+    text_encoder,
+    texts: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+) -> torch.Tensor:
+    """UMT5 `last_hidden_state` of each text, rows past its length zeroed, all `max_sequence_length` rows kept:
+    `[N, max_sequence_length, D]` (the renderer uses 512)."""
     inputs = tokenizer(
         texts,
         padding="max_length",
-        max_length=MAX_SEQUENCE_LENGTH,
+        max_length=max_sequence_length,
         truncation=True,
         add_special_tokens=True,
         return_attention_mask=True,
@@ -72,5 +80,5 @@ def encode_texts(tokenizer, text_encoder, texts: list[str], device: torch.device
     hidden = text_encoder(inputs.input_ids.to(encoder_device), mask).last_hidden_state
     lengths = inputs.attention_mask.sum(dim=1)
     hidden = hidden.to(device=device, dtype=dtype)
-    keep = torch.arange(MAX_SEQUENCE_LENGTH, device=device)[None, :] < lengths.to(device)[:, None]  # (N, 512)
+    keep = torch.arange(max_sequence_length, device=device)[None, :] < lengths.to(device)[:, None]  # (N, L)
     return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=device))

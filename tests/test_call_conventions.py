@@ -8,7 +8,7 @@ from diffusers import UniPCMultistepScheduler, WanPipeline
 
 from bernini_diffusers import BerniniPipeline
 from bernini_diffusers.guidance import Guidance
-from bernini_diffusers.pipeline_bernini import official_flow_sigmas
+from bernini_diffusers.scheduling import official_flow_sigmas
 from bernini_diffusers.tasks import DEFAULT_NEGATIVE_PROMPT, GuidanceMode, TaskType
 from bernini_diffusers.testing import get_tiny_components, tiny_transformer
 from bernini_diffusers.text import positive_text

@@ -337,7 +337,7 @@ def test_ulysses_without_torchrun_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_euler_fallback_sigmas_are_the_official_ones():
-    from bernini_diffusers.pipeline_bernini import FlowMatchEulerScheduler, official_euler_sigmas
+    from bernini_diffusers.scheduling import FlowMatchEulerScheduler, official_euler_sigmas
 
     pipe = tiny_pipeline()
     pipe.register_to_config(use_unipc=False)
@@ -351,7 +351,7 @@ def test_euler_fallback_sigmas_are_the_official_ones():
 
 
 def test_euler_step_keeps_the_sample_in_float32():
-    from bernini_diffusers.pipeline_bernini import FlowMatchEulerScheduler, official_euler_sigmas
+    from bernini_diffusers.scheduling import FlowMatchEulerScheduler, official_euler_sigmas
 
     scheduler = FlowMatchEulerScheduler(shift=5.0)
     scheduler.set_timesteps(sigmas=official_euler_sigmas(3))

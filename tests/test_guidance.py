@@ -22,7 +22,7 @@ from bernini_diffusers.guidance import (
     chained_apg,
     chained_cfg,
 )
-from bernini_diffusers.pipeline_bernini import official_flow_sigmas
+from bernini_diffusers.scheduling import official_flow_sigmas
 from bernini_diffusers.tasks import DEFAULT_NEGATIVE_PROMPT, GuidanceMode, TaskType
 from bernini_diffusers.text import positive_text
 

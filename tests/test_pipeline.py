@@ -9,7 +9,7 @@ from diffusers import UniPCMultistepScheduler, WanPipeline
 
 from bernini_diffusers import BerniniPipeline, BerniniTransformer3DModel
 from bernini_diffusers.guidance import GUIDANCE_SPECS
-from bernini_diffusers.pipeline_bernini import official_flow_sigmas
+from bernini_diffusers.scheduling import official_flow_sigmas
 from bernini_diffusers.tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, TaskType
 from bernini_diffusers.testing import get_tiny_components, save_tiny_pretrained, tiny_pipeline
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's
 
 from . import cases as case_files
 from . import media
@@ -451,10 +452,6 @@ def check_outputs(cases: list[case_files.Case], keep: Sequence[str] = ()) -> Non
 
 def _status(message: str) -> None:
     """One status line on stderr, printed above a running progress bar rather than through it."""
-    from tqdm.auto import (
-        tqdm,  # diffusers' progress bars are tqdm's; already imported with the pipeline
-    )
-
     tqdm.write(message, file=sys.stderr)
 
 

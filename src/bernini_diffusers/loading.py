@@ -639,7 +639,7 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
     if str(name) == TINY_MODEL and not Path(name).exists():
         raise FileNotFoundError(
             f"`pretrained_model_name_or_path`={TINY_MODEL!r} is the tiny random model, which is built in code, not "
-            "loaded: use `bernini_diffusers.testing.tiny_pipeline()` in Python or `bernini generate --model tiny`."
+            "loaded: use `bernini_diffusers.tiny.tiny_pipeline()` in Python or `bernini generate --model tiny`."
         )
 
     layout = resolve_layout(name, hub)

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import imageio
 import imageio_ffmpeg
@@ -44,6 +44,7 @@ __all__ = [
     "read_video",
     "load_video",
     "write_output",
+    "split_videos",
     "OutputWriteError",
     "VideoProbe",
     "probe_video",
@@ -505,3 +506,20 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def split_videos(video: Any) -> list[Any]:
+    """`video` as a list of videos: a path, decoded frames, or a list of either."""
+    if video is None:
+        return []
+    if isinstance(video, (str, os.PathLike)) or isinstance(video, (np.ndarray, torch.Tensor)):
+        return [video]
+    if isinstance(video, (list, tuple)) and video:
+        first = video[0]
+        if isinstance(first, Image.Image) or (isinstance(first, np.ndarray) and first.ndim == 3):
+            return [list(video)]  # the frames of one video
+        return list(video)
+    raise ValueError(
+        f"`video`={video!r} is not supported; pass a path, a list of paths, or decoded frames "
+        "(a list of PIL images or a uint8 array [T, H, W, 3])."
+    )

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -20,24 +18,27 @@ import torch
 from diffusers import (
     AutoencoderKLWan,
     DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
-    FlowMatchEulerDiscreteSchedulerOutput,
-)
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import media
+from . import media, parallel
 from .attention import set_attention_backend
 from .constants import TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
 from .loading import finish_load, pipeline_index, prepare_load, upload_saved
+from .parallel import ParallelState
+from .scheduling import (
+    FlowMatchEulerScheduler,
+    default_scheduler,
+    official_euler_sigmas,
+    official_flow_sigmas,
+)
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     TASKS,
@@ -48,49 +49,17 @@ from .tasks import (
     parse_guidance_mode,
     parse_task_type,
 )
-from .text import MAX_SEQUENCE_LENGTH, encode_texts, positive_text, restore_tokenizer_pipeline
+from .text import (
+    MAX_SEQUENCE_LENGTH,
+    encode_texts,
+    positive_text,
+    restore_tokenizer_pipeline,
+)
 from .transformer_bernini import BerniniTransformer3DModel, assign_source_ids
-
-if TYPE_CHECKING:
-    from .parallel import ParallelState
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-
-
-def default_scheduler() -> UniPCMultistepScheduler:
-    """The renderer's sampler: UniPC (order 2, bh2) on flow sigmas, from the config shipped with the package."""
-    config = json.loads(resources.files(__package__).joinpath("scheduler_config/scheduler_config.json").read_text())
-    return UniPCMultistepScheduler.from_config(config)
-
-
-def official_flow_sigmas(num_inference_steps: int) -> np.ndarray:
-    """The official (diffusers 0.35) unshifted flow sigmas `0.999 * (N - i) / N`; diffusers 0.42 uses another grid."""
-    n = num_inference_steps
-    return 0.999 * (n - np.arange(n)) / n
-
-
-def official_euler_sigmas(num_inference_steps: int) -> np.ndarray:
-    """The unshifted sigmas of the official Euler fallback: `linspace(1, 0.003 / 1.002, N)` in float32, as upstream."""
-    return torch.linspace(1.0, 0.003 / 1.002, num_inference_steps, dtype=torch.float32).numpy()
-
-
-class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
-    """diffusers' flow-matching Euler sampler with the official update `x + v * (sigma_next - sigma)` kept in float32.
-
-    diffusers casts the updated sample back to the model output's dtype, which is bf16 under the CFG modes with bf16
-    experts; the official fallback keeps the sample in float32. Used when `use_unipc` is off (`--no-use_unipc`).
-    """
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-        # A 0-dim float32 factor leaves a bf16 product in bf16, as upstream; the sum is float32.
-        prev_sample = sample.float() + model_output * (sigma_next - sigma)
-        self._step_index += 1
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
 
 @dataclass
@@ -147,23 +116,6 @@ def _is_path(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value))
-
-
-def _split_videos(video: Any) -> list[Any]:
-    """`video` as a list of videos: a path, decoded frames, or a list of either."""
-    if video is None:
-        return []
-    if _is_path(video) or isinstance(video, (np.ndarray, torch.Tensor)):
-        return [video]
-    if isinstance(video, (list, tuple)) and video:
-        first = video[0]
-        if isinstance(first, PIL.Image.Image) or (isinstance(first, np.ndarray) and first.ndim == 3):
-            return [list(video)]  # the frames of one video
-        return list(video)
-    raise ValueError(
-        f"`video`={video!r} is not supported; pass a path, a list of paths, or decoded frames "
-        "(a list of PIL images or a uint8 array [T, H, W, 3])."
-    )
 
 
 def branch_name(branch: Branch) -> str:
@@ -254,7 +206,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             use_unipc=use_unipc,
             use_src_id_rotary_emb=use_src_id_rotary_emb,
         )
-        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else TEMPORAL_FACTOR
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._parallel_state: ParallelState | None = None  # set by enable_parallelism
@@ -327,17 +279,13 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             (`data_degree` = processes / (`ulysses_degree` x `branch_degree`)), `device`, `is_writer`, and
             `assign_cases(cases)` for this process's share of a case list.
         """
-        from .parallel import enable_parallelism
-
-        self._parallel_state = enable_parallelism(self, ulysses_degree=ulysses_degree, branch_degree=branch_degree)
+        self._parallel_state = parallel.enable_parallelism(self, ulysses_degree=ulysses_degree, branch_degree=branch_degree)
         return self._parallel_state
 
     def disable_parallelism(self) -> None:
         """Undo [`~BerniniPipeline.enable_parallelism`]: every process runs whole calls on its own again."""
         if self._parallel_state is not None:
-            from .parallel import disable_parallelism
-
-            disable_parallelism(self)
+            parallel.disable_parallelism(self)
         self._parallel_state = None
 
     @property
@@ -1311,12 +1259,9 @@ def _resolve_call(args: dict[str, Any]) -> tuple[TaskSpec, GuidanceMode, list, d
     mode = args["guidance_mode"]
     mode = spec.default_guidance_mode if mode is None else parse_guidance_mode(mode)
     names = ("omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum")
-    return spec, mode, _split_videos(args["video"]), {name: args[name] for name in names}
+    return spec, mode, media.split_videos(args["video"]), {name: args[name] for name in names}
 
 
 def _describe_inputs(spec: TaskSpec) -> str:
-    parts = []
-    for name, rule in (("video", spec.video), ("image", spec.image), ("images", spec.images)):
-        if rule is not Need.NO:
-            parts.append(f"`{name}` ({rule.value})")
+    parts = [f"`{name}` ({need.value})" for name, need in spec.inputs]
     return f"it takes {', '.join(parts)}" if parts else "it takes text only"

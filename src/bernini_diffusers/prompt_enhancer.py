@@ -38,6 +38,7 @@ import imageio
 import numpy as np
 from PIL import Image
 
+from . import media
 from .constants import (
     PE_MAX_RETRIES,
     PE_MAX_TIMEOUT,
@@ -330,11 +331,9 @@ class PromptEnhancer:
         if route.template is None:
             return [{"role": "system", "content": route.system}, {"role": "user", "content": prompt}], route.json_mode
         # The pipeline's own reading of `video` (a path, decoded frames, or a list of either), so both see the same
-        # videos; the pipeline is loaded by then wherever an enhancer runs.
-        from .pipeline_bernini import _split_videos
-
+        # videos.
         urls: list[str] = []
-        videos = _split_videos(video)
+        videos = media.split_videos(video)
         for kind in route.media:
             if kind is _Media.FRAMES:
                 urls += [_png_data_url(frame) for v in videos for frame in video_frames(v)]

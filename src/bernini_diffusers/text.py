@@ -11,6 +11,7 @@ from diffusers.pipelines.wan.pipeline_wan import (
     prompt_clean,  # ftfy, double html.unescape, whitespace collapse
 )
 from diffusers.utils.torch_utils import get_module_execution_device
+from tokenizers import Tokenizer
 
 from .tasks import SYSTEM_PROMPTS, TaskType
 
@@ -36,8 +37,6 @@ def restore_tokenizer_pipeline(tokenizer, tokenizer_file: str | os.PathLike | No
     NFKC map); the official stack ran the stored pipeline, under which "，" becomes "," rather than `<unk>`.
     Returns True when something was restored.
     """
-    from tokenizers import Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False

@@ -23,7 +23,8 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from .pipeline_bernini import BerniniPipeline, default_scheduler
+from .pipeline_bernini import BerniniPipeline
+from .scheduling import default_scheduler
 from .tasks import DEFAULT_NEGATIVE_PROMPT
 from .text import restore_tokenizer_pipeline
 from .transformer_bernini import BerniniTransformer3DModel

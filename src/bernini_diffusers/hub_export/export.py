@@ -44,7 +44,8 @@ from ..loading import (
     plan_checkpoint,
     resolve_layout,
 )
-from ..pipeline_bernini import BerniniPipeline, default_scheduler
+from ..pipeline_bernini import BerniniPipeline
+from ..scheduling import default_scheduler
 from ..tasks import TASKS
 from ..transformer_bernini import BerniniTransformer3DModel
 from .convert import (

@@ -465,7 +465,9 @@ def _hand_loop(pipe, latents, combine, steps=2, omega_txt=4.0, omega_scale=0.8):
     dtype = pipe.transformer.dtype
     device = torch.device("cpu")
     positive = positive_text(PROMPT, TaskType.T2V, None)
-    pos_embeds, neg_embeds = pipe.encode_prompt(positive, DEFAULT_NEGATIVE_PROMPT, device, dtype)
+    pos_embeds, neg_embeds = pipe.encode_prompt(
+        positive, DEFAULT_NEGATIVE_PROMPT, device=device, dtype=dtype, task_type=None  # the prefix is in `positive`
+    )
     scheduler = pipe._scheduler_for_call(5.0)
     scheduler.set_timesteps(sigmas=official_flow_sigmas(steps))
     scheduler.set_begin_index(0)

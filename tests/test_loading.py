@@ -194,5 +194,5 @@ def test_checkpoints_and_config_folder_equal_the_diffusers_layout(folders):
 
 def test_tiny_is_built_not_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no folder named "tiny" here
-    with pytest.raises(FileNotFoundError, match=r"testing\.tiny_pipeline\(\).*--model tiny"):
+    with pytest.raises(FileNotFoundError, match=r"tiny\.tiny_pipeline\(\).*--model tiny"):
         BerniniPipeline.from_pretrained("tiny")

@@ -378,7 +378,8 @@ def test_no_use_unipc_runs_an_independent_euler_loop_exactly(tiny_pipe):
     s = torch.linspace(1.0, 0.003 / 1.002, steps, dtype=torch.float32)
     sigmas = torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
     positive, negative = pipe.encode_prompt(
-        positive_text("a red ball", TaskType.T2V, None), DEFAULT_NEGATIVE_PROMPT, torch.device("cpu"), torch.float32
+        positive_text("a red ball", TaskType.T2V, None), DEFAULT_NEGATIVE_PROMPT,
+        device=torch.device("cpu"), dtype=torch.float32, task_type=None,  # the prefix is already in the text
     )
     x = torch.randn((1, 16, 2, 4, 6), generator=torch.Generator("cpu").manual_seed(7), dtype=torch.float32)
     weight = omega_txt

@@ -182,10 +182,15 @@ class BerniniPipeline(DiffusionPipeline):
             ([`FlowMatchEulerScheduler`]) on the sigmas `linspace(1, 0.003 / 1.002, N)` shifted by `flow_shift`.
         use_src_id_rotary_emb (`bool`, defaults to `True`):
             Add each condition stream's source-id phase to its RoPE. `False` gives every stream id 0 (no phase).
+        expand_timesteps (`bool`, defaults to `False`):
+            `WanPipeline`'s setting of Wan2.2 TI2V-5B layouts (one timestep per token), accepted so that their
+            configs load. It changes no result here: every token of a call, target and conditions alike, shares the
+            step's timestep (as in `WanPipeline`'s text-to-video, whose per-token timesteps are all equal), so one
+            timestep embedding serves them all.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
-    _optional_components = ["transformer_2"]
+    _optional_components = ["transformer", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -201,6 +206,7 @@ class BerniniPipeline(DiffusionPipeline):
         interpolate_src_id: bool = True,
         use_unipc: bool = True,
         use_src_id_rotary_emb: bool = True,
+        expand_timesteps: bool = False,
     ):
         super().__init__()
         for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -225,6 +231,7 @@ class BerniniPipeline(DiffusionPipeline):
             interpolate_src_id=interpolate_src_id,
             use_unipc=use_unipc,
             use_src_id_rotary_emb=use_src_id_rotary_emb,
+            expand_timesteps=expand_timesteps,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8

@@ -21,7 +21,7 @@ def _gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
 
 
-# --- prompt_embeds / encode_prompt ----------------------------------------------------------------------------------
+# --- prompt_embeds / encode_prompt ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task_type, media", [("t2v", {}), ("v2v", {"video": np.zeros((5, 32, 48, 3), np.uint8)})])
@@ -174,7 +174,7 @@ def test_default_max_image_size_fits_a_short_rope_table(media_dir):
     assert image.shape == (1, 16, 1, 4, 6)
 
 
-# --- a pipeline without the high-noise expert --------------------------------------------------------------------------
+# --- a pipeline without the high-noise expert -------------------------------------------------------------------------
 
 
 class _OfficialSigmasUniPC(UniPCMultistepScheduler):

@@ -91,8 +91,8 @@ class BerniniPipelineOutput(BaseOutput):
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
             The decoded frames, `(batch_size, num_frames, height, width, 3)` for `"np"`, `(batch_size, num_frames, 3,
             height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latents
-            `(batch_size, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that do not
-            write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
+            `(batch_size, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that
+            do not write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
         fps (`float`):
             The frame rate the frames were sampled at; `save` writes the video at it.
         output_type (`str`):
@@ -488,7 +488,8 @@ class BerniniPipeline(DiffusionPipeline):
         if prompt_embeds is not None:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3 or not len(prompt_embeds):
                 raise ValueError(
-                    f"`prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim), got {_describe(prompt_embeds)}."
+                    "`prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim), got "
+                    f"{_describe(prompt_embeds)}."
                 )
             num_prompts = prompt_embeds.shape[0]
         elif isinstance(prompt, str):
@@ -650,7 +651,8 @@ class BerniniPipeline(DiffusionPipeline):
             `tuple[torch.Tensor, torch.Tensor | None]`: `prompt_embeds` and `negative_prompt_embeds`, each
             `(num_prompts * num_videos_per_prompt, max_sequence_length, text_dim)`.
         """
-        if isinstance(do_classifier_free_guidance, (torch.device, str)) or isinstance(num_videos_per_prompt, torch.dtype):
+        legacy = isinstance(do_classifier_free_guidance, (torch.device, str))
+        if legacy or isinstance(num_videos_per_prompt, torch.dtype):
             # The earlier form `encode_prompt(positive_text, negative_text, device, dtype)`, texts taken as given.
             warnings.warn(
                 "`encode_prompt(prompt, negative_prompt, device, dtype)` is deprecated; pass `device=` and `dtype=` by "
@@ -666,6 +668,8 @@ class BerniniPipeline(DiffusionPipeline):
             dtype = (expert or self.text_encoder).dtype
 
         if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("`encode_prompt` needs `prompt` or `prompt_embeds`; both are None.")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if task_type is not None:
                 task = parse_task_type(task_type)

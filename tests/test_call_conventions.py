@@ -21,7 +21,7 @@ def _gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
 
 
-# --- prompt_embeds / encode_prompt ----------------------------------------------------------------------------------
+# --- prompt_embeds / encode_prompt ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task_type, media", [("t2v", {}), ("v2v", {"video": np.zeros((5, 32, 48, 3), np.uint8)})])
@@ -174,7 +174,7 @@ def test_default_max_image_size_fits_a_short_rope_table(media_dir):
     assert image.shape == (1, 16, 1, 4, 6)
 
 
-# --- a pipeline without the high-noise expert --------------------------------------------------------------------------
+# --- a pipeline without the high-noise expert -------------------------------------------------------------------------
 
 
 class _OfficialSigmasUniPC(UniPCMultistepScheduler):
@@ -202,3 +202,27 @@ def test_only_the_low_noise_expert_runs_every_step_as_wan_pipeline():
     # The Euler fallback starts at t = 1000 exactly, still on the only expert.
     pipe.register_to_config(use_unipc=False)
     assert pipe("a cat", generator=_gen(7), **SMALL).frames.shape == ours.shape
+
+
+def test_wan22_5b_layout_settings_are_accepted():
+    """A Wan2.2 TI2V-5B-style configuration (48 latent channels, 16x VAE, `expand_timesteps`) builds and runs; per-token
+    timesteps would all be equal, so the setting changes nothing."""
+    from diffusers import AutoencoderKLWan
+
+    def pipe(expand_timesteps):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1],
+                               num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                               temperal_downsample=[False, True, True]).eval()  # fmt: skip
+        components = {**get_tiny_components(two_experts=False), "vae": vae}
+        components["transformer"] = tiny_transformer(1, in_channels=48, out_channels=48)
+        return BerniniPipeline(**components, expand_timesteps=expand_timesteps)
+
+    expanded = pipe(True)
+    assert expanded.config.expand_timesteps is True
+    out = expanded("x", num_frames=5, height=32, width=32, num_inference_steps=2, generator=_gen(), output_type="pt")
+    assert out.frames.shape == (1, 5, 3, 32, 32)
+    plain = pipe(False)("x", num_frames=5, height=32, width=32, num_inference_steps=2, generator=_gen(),
+                        output_type="pt")  # fmt: skip
+    assert torch.equal(out.frames, plain.frames)

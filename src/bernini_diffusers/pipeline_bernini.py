@@ -71,8 +71,8 @@ class BerniniPipelineOutput(BaseOutput):
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
             The decoded frames, `(batch_size, num_frames, height, width, 3)` for `"np"`, `(batch_size, num_frames, 3,
             height, width)` for `"pt"`, nested PIL lists for `"pil"`; for `"latent"` the final normalised latents
-            `(batch_size, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that do not
-            write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
+            `(batch_size, 16, latent_frames, height / 8, width / 8)`. `None` on the processes of a parallel run that
+            do not write ([`~BerniniPipeline.is_writer`] is `False`): they skip the VAE decode.
         fps (`float`):
             The frame rate the frames were sampled at; `save` writes the video at it.
         output_type (`str`):
@@ -162,10 +162,15 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             ([`FlowMatchEulerScheduler`]) on the sigmas `linspace(1, 0.003 / 1.002, N)` shifted by `flow_shift`.
         use_src_id_rotary_emb (`bool`, defaults to `True`):
             Add each condition stream's source-id phase to its RoPE. `False` gives every stream id 0 (no phase).
+        expand_timesteps (`bool`, defaults to `False`):
+            `WanPipeline`'s setting of Wan2.2 TI2V-5B layouts (one timestep per token), accepted so that their
+            configs load. It changes no result here: every token of a call, target and conditions alike, shares the
+            step's timestep (as in `WanPipeline`'s text-to-video, whose per-token timesteps are all equal), so one
+            timestep embedding serves them all.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
-    _optional_components = ["transformer_2"]
+    _optional_components = ["transformer", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -181,6 +186,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         interpolate_src_id: bool = True,
         use_unipc: bool = True,
         use_src_id_rotary_emb: bool = True,
+        expand_timesteps: bool = False,
     ):
         super().__init__()
         for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -205,6 +211,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             interpolate_src_id=interpolate_src_id,
             use_unipc=use_unipc,
             use_src_id_rotary_emb=use_src_id_rotary_emb,
+            expand_timesteps=expand_timesteps,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else TEMPORAL_FACTOR
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
@@ -513,7 +520,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if prompt_embeds is not None:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3 or not len(prompt_embeds):
                 raise ValueError(
-                    f"`prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim), got {_describe(prompt_embeds)}."
+                    "`prompt_embeds` must be a tensor (num_prompts, sequence_length, text_dim), got "
+                    f"{_describe(prompt_embeds)}."
                 )
             num_prompts = prompt_embeds.shape[0]
         elif isinstance(prompt, str):
@@ -725,7 +733,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             `tuple[torch.Tensor, torch.Tensor | None]`: `prompt_embeds` and `negative_prompt_embeds`, each
             `(num_prompts * num_videos_per_prompt, max_sequence_length, text_dim)`.
         """
-        if isinstance(do_classifier_free_guidance, (torch.device, str)) or isinstance(num_videos_per_prompt, torch.dtype):
+        legacy = isinstance(do_classifier_free_guidance, (torch.device, str))
+        if legacy or isinstance(num_videos_per_prompt, torch.dtype):
             # The earlier form `encode_prompt(positive_text, negative_text, device, dtype)`, texts taken as given.
             warnings.warn(
                 "`encode_prompt(prompt, negative_prompt, device, dtype)` is deprecated; pass `device=` and `dtype=` by "
@@ -741,6 +750,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             dtype = (expert or self.text_encoder).dtype
 
         if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("`encode_prompt` needs `prompt` or `prompt_embeds`; both are None.")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if task_type is not None:
                 task = parse_task_type(task_type)

@@ -18,6 +18,7 @@ from bernini_diffusers.hub_export import export_pipeline
 from bernini_diffusers.hub_export.convert import EXPERTS
 from bernini_diffusers.loading import EXPERT_ENTRY
 from bernini_diffusers.testing import save_tiny_original_checkpoints, save_tiny_pretrained, tiny_pipeline
+from bernini_diffusers.tiny import get_tiny_components
 
 SMALL = dict(num_frames=1, height=16, width=16, num_inference_steps=2)
 
@@ -94,12 +95,14 @@ def test_dtype_per_component(folders):
     # one dtype: the VAE stays in float32 by default ...
     pipe = BerniniPipeline.from_pretrained(folders / "export", dtype=bf16)
     assert (pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (bf16, bf16, fp32)
-    # ... unless the dict names it
-    pipe = BerniniPipeline.from_pretrained(folders / "export", dtype={"default": bf16, "vae": bf16})
-    assert pipe.vae.dtype == bf16
+    # ... a dict is diffusers' own: its "default" covers the VAE too, and naming the VAE keeps it where asked
+    pipe = BerniniPipeline.from_pretrained(folders / "export", dtype={"default": bf16})
+    assert (pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (bf16, bf16, bf16)
+    pipe = BerniniPipeline.from_pretrained(folders / "export", dtype={"default": bf16, "vae": fp32})
+    assert (pipe.transformer.dtype, pipe.vae.dtype) == (bf16, fp32)
     # diffusers' deprecated name still works, with diffusers' warning
     with pytest.warns(FutureWarning, match="torch_dtype"):
-        pipe = BerniniPipeline.from_pretrained(folders / "export", torch_dtype={"default": bf16})
+        pipe = BerniniPipeline.from_pretrained(folders / "export", torch_dtype={"default": bf16, "vae": fp32})
     assert (pipe.transformer_2.dtype, pipe.vae.dtype) == (bf16, fp32)
     # the experts of original checkpoints follow the same dict
     pipe = BerniniPipeline.from_pretrained(
@@ -174,7 +177,7 @@ def test_index_reads_every_folder_as_bernini(folders):
         index = BerniniPipeline.load_config(folders / folder)
         assert index["_class_name"] == "BerniniPipeline"
         assert index["transformer"] == index["transformer_2"] == EXPERT_ENTRY
-        assert "expand_timesteps" not in index  # a Wan setting the pipeline does not take
+        assert index.get("expand_timesteps", False) is False  # Wan 2.2's setting, which the pipeline takes
     assert json.loads((folders / "export" / "model_index.json").read_text())["_class_name"][0] == "pipeline_bernini"
 
 
@@ -196,3 +199,16 @@ def test_tiny_is_built_not_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no folder named "tiny" here
     with pytest.raises(FileNotFoundError, match=r"tiny\.tiny_pipeline\(\).*--model tiny"):
         BerniniPipeline.from_pretrained("tiny")
+
+
+def test_a_saved_pipeline_without_the_high_noise_expert_loads(tmp_path):
+    """diffusers' Wan 2.2 allows `transformer=None` with `boundary_ratio=1.0`; saving and loading keeps it so."""
+    components = get_tiny_components()
+    components.update(transformer=None, boundary_ratio=1.0)
+    pipe = BerniniPipeline(**components)
+    call = dict(task_type="t2v", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="latent")
+    expected = pipe("a cat", generator=torch.Generator("cpu").manual_seed(0), **call).frames
+    pipe.save_pretrained(tmp_path)
+    loaded = BerniniPipeline.from_pretrained(tmp_path)
+    assert loaded.transformer is None and loaded.config.boundary_ratio == 1.0
+    assert torch.equal(loaded("a cat", generator=torch.Generator("cpu").manual_seed(0), **call).frames, expected)

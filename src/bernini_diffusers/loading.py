@@ -92,7 +92,9 @@ DEFAULT_TOKENIZER = "T5Tokenizer"
 # records (`WanTransformer3DModel` in Wan2.2's index, the remote-code module in an export).
 EXPERT_ENTRY = [__name__, BerniniTransformer3DModel.__name__]
 EXPERT_CLASSES = ("WanTransformer3DModel", BerniniTransformer3DModel.__name__)
-# The default dtype of each component where `dtype` does not name it: the Wan VAE runs in float32, as upstream.
+# With one dtype for the whole pipeline, the Wan VAE still loads in float32, as upstream; a per-component dict is
+# diffusers' own and taken as given (its "default" covers the VAE too, and unnamed components without a default load
+# in float32).
 DEFAULT_COMPONENT_DTYPES = {"vae": torch.float32}
 # diffusers / transformers weight names: `<stem>.safetensors`, `<stem>-00001-of-00002.safetensors` and with a variant
 # `<stem>.<variant>.safetensors`, `<stem>.<variant>-00001-of-00002.safetensors`; indexes
@@ -571,16 +573,16 @@ def pipeline_index(folder: str | os.PathLike, pipeline_class) -> dict[str, Any] 
 
 
 def component_dtypes(dtype: Any, argument: str = "dtype") -> dict[str, torch.dtype | None]:
-    """`dtype` as diffusers' per-component dict (`{"default": ..., "<component>": ...}`), with
-    `DEFAULT_COMPONENT_DTYPES` (the float32 VAE) for the components it does not name."""
+    """`dtype` as diffusers' per-component dict (`{"default": ..., "<component>": ...}`): one dtype (or None) becomes
+    `{"default": dtype}` with `DEFAULT_COMPONENT_DTYPES` (the float32 VAE); a dict is diffusers' and taken as given."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        dtype = {"default": dtype}
-    elif not isinstance(dtype, Mapping) or not all(isinstance(v, torch.dtype) for v in dtype.values()):
+        return {**DEFAULT_COMPONENT_DTYPES, "default": dtype}
+    if not isinstance(dtype, Mapping) or not all(isinstance(v, torch.dtype) for v in dtype.values()):
         raise ValueError(
             f"`{argument}`={dtype!r} is neither a torch.dtype nor a dict of them per component; pass e.g. "
             "torch.bfloat16 or {'default': torch.bfloat16, 'vae': torch.float32}."
         )
-    return {**DEFAULT_COMPONENT_DTYPES, **dtype}
+    return dict(dtype)
 
 
 def _quantizes(quantization_config: Any, component: str) -> bool:
@@ -653,7 +655,11 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
         raise ValueError(
             f"`high_noise_ckpt`/`low_noise_ckpt` need a two-expert base, but {str(name)!r} has no `transformer_2`."
         )
-    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer") if c not in (*layout.components, *kwargs)]
+    present = (*layout.components, *kwargs)
+    # One expert may be absent: a saved `transformer=None` pipeline (the low-noise expert for every step) has only
+    # `transformer_2/`, as in diffusers' Wan 2.2.
+    experts = () if "transformer" in present or "transformer_2" in present else ("transformer",)
+    missing = [c for c in (*experts, "vae", "text_encoder", "tokenizer") if c not in present]
     if missing:
         folders = ", ".join(f"`{c}/`" for c in missing)
         raise ValueError(f"{str(name)!r} has no {folders} folder; pass the component or a base.")

@@ -335,7 +335,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 bernini_renderer` naming its base in `wan22_base`), whose base supplies the components.
             dtype (`torch.dtype` or `dict[str, torch.dtype]`, *optional*):
                 As in diffusers: one dtype, or one per component with `"default"` for the others (`torch_dtype` is
-                diffusers' deprecated name). The VAE loads in float32 unless the dict names `"vae"`.
+                diffusers' deprecated name). With one dtype the VAE loads in float32, as upstream; a dict is taken as
+                given (its `"default"` covers the VAE too).
             high_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 An original high-noise expert checkpoint (`ByteDance/Bernini-R` layout) that replaces the base's
                 `transformer` weights: a folder, an index or `.safetensors` file, or a Hub path

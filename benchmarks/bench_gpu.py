@@ -423,9 +423,12 @@ class Probe:
 
 
 def attention_share(prof, device: torch.device) -> float | None:
-    """Attention's share of the profiled call: the time of the outermost attention ops (device time on CUDA, CPU time
-    on the CPU) over the time of everything."""
-    events = prof.events()
+    """Attention's share of the profiled call. On CUDA: the kernel time of the outermost attention ops over the time
+    of every kernel and copy on the device; on the CPU: their CPU time over that of the top-level ops."""
+    cpu, events = torch.autograd.DeviceType.CPU, prof.events()
+    # The event list holds the ops (CPU events, each with the kernels it launched) and the kernels themselves
+    # (device events); an op's device time includes its children's, so only the outermost matching op counts.
+    ops = [e for e in events if e.device_type == cpu]
 
     def outermost(event) -> bool:
         parent = event.cpu_parent
@@ -435,14 +438,16 @@ def attention_share(prof, device: torch.device) -> float | None:
             parent = parent.cpu_parent
         return True
 
-    matches = [e for e in events if ATTENTION_OP.search(e.name) and outermost(e)]
+    matches = [e for e in ops if ATTENTION_OP.search(e.name) and outermost(e)]
     if device.type == "cuda":
+        kernels = [e for e in events if e.device_type != cpu]
+        total = sum(e.device_time_total for e in kernels)
         attention = sum(e.device_time_total for e in matches)
-        # every kernel counted once, at the op that launched it
-        total = sum(e.self_device_time_total for e in events)
+        if attention == 0:  # kernels launched outside any recorded op (compiled code): go by the kernel names
+            attention = sum(e.device_time_total for e in kernels if ATTENTION_OP.search(e.name))
     else:
         attention = sum(e.cpu_time_total for e in matches)
-        total = sum(e.cpu_time_total for e in events if e.cpu_parent is None)
+        total = sum(e.cpu_time_total for e in ops if e.cpu_parent is None)
     return attention / total if total > 0 else None
 
 
@@ -589,6 +594,7 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
                     row.result["calibration_seconds"] = ctx.pop("calibration_seconds")
             except Exception as err:  # noqa: BLE001 - one failing configuration must not lose the others
                 row.result = {"status": _error(err)}
+                _release()  # e.g. after an out-of-memory error, before the next row
             finally:
                 if row.cache_preset is not None and hasattr(pipe, "disable_cache"):
                     pipe.disable_cache()

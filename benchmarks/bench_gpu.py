@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import math
@@ -43,7 +44,10 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.attention_dispatch import (
+    _AttentionBackendRegistry,
+    dispatch_attention_fn,
+)
 from PIL import Image
 
 from bernini_diffusers import BerniniPipeline, BerniniTransformer3DModel
@@ -52,7 +56,12 @@ from bernini_diffusers.constants import ATTENTION_BACKENDS
 from bernini_diffusers.guidance import GUIDANCE_SPECS, Combo
 from bernini_diffusers.scheduling import default_scheduler
 from bernini_diffusers.tasks import GuidanceMode
-from bernini_diffusers.tiny import TINY_TRANSFORMER_CONFIG, tiny_text_encoder, tiny_tokenizer, tiny_vae
+from bernini_diffusers.tiny import (
+    TINY_TRANSFORMER_CONFIG,
+    tiny_text_encoder,
+    tiny_tokenizer,
+    tiny_vae,
+)
 
 try:  # the step-cache presets; absent from a checkout without them, whose cache rows are then skipped
     from bernini_diffusers.acceleration import CACHE_PRESETS, calibrate_magcache
@@ -67,21 +76,21 @@ except ImportError:
 # transformer_2/config.json; the official code's wan/configs/wan_t2v_A14B.py: dim 5120, ffn_dim 13824, freq_dim 256,
 # num_heads 40, num_layers 40, qk_norm, cross_attn_norm, eps 1e-6; diffusers' WanTransformer3DModel defaults for the
 # rest). 14.3B parameters each.
-WAN22_A14B_CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+WAN22_A14B_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
 
 # The official anchor: Wan2.2-T2V-A14B, 480p (81 frames), 40 steps of plain CFG (two forwards per step) on one H100.
 ANCHOR = {"seconds": 326.9, "steps": 40, "forwards_per_step": 2, "gpu": "1x H100", "size": "480x848x81"}
@@ -314,17 +323,40 @@ def build_expert(config: dict, device: torch.device, dtype: torch.dtype, seed: i
     return expert.eval()
 
 
-def build_pipeline(config: dict, device: torch.device, dtype: torch.dtype) -> BerniniPipeline:
-    """Both experts at `config` on `device`; the tiny tokenizer, text encoder and VAE stand in for UMT5 and the Wan
-    VAE, which the benchmark never runs (random text embeddings and condition latents are given instead)."""
+def expert_gib(config: dict, dtype: torch.dtype) -> float:
+    """GiB of one expert's weights in `dtype` (counted on the meta device, nothing allocated)."""
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in BerniniTransformer3DModel(**config).parameters())
+    return numel * torch.finfo(dtype).bits / 8 / 2**30
+
+
+def device_gib(device: torch.device) -> float | None:
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+
+
+def build_pipeline(config: dict, device: torch.device, dtype: torch.dtype, *, offload: bool = False) -> BerniniPipeline:
+    """Both experts at `config`; the tiny tokenizer, text encoder and VAE stand in for UMT5 and the Wan VAE, which the
+    benchmark never runs (random text embeddings and condition latents are given instead).
+
+    The experts are built on `device`. With `offload` (a profile that keeps them in host memory) each one moves to the
+    CPU as soon as it is built, so the GPU never holds more than one; on a GPU too small for one expert they are built
+    on the CPU (slower: the random initialisation then runs on the host)."""
+    build_on = device
+    if offload and device.type == "cuda" and device_gib(device) < 1.1 * expert_gib(config, dtype):
+        build_on = torch.device("cpu")
+    experts = []
+    for seed in (HIGH_NOISE_SEED, LOW_NOISE_SEED):
+        expert = build_expert(config, build_on, dtype, seed)
+        experts.append(expert.to("cpu") if offload else expert)
+        del expert
     tokenizer = tiny_tokenizer()
     return BerniniPipeline(
         tokenizer=tokenizer,
         text_encoder=tiny_text_encoder(len(tokenizer)),
         vae=tiny_vae(),
         scheduler=default_scheduler(),
-        transformer=build_expert(config, device, dtype, HIGH_NOISE_SEED),
-        transformer_2=build_expert(config, device, dtype, LOW_NOISE_SEED),
+        transformer=experts[0],
+        transformer_2=experts[1],
         boundary_ratio=0.875,
     )
 
@@ -415,7 +447,7 @@ class Probe:
 
     def step_seconds(self) -> list[float]:
         edges = [self.start, *self.step_ends]
-        return [b - a for a, b in zip(edges[:-1], edges[1:])]
+        return [b - a for a, b in itertools.pairwise(edges)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -561,15 +593,25 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
     ctx = {"device": device, "dtype": dtype, "geometry": geometry, "config": config, "seed": args.seed,
            "profile": not args.no_profile}  # fmt: skip
 
-    pipe = build_pipeline(config, device, dtype).to(device)
-    stub_media(pipe, geometry, args.seed)
-    pipe.set_progress_bar_config(disable=True)
-    # One forward at a tiny size first: library handles, workspaces and backend selection are not timed.
-    with torch.no_grad():
-        for expert in (pipe.transformer, pipe.transformer_2):
-            expert(torch.zeros(1, 16, 1, 4, 4, device=device, dtype=dtype), torch.tensor([999], device=device),
-                   torch.zeros(1, 8, config["text_dim"], device=device, dtype=dtype))  # fmt: skip
-    _sync(device)
+    shared = [r for r in rows if r.group in ("modes", "backends", "cache", "compile")]
+    needed, available = 2 * expert_gib(config, dtype), device_gib(device)
+    pipe = None
+    if shared and available is not None and available < 1.1 * needed:
+        # both experts resident do not fit: only the memory rows (offload, fp8) can run on this GPU
+        for row in shared:
+            row.result = {"status": f"skipped: both experts resident need {needed:.0f} GiB, this GPU has "
+                                    f"{available:.0f} GiB (see the memory rows)"}  # fmt: skip
+        shared = []
+    if shared:
+        pipe = build_pipeline(config, device, dtype).to(device)
+        stub_media(pipe, geometry, args.seed)
+        pipe.set_progress_bar_config(disable=True)
+        # One forward at a tiny size first: library handles, workspaces and backend selection are not timed.
+        with torch.no_grad():
+            for expert in (pipe.transformer, pipe.transformer_2):
+                expert(torch.zeros(1, 16, 1, 4, 4, device=device, dtype=dtype), torch.tensor([999], device=device),
+                       torch.zeros(1, 8, config["text_dim"], device=device, dtype=dtype))  # fmt: skip
+        _sync(device)
 
     def show(row: Row) -> None:
         if not args.quiet:
@@ -578,7 +620,7 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
 
     # Rows on the shared pipeline first (eager), compile last on it (it stays compiled), then one pipeline per
     # memory profile (diffusers' offload and casting hooks cannot be undone).
-    for row in [r for r in rows if r.group in ("modes", "backends", "cache")]:
+    for row in [r for r in shared if r.group in ("modes", "backends", "cache")]:
         if row.group == "backends" and not backends.get(row.backend, False):
             row.result = {"status": f"skipped: attention backend {row.backend} not available here"}
         elif row.group == "cache" and not hasattr(pipe, "enable_cache_preset"):
@@ -600,7 +642,7 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
                     pipe.disable_cache()
                 apply_backend(pipe, baseline)
         show(row)
-    for row in [r for r in rows if r.group == "compile"]:
+    for row in [r for r in shared if r.group == "compile"]:
         if not hasattr(pipe, "compile"):
             row.result = {"status": "skipped: compile (pipe.compile) not available"}
         else:
@@ -619,7 +661,8 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
             show(row)
             continue
         try:
-            pipe = build_pipeline(config, device, dtype)
+            offload = MEMORY_PROFILES is not None and getattr(MEMORY_PROFILES.get(row.memory_profile), "offloads", False)
+            pipe = build_pipeline(config, device, dtype, offload=offload)
             stub_media(pipe, geometry, args.seed)
             pipe.set_progress_bar_config(disable=True)
             pipe.enable_memory_profile(row.memory_profile, device=device)

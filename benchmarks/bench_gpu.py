@@ -419,6 +419,7 @@ class Probe:
         self.computed = 0
         self.count_computed = count_computed
         self.step_ends: list[float] = []
+        self.step_counts: list[tuple[int, int]] = []  # (forwards, computed) at the end of each step
         self.start: float | None = None
         self.handles = []
         for expert in (pipe.transformer, pipe.transformer_2):
@@ -443,7 +444,13 @@ class Probe:
 
     def on_step_end(self, pipe, step, timestep, callback_kwargs):
         self.step_ends.append(self._sync())
+        self.step_counts.append((self.forwards, self.computed))
         return {}
+
+    def skipped_per_step(self) -> list[int]:
+        """Forwards of each step whose last block did not run."""
+        edges = [(0, 0), *self.step_counts]
+        return [(f1 - f0) - (c1 - c0) for (f0, c0), (f1, c1) in itertools.pairwise(edges)]
 
     def step_seconds(self) -> list[float]:
         edges = [self.start, *self.step_ends]
@@ -530,6 +537,8 @@ def run_row(row: Row, pipe: BerniniPipeline, ctx: dict) -> dict:
     finally:
         probe.remove()
     seconds = probe.step_seconds()
+    ends = [0, *(forwards for forwards, _ in probe.step_counts)]
+    per_step_forwards = [b - a for a, b in itertools.pairwise(ends)]
     per_step = statistics.median(seconds)
     share = attention_share(prof, device) if ctx["profile"] else None
     flops = step_flops(row.mode, geometry, config)
@@ -543,6 +552,13 @@ def run_row(row: Row, pipe: BerniniPipeline, ctx: dict) -> dict:
             "forwards_per_step_spec": len(branch_tokens(row.mode, geometry, config["patch_size"])),
             "forwards_computed": probe.computed if probe.count_computed else None,
             "forwards_skipped": probe.forwards - probe.computed if probe.count_computed else None,
+            "forwards_skipped_per_step": probe.skipped_per_step() if probe.count_computed else None,
+            # a step is skipped when none of its forwards ran the whole stack
+            "steps_skipped": (
+                sum(skipped == forwards for skipped, forwards in zip(probe.skipped_per_step(), per_step_forwards))
+                if probe.count_computed
+                else None
+            ),
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "attention_share": share,
             "attention_s_per_step": share * per_step if share is not None else None,
@@ -719,7 +735,8 @@ def result_table(rows: list[Row]) -> None:
             (
                 row.group, row.mode, row.backend, "yes" if row.compile else "no", row.memory_profile,
                 row.cache_preset or "-", row.steps, r.get("s_per_step") if ok else None,
-                r.get("forwards_per_step") if ok else None, r.get("forwards_skipped") if ok else None,
+                r.get("forwards_per_step") if ok else None,
+                f"{r['forwards_skipped']} ({r['steps_skipped']})" if ok and r.get("forwards_skipped") is not None else "-",
                 r.get("peak_gib") if ok else None, r.get("attention_s_per_step") if ok else None,
                 r.get("rest_s_per_step") if ok else None, f"{100 * share:.0f}%" if ok and share is not None else "-",
                 "ok" if ok else _short(r.get("status", "not run")),
@@ -860,7 +877,7 @@ def main(argv=None) -> int:
     print()
     result_table(rows)
     print("\nattn s / rest s: the step time split by the profiled share of attention kernels (self and cross) in all "
-          "kernel time; skipped: forwards whose last block did not run (step cache); peak GiB: torch's peak "
+          "kernel time; skipped: forwards whose last block did not run (step cache), and in brackets the steps where no forward did; peak GiB: torch's peak "
           "allocation during the timed call\n")  # fmt: skip
     if args.tiny:
         print("(tiny model on the CPU: the times below exercise the code path and mean nothing for the 14B experts)")

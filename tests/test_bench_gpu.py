@@ -50,7 +50,8 @@ def test_tiny_run_writes_every_row(bench, tmp_path, capsys):
         assert row["status"] == "ok", row["status"]
         # the forwards counted on the experts are the mode's distinct branches (every medium present)
         assert row["forwards_per_step"] == row["forwards_per_step_spec"] == forwards
-        assert row["forwards_skipped"] == 0
+        assert row["forwards_skipped"] == row["steps_skipped"] == 0
+        assert row["forwards_skipped_per_step"] == [0] * row["steps"]
         assert len(row["step_seconds"]) == row["steps"] and row["s_per_step"] > 0
         assert 0 < row["attention_share"] < 1
         assert row["attention_s_per_step"] + row["rest_s_per_step"] == pytest.approx(row["s_per_step"])

@@ -71,6 +71,16 @@ def spy(pipe):
     counter.remove()
 
 
+@pytest.fixture(scope="module")
+def uncached(pipe):
+    """The uncached output of CALL and its forward count, computed once."""
+    counter = FullForwards(pipe)
+    try:
+        return counter.run(pipe)
+    finally:
+        counter.remove()
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -78,10 +88,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------ presets
 
 
-def test_no_preset_leaves_the_default_output_bit_identical(clean, spy):
+def test_no_preset_leaves_the_default_output_bit_identical(clean, spy, uncached):
     pipe = clean
     assert not any(getattr(pipe, name).is_cache_enabled for name in EXPERTS)  # nothing is on by default
-    reference, forwards = spy.run(pipe)
+    reference, forwards = uncached
     pipe.enable_cache_preset("fbc-fast")
     cached, fewer = spy.run(pipe)
     pipe.disable_cache()
@@ -97,9 +107,9 @@ def test_no_preset_leaves_the_default_output_bit_identical(clean, spy):
     [("fbc-safe", FirstBlockCacheConfig, 16, 1e-6), ("fbc-fast", FirstBlockCacheConfig, 8, 0.02),
      ("taylorseer", TaylorSeerCacheConfig, 12, 0.15)],
 )  # fmt: skip
-def test_preset_on_both_experts(clean, spy, name, config_type, max_forwards, max_rel_l2):
+def test_preset_on_both_experts(clean, spy, uncached, name, config_type, max_forwards, max_rel_l2):
     pipe = clean
-    reference, forwards = spy.run(pipe)
+    reference, forwards = uncached
     assert forwards == 16  # 8 steps x 2 branches
     pipe.enable_cache_preset(name)
     configs = [getattr(pipe, expert)._cache_config for expert in EXPERTS]

@@ -33,8 +33,10 @@ def main() -> None:
     device, dtype = setup(args)
     pipe = BerniniPipeline(**tiny_components(device, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
-    call = dict(prompt="a red ball", task_type="t2v", guidance_mode=args.mode, num_frames=args.frames,
-                height=args.size[0], width=args.size[1], num_inference_steps=args.steps, output_type="latent")  # fmt: skip
+    call = {
+        "prompt": "a red ball", "task_type": "t2v", "guidance_mode": args.mode, "num_frames": args.frames,
+        "height": args.size[0], "width": args.size[1], "num_inference_steps": args.steps, "output_type": "latent",
+    }  # fmt: skip
 
     counts = dict.fromkeys(EXPERTS, 0)
     for name in EXPERTS:

@@ -4,27 +4,29 @@ LoRA recipe (Lightning key format), the opt-in SageAttention backend, and their 
 from __future__ import annotations
 
 import importlib.util
-import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
-from bernini_diffusers import acceleration, attention, cli, options
-from bernini_diffusers.acceleration import CACHE_PRESETS, TURBO, MagCacheCalibration, calibrate_magcache
+from bernini_diffusers import attention, cli, options
+from bernini_diffusers.acceleration import (
+    CACHE_PRESETS,
+    TURBO,
+    MagCacheCalibration,
+    calibrate_magcache,
+)
 from bernini_diffusers.guidance import Guidance
 from bernini_diffusers.pipeline_bernini import BerniniPipeline
 from bernini_diffusers.tasks import GuidanceMode
 from bernini_diffusers.testing import get_tiny_components
 
 EXPERTS = ("transformer", "transformer_2")
-SRC = Path(__file__).resolve().parents[1] / "src"
 # 8 steps at shift 5: timesteps 999, 971, 937, 892 on the high-noise expert, 833 ... on the low-noise one (4 + 4).
-CALL = dict(prompt="a red ball", task_type="t2v", num_frames=1, height=32, width=32, num_inference_steps=8,
-            output_type="latent")  # fmt: skip
+CALL = {
+    "prompt": "a red ball", "task_type": "t2v", "num_frames": 1, "height": 32, "width": 32, "num_inference_steps": 8,
+    "output_type": "latent",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +168,12 @@ def test_magcache_calibrated_per_expert(clean, spy, tmp_path):
 
 
 def test_diffusers_magcache_calibration_alone_misses_two_experts(clean, capsys):
-    # The miscount calibrate_magcache works around: a config of the call's 7 steps on each expert never reaches its
-    # end (each expert runs 3 or 4 of them), so diffusers' calibration never reports its ratios.
+    # The miscount calibrate_magcache works around: a config of the call's 3 steps on each expert never reaches its
+    # end (the high-noise expert runs 2 of them, the low-noise one 1), so diffusers' calibration never reports.
     pipe = clean
     for name in EXPERTS:
-        getattr(pipe, name).enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=7))
-    pipe(**{**CALL, "num_inference_steps": 7}, generator=torch.Generator().manual_seed(0))
+        getattr(pipe, name).enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=3))
+    pipe(**{**CALL, "num_inference_steps": 3}, generator=torch.Generator().manual_seed(0))
     assert "Calibration Complete" not in capsys.readouterr().out
 
 
@@ -191,9 +193,10 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason
 
 def lightning_lora(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
     """A LoRA in the key format of the Wan 2.2 Lightning / LightX2V files: `diffusion_model.blocks.N.self_attn.q`
-    `.lora_down.weight` / `.lora_up.weight` / `.alpha`, on both tiny blocks' self-attention q and o and FFN."""
+    `.lora_down.weight` / `.lora_up.weight` / `.alpha`, on both tiny blocks' self-attention q and o and
+    cross-attention k."""
     g = torch.Generator().manual_seed(seed)
-    inner, ffn = 256, 64  # the tiny experts: 2 heads x 128; ffn_dim 64
+    inner = 256  # the tiny experts: 2 heads x 128
     modules = {"self_attn.q": (inner, inner), "self_attn.o": (inner, inner), "cross_attn.k": (inner, inner)}
     state = {}
     for block in (0, 1):
@@ -327,8 +330,15 @@ def test_auto_never_picks_sage(fresh_attention):
     assert attention.LOSSY_BACKENDS == ("sage",)
 
 
-def test_importing_the_package_never_imports_sageattention():
-    code = "import sys, bernini_diffusers.pipeline_bernini, bernini_diffusers.options; print('sageattention' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC),
-                         "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, check=True)  # fmt: skip
-    assert out.stdout.strip().splitlines()[-1] == "False"
+def test_sage_is_checked_when_chosen_not_at_import(fresh_attention):
+    # Without CUDA the answer comes before any attempt to import sageattention (whose build may not even load here);
+    # the module list of available backends is computed on demand, never when bernini_diffusers is imported.
+    monkeypatch = fresh_attention
+    monkeypatch.setattr(attention, "_cuda_capability", lambda: None)
+
+    def no_import(name):
+        raise AssertionError(f"{name} was imported")
+
+    monkeypatch.setattr(attention, "_module_importable", no_import)
+    assert isinstance(attention._unusable("sage"), RuntimeError)
+    assert attention.resolve_attention_backend("auto") == "sdpa"

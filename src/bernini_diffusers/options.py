@@ -6,6 +6,7 @@ kernel, offload, the official switches), the sizes with their model-dependent de
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -87,12 +88,13 @@ def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:
     return filled
 
 
-# The official guidance defaults of the generate flags: with --turbo_lora a flag still at this value is taken as not
-# given and gets the recipe's value (argparse cannot tell a typed default from the default).
+# The official guidance defaults (the pipeline call's, which the generate flags share): with --turbo_lora a flag still
+# at its default is taken as not given and gets the recipe's value (argparse cannot tell a typed default apart).
 OFFICIAL_GUIDANCE = {
-    "flow_shift": 5.0, "omega_vid": 1.25, "omega_img": 4.5, "omega_txt": 4.0, "omega_scale": 0.8, "eta": 0.5,
-    "momentum": 0.0, "norm_threshold": 50.0,
-}  # fmt: skip
+    name: parameter.default
+    for name, parameter in inspect.signature(BerniniPipeline.__call__).parameters.items()
+    if name in acceleration.TURBO and name != "num_inference_steps"
+}
 
 
 def resolve_turbo_defaults(args: argparse.Namespace) -> dict[str, Any]:

@@ -47,8 +47,9 @@ def test_aliases_match_diffusers_backend_names():
         "sdpa": AttentionBackendName.NATIVE.value,
         "fa2": AttentionBackendName.FLASH.value,
         "fa3": AttentionBackendName._FLASH_3.value,
+        "sage": AttentionBackendName.SAGE.value,
     }
-    assert ATTENTION_BACKENDS == ("auto", "sdpa", "fa2", "fa3")
+    assert ATTENTION_BACKENDS == ("auto", "sdpa", "fa2", "fa3", "sage")
 
 
 def test_unknown_name_raises_with_allowed_list():
@@ -88,7 +89,7 @@ def test_empty_env_var_means_auto(monkeypatch):
 def test_auto_on_cpu_is_sdpa():
     assert resolve_attention_backend() == "sdpa"
     assert resolve_attention_backend("auto") == "sdpa"
-    assert available_backends() == {"sdpa": True, "fa2": False, "fa3": False}
+    assert available_backends() == {"sdpa": True, "fa2": False, "fa3": False, "sage": False}
 
 
 @pytest.mark.parametrize(

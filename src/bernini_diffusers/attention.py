@@ -2,8 +2,9 @@
 
 Short names map onto diffusers' ``AttentionBackendName`` values: ``sdpa`` -> ``native`` (torch's
 scaled_dot_product_attention), ``fa2`` -> ``flash`` (flash-attn 2), ``fa3`` -> ``_flash_3`` (FlashAttention 3,
-Hopper only). ``auto`` picks the fastest one usable here. The choice comes from the argument, else the
-``BERNINI_ATTENTION_BACKEND`` environment variable, else ``auto``.
+Hopper only), and the opt-in ``sage`` -> ``sage`` (SageAttention: 8-bit quantised QK^T, so it is lossy; CUDA only,
+when ``sageattention`` imports). ``auto`` picks the fastest exact one usable here and never picks ``sage``. The choice
+comes from the argument, else the ``BERNINI_ATTENTION_BACKEND`` environment variable, else ``auto``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ ENV_VAR = "BERNINI_ATTENTION_BACKEND"
 
 # Plain strings rather than AttentionBackendName members, so importing this module does not pull in
 # diffusers' dispatcher; ModelMixin.set_attention_backend accepts the string values.
-_DIFFUSERS_NAMES: dict[str, str] = {"sdpa": "native", "fa2": "flash", "fa3": "_flash_3"}
+_DIFFUSERS_NAMES: dict[str, str] = {"sdpa": "native", "fa2": "flash", "fa3": "_flash_3", "sage": "sage"}
+# Backends whose result differs from exact attention beyond kernel rounding: only ever used when named.
+LOSSY_BACKENDS = ("sage",)
 
 _FA2_INSTALL = 'pip install flash-attn --no-build-isolation (or pip install "bernini_diffusers[fa]")'
+_SAGE_INSTALL = 'pip install "sageattention>=2.1.1" (it builds CUDA kernels; a CUDA GPU is required)'
 _FA3_INSTALL = (
     "build flash_attn_interface from the flash-attention repo's hopper/ directory: git clone "
     "https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && python setup.py install"
@@ -60,6 +64,15 @@ def _unusable(name: str) -> Exception | None:
     if name == "sdpa":
         return None
     cap = _cuda_capability()
+    if name == "sage":
+        # Checked before the import: sageattention's kernels need CUDA, and on a CPU machine it may not import at all.
+        if cap is None:
+            return RuntimeError(
+                f"attention backend 'sage' (SageAttention, lossy) needs a CUDA GPU and none is available; {_SAGE_INSTALL}"
+            )
+        if not _module_importable("sageattention"):
+            return ImportError(f"attention backend 'sage' needs sageattention, which does not import; {_SAGE_INSTALL}")
+        return None
     if name == "fa2":
         if cap is None:
             return RuntimeError(f"attention backend 'fa2' needs a CUDA GPU and none is available; {_FA2_INSTALL}")
@@ -79,7 +92,7 @@ def _unusable(name: str) -> Exception | None:
 
 
 def available_backends() -> dict[str, bool]:
-    """Which concrete backends (sdpa, fa2, fa3) are usable in this process."""
+    """Which concrete backends (sdpa, fa2, fa3, sage) are usable in this process."""
     return {name: _unusable(name) is None for name in _DIFFUSERS_NAMES}
 
 
@@ -95,7 +108,7 @@ def _auto() -> tuple[str, str]:
 
 
 def resolve_attention_backend(name: str | None = None, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend name ("sdpa", "fa2" or "fa3") for ``name``, the env var, or "auto".
+    """The concrete backend name ("sdpa", "fa2", "fa3" or "sage") for ``name``, the env var, or "auto".
 
     ``dtype`` is the model's: flash kernels take only fp16/bf16, so ``auto`` keeps float32 models on sdpa.
 

@@ -12,7 +12,7 @@ WAN22_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # The attention backend names (attention.py maps them onto diffusers' dispatcher).
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa2", "fa3")
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa2", "fa3", "sage")
 
 # `--model tiny` / `from_pretrained("tiny")`: the random tiny model built in code by `bernini_diffusers.testing`.
 TINY_MODEL = "tiny"

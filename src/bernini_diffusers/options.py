@@ -6,14 +6,16 @@ kernel, offload, the official switches), the sizes with their model-dependent de
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from . import attention
+from . import acceleration, attention
 from .constants import (
     ATTENTION_BACKENDS,
     DTYPES,
@@ -26,6 +28,7 @@ from .constants import (
     TINY_MODEL,
     WAN22_BASE,
 )
+from .loading import written_as_path
 from .pipeline_bernini import BerniniPipeline
 from .prompt_enhancer import PromptEnhancer
 from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
@@ -73,11 +76,47 @@ def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:
-    """Fill the size flags left unset (see `add_size_arguments`) for the model of `args`; returns what was filled."""
+    """Fill the size flags left unset (see `add_size_arguments`) for the model of `args`; returns what was filled.
+
+    With `--turbo_lora` the recipe's settings come first (`resolve_turbo_defaults`).
+    """
+    resolve_turbo_defaults(args)
     defaults = TINY_DEFAULTS if getattr(args, "model", None) == TINY_MODEL else SIZE_DEFAULTS
     filled = {name: value for name, value in defaults.items() if getattr(args, name, None) is None}
     for name, value in filled.items():
         setattr(args, name, value)
+    return filled
+
+
+# The official guidance defaults (the pipeline call's, which the generate flags share): with --turbo_lora a flag still
+# at its default is taken as not given and gets the recipe's value (argparse cannot tell a typed default apart).
+OFFICIAL_GUIDANCE = {
+    name: parameter.default
+    for name, parameter in inspect.signature(BerniniPipeline.__call__).parameters.items()
+    if name in acceleration.TURBO and name != "num_inference_steps"
+}
+
+
+def resolve_turbo_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """With `--turbo_lora`, fill the step count and guidance flags the user left unset with `acceleration.TURBO`'s
+    values (4 steps, guidance weights 1); returns what was filled. Without it, nothing changes."""
+    if not getattr(args, "turbo_lora", None):
+        return {}
+    filled = {}
+    for name, value in acceleration.TURBO.items():
+        if not hasattr(args, name):  # a front end without that flag (the demo has no guidance flags)
+            continue
+        current = getattr(args, name)
+        if name == "num_inference_steps":
+            unset = current is None
+        elif name == "norm_threshold":
+            values = current if isinstance(current, (list, tuple)) else [current]
+            unset = all(v == OFFICIAL_GUIDANCE[name] for v in values)
+        else:
+            unset = current == OFFICIAL_GUIDANCE[name]
+        if unset and current != value:
+            setattr(args, name, [value] if name == "norm_threshold" and isinstance(current, list) else value)
+            filled[name] = value
     return filled
 
 
@@ -108,9 +147,22 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--device", help="torch device (default: cuda, the local rank's under torchrun; else cpu)")
     parser.add_argument(
         "--attention_backend", choices=ATTENTION_BACKENDS,
-        help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa)",
+        help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa; sage: "
+             "SageAttention, lossy, CUDA only, never chosen by auto)",
     )
     parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
+    calibration_free = [name for name, preset in acceleration.CACHE_PRESETS.items() if not preset.needs_calibration]
+    parser.add_argument(
+        "--cache_preset", choices=calibration_free,
+        help="step cache on both experts (changes the output; see README, Step caches); 'magcache' needs a "
+             "calibration and is used from Python",
+    )  # fmt: skip
+    parser.add_argument(
+        "--turbo_lora", nargs=2, metavar=("HIGH", "LOW"),
+        help="few-step LoRA pair (Wan 2.2 Lightning / LightX2V): HIGH into the high-noise expert, LOW into the "
+             "low-noise one; steps and guidance flags left unset take the recipe's (4 steps, weights 1). Changes "
+             "the output; needs peft",
+    )  # fmt: skip
     parser.add_argument(
         "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
         help="sample with UniPC; --no-use_unipc: the official Euler flow-matching fallback",
@@ -245,12 +297,12 @@ def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
         choice = attention.resolve_attention_backend(name, dtype)
     except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
         raise ValueError(f"{source}={requested!r}: {err}") from None
-    if choice in ("fa2", "fa3") and device.type != "cuda":
+    if choice in ("fa2", "fa3", "sage") and device.type != "cuda":
         raise ValueError(
             f"{source}={requested!r} runs on CUDA GPUs only, but the device is {device}; use --attention_backend "
             "sdpa (or auto)."
         )
-    if choice in ("fa2", "fa3") and not (dtype.is_floating_point and dtype.itemsize == 2):
+    if choice in ("fa2", "fa3", "sage") and not (dtype.is_floating_point and dtype.itemsize == 2):
         raise ValueError(
             f"{source}={requested!r} takes bf16 or fp16 weights, not {str(dtype).replace('torch.', '')}; pass "
             "--dtype bf16, or use --attention_backend sdpa."
@@ -307,6 +359,14 @@ def load_pipeline(args: argparse.Namespace):
         pipe.set_attention_backend(backend)
     except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
         raise ValueError(f"`attention_backend`={backend!r}: {err}") from None
+    turbo = getattr(args, "turbo_lora", None)
+    if turbo:
+        for path in turbo:
+            if written_as_path(path) and not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"`turbo_lora`: no such file or folder: '{path}'")
+        pipe.load_turbo_lora(*turbo)
+    if getattr(args, "cache_preset", None) is not None:
+        pipe.enable_cache_preset(args.cache_preset)
     if args.enable_model_cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -26,7 +26,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import media, parallel
+from . import acceleration, media, parallel
 from .attention import set_attention_backend
 from .constants import TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
@@ -220,7 +220,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.set_attention_backend()
 
     def set_attention_backend(self, name: str | None = None) -> str:
-        """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"` or `"fa3"`.
+        """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"`, `"fa3"` or `"sage"` (SageAttention:
+        lossy, CUDA only, used only when named).
 
         `None` reads `BERNINI_ATTENTION_BACKEND`, else `"auto"` (FA3 on Hopper, else FA2, else SDPA; float32
         experts stay on SDPA). A backend that is chosen but missing raises with its install line. The choice is the
@@ -246,6 +247,26 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         super().load_lora_weights(
             pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
         )
+
+    # ------------------------------------------------------------------------------------------------ speed recipes
+
+    def enable_cache_preset(self, name: str, *, calibration: acceleration.MagCacheCalibration | None = None) -> None:
+        """Apply a step-cache preset of [`~acceleration.CACHE_PRESETS`] to both experts, each with its own config:
+        `"fbc-safe"`, `"fbc-fast"` (FirstBlockCache), `"taylorseer"` or `"magcache"` (with `calibration`, made by
+        [`~acceleration.calibrate_magcache`] for the mode you call). It replaces any cache already enabled; it changes
+        the output (README, "Step caches").
+        """
+        acceleration.enable_cache_preset(self, name, calibration=calibration)
+
+    def disable_cache(self) -> None:
+        """Remove the step cache of both experts (a preset's or one enabled by hand); the output is the uncached one."""
+        acceleration.disable_cache(self)
+
+    def load_turbo_lora(self, high, low, adapter_name: str = "turbo", **kwargs) -> None:
+        """Load a Wan 2.2 few-step LoRA pair (Lightning / LightX2V): `high` into `transformer`, `low` into
+        `transformer_2`; then call with [`~acceleration.TURBO`]'s settings (4 steps, guidance weights 1). It changes
+        the output (README, "Turbo LoRAs"); `unload_lora_weights()` removes it."""
+        acceleration.load_turbo_lora(self, high, low, adapter_name=adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ parallelism
 

@@ -1,0 +1,286 @@
+"""Speed recipes over diffusers' own machinery: step-cache presets on both experts, MagCache calibrated per expert
+and per guidance mode, and the few-step ("turbo") LoRA recipe for Wan 2.2 Lightning / LightX2V LoRAs.
+
+Every recipe here is opt-in and changes the output (see README, "Speed and memory"). The pipeline's methods
+`enable_cache_preset`, `disable_cache` and `load_turbo_lora` delegate to this module; it never imports the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+from .tasks import TASKS, parse_task_type
+
+EXPERTS = ("transformer", "transformer_2")
+
+# diffusers' hook name of MagCache's head block (hooks/mag_cache.py); its state manager holds one state per context.
+_MAG_HEAD_HOOK = "mag_cache_leader_block_hook"
+
+
+@dataclass(frozen=True)
+class CachePreset:
+    """A named step-cache recipe: one diffusers cache config per expert.
+
+    Attributes:
+        name (`str`): the preset's name, as `enable_cache_preset` takes it.
+        summary (`str`): what it does and what it was measured to do on the tiny model (`benchmarks/bench_cache.py`).
+        make_config (`Callable`): builds one expert's config from that expert's own number of steps and MagCache
+            ratios (`None` for presets that need no calibration). Each expert gets a config object of its own.
+        needs_calibration (`bool`): whether `calibration=` (a [`MagCacheCalibration`]) is required.
+    """
+
+    name: str
+    summary: str
+    make_config: Callable[[int | None, list[float] | None], Any]
+    needs_calibration: bool = False
+
+
+def _taylorseer(steps: int | None, ratios: list[float] | None) -> TaylorSeerCacheConfig:
+    # Lite mode: the blocks are skipped on prediction steps and only the output projection is extrapolated (diffusers'
+    # own lite patterns; its default patterns miss Wan's `attn1`). Steps count per expert and per branch context, so
+    # "before step 2" is each expert's first two steps. Float32 factors: the extrapolation subtracts close values.
+    return TaylorSeerCacheConfig(
+        cache_interval=2, disable_cache_before_step=2, max_order=1, use_lite_mode=True,
+        taylor_factors_dtype=torch.float32,
+    )  # fmt: skip
+
+
+def _magcache(steps: int | None, ratios: list[float] | None) -> MagCacheConfig:
+    # diffusers' default threshold, skip limit and retention; `num_inference_steps` is the expert's OWN step count, so
+    # the state resets at the end of that expert's steps and the retention covers the first 20% of its own steps.
+    return MagCacheConfig(
+        threshold=0.06, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=steps, mag_ratios=list(ratios),
+    )  # fmt: skip
+
+
+# Measured by benchmarks/bench_cache.py on the tiny two-expert model (t2v, 8 steps: 4 high-noise + 4 low-noise,
+# 2 branches, fp32, CPU); the real 14B experts change far less between steps than random tiny weights, so they skip more.
+CACHE_PRESETS: dict[str, CachePreset] = {
+    preset.name: preset
+    for preset in (
+        CachePreset(
+            "fbc-safe",
+            "FirstBlockCache, threshold 0.1: a step reuses the rest of the stack when the first block's residual "
+            "moved less than 10%. Tiny model: 0 of 16 forwards skipped, rel-L2 0.",
+            lambda steps, ratios: FirstBlockCacheConfig(threshold=0.1),
+        ),
+        CachePreset(
+            "fbc-fast",
+            "FirstBlockCache, threshold 0.2. Tiny model: 10 of 16 forwards skipped, rel-L2 0.0043.",
+            lambda steps, ratios: FirstBlockCacheConfig(threshold=0.2),
+        ),
+        CachePreset(
+            "taylorseer",
+            "TaylorSeer lite (first-order, interval 2, from each expert's third step). Tiny model: 4 of 16 "
+            "forwards skipped, rel-L2 0.060.",
+            _taylorseer,
+        ),
+        CachePreset(
+            "magcache",
+            "MagCache with ratios calibrated per expert for the call's mode (`calibrate_magcache`), threshold 0.06, "
+            "at most 3 steps in a row. Tiny model: 12 of 16 forwards skipped, rel-L2 0.012.",
+            _magcache,
+            needs_calibration=True,
+        ),
+    )
+}
+
+
+@dataclass
+class MagCacheCalibration:
+    """MagCache ratios of one guidance mode, one table per expert, each as long as that expert's own steps.
+
+    Made by [`calibrate_magcache`]; pass it to `pipe.enable_cache_preset("magcache", calibration=...)` before calls
+    with the same `num_inference_steps`, `flow_shift`, task and `guidance_mode`. Calibrate each mode you use.
+
+    Attributes:
+        guidance_mode (`str`): the mode the calibration call ran.
+        num_inference_steps (`int`): the steps of the calibration call (both experts together).
+        ratios (`dict[str, list[float]]`): per expert, the mean over the mode's branches of each own step's residual
+            magnitude ratio (diffusers' calibration formula); the first entry of each expert is 1.0.
+        branch_ratios (`dict[str, dict[str, list[float]]]`): per expert, the same ratios of each branch context.
+    """
+
+    guidance_mode: str
+    num_inference_steps: int
+    ratios: dict[str, list[float]]
+    branch_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def steps(self, expert: str) -> int:
+        """The number of steps `expert` ran in the calibration call (0 if it never ran)."""
+        return len(self.ratios.get(expert, []))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the calibration as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MagCacheCalibration:
+        """Read a calibration written by [`MagCacheCalibration.save`]."""
+        data = json.loads(Path(path).read_text())
+        return cls(**data)
+
+
+def _experts(pipe) -> dict[str, torch.nn.Module]:
+    return {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None}
+
+
+def disable_cache(pipe) -> None:
+    """Remove the step cache of every expert of `pipe` that has one."""
+    for model in _experts(pipe).values():
+        if model.is_cache_enabled:
+            model.disable_cache()
+
+
+def enable_cache_preset(pipe, name: str, *, calibration: MagCacheCalibration | None = None) -> None:
+    """Apply the cache preset `name` (a key of [`CACHE_PRESETS`]) to both experts, each with a config of its own.
+
+    Any cache already enabled on the experts is removed first. MagCache takes each expert's ratio table and own step
+    count from `calibration`; an expert that ran no step in the calibration call gets no cache.
+
+    Raises:
+        ValueError: for an unknown name, a MagCache preset without a calibration, or a calibration given to a preset
+            that takes none.
+    """
+    if name not in CACHE_PRESETS:
+        raise ValueError(f"`name`={name!r} is not a cache preset; expected one of {', '.join(CACHE_PRESETS)}.")
+    preset = CACHE_PRESETS[name]
+    if preset.needs_calibration and not isinstance(calibration, MagCacheCalibration):
+        raise ValueError(
+            f"cache preset {name!r} needs `calibration`, a MagCacheCalibration of the mode you call (got "
+            f"{type(calibration).__name__}); make one with `calibrate_magcache(pipe, call_kwargs)`."
+        )
+    if not preset.needs_calibration and calibration is not None:
+        raise ValueError(f"cache preset {name!r} takes no `calibration`; only 'magcache' does.")
+    experts = _experts(pipe)
+    configs = {}
+    for expert in experts:
+        if preset.needs_calibration:
+            steps = calibration.steps(expert)
+            if steps == 0:
+                continue
+            configs[expert] = preset.make_config(steps, calibration.ratios[expert])
+        else:
+            configs[expert] = preset.make_config(None, None)
+    disable_cache(pipe)
+    for expert, config in configs.items():
+        experts[expert].enable_cache(config)
+
+
+def calibrate_magcache(pipe, call_kwargs: Mapping[str, Any]) -> MagCacheCalibration:
+    """Run one uncached call with diffusers' MagCache in calibration mode and return the ratios per expert.
+
+    Why not diffusers' `MagCacheConfig(calibrate=True)` alone: its hook counts steps per model and per cache
+    context. With two experts each expert's hook only sees its own steps (e.g. 17 high-noise + 23 low-noise of 40),
+    so a config with `num_inference_steps=40` never reaches its end on either expert (the ratios are never reported,
+    and in inference mode the low-noise expert would read the high-noise steps' ratios, `mag_ratios[0:23]` instead of
+    `[17:40]`, and retain 8 of its own steps instead of 20% of them); with several guidance branches each branch is a
+    context with its own table, and the report is printed per context then cleared. Here the hooks are given a step
+    count no expert reaches, the tables are read from each context's state after every step, and each expert's
+    table is the mean over the branches of its own steps.
+
+    Args:
+        pipe (`BerniniPipeline`): the pipeline; it must have no cache enabled.
+        call_kwargs (`Mapping`): the arguments of the call to calibrate (prompt, task, media, `num_inference_steps`,
+            `guidance_mode`, seed generator, ...); `output_type` is forced to `"latent"`.
+
+    Returns:
+        [`MagCacheCalibration`]: one table per expert that ran, sized to that expert's own steps.
+    """
+    call_kwargs = dict(call_kwargs)
+    if "callback_on_step_end" in call_kwargs:
+        raise ValueError("`call_kwargs` must not set `callback_on_step_end`: the calibration reads the ratios with it.")
+    experts = _experts(pipe)
+    if any(model.is_cache_enabled for model in experts.values()):
+        raise ValueError("calibrate_magcache needs the experts uncached; call `pipe.disable_cache()` first.")
+    steps = int(call_kwargs.get("num_inference_steps", 40))
+    tables: dict[str, dict[str, list[float]]] = {name: {} for name in experts}
+
+    def snapshot(p, step, timestep, kwargs):
+        for name, model in experts.items():
+            states = model.blocks[0]._diffusers_hook.get_hook(_MAG_HEAD_HOOK).state_manager._state_cache
+            for context, state in states.items():
+                tables[name][context] = list(state.calibration_ratios)
+        return kwargs
+
+    for model in experts.values():
+        # A count no expert reaches: the state is never reset (and the tables never cleared) inside the call.
+        model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
+    try:
+        pipe(**{**call_kwargs, "output_type": "latent", "callback_on_step_end": snapshot})
+    finally:
+        disable_cache(pipe)
+
+    ratios = {}
+    for name, contexts in tables.items():
+        if not contexts:
+            continue
+        lengths = {len(table) for table in contexts.values()}
+        if len(lengths) != 1:  # every branch runs every step of its expert
+            raise RuntimeError(f"MagCache calibration: branches of {name} ran different step counts {sorted(lengths)}")
+        ratios[name] = [math.fsum(column) / len(column) for column in zip(*contexts.values())]
+    if sum(len(table) for table in ratios.values()) != steps:
+        raise RuntimeError(f"MagCache calibration counted {ratios} steps, the call ran {steps}")
+    mode = call_kwargs.get("guidance_mode")
+    if mode is None:
+        mode = TASKS[parse_task_type(call_kwargs.get("task_type", "t2v"))].default_guidance_mode
+    return MagCacheCalibration(
+        guidance_mode=getattr(mode, "value", str(mode)),
+        num_inference_steps=steps,
+        ratios=ratios,
+        branch_ratios={name: contexts for name, contexts in tables.items() if contexts},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ turbo LoRAs
+
+# The call settings of the Wan 2.2 Lightning / LightX2V 4-step LoRAs (T2V-A14B):
+# - 4 steps with shift 5: the Lightning authors trained on the timesteps [1000, 937.5, 833.3, 625]
+#   (ModelTC/LightX2V-Wan2.2-Lightning issue #3), which are 4 uniform steps shifted by 5; the package's official
+#   grid gives 999, 937, 833, 624, and the expert switch at 875 splits them 2 high-noise + 2 low-noise, as the
+#   ComfyUI workflows do (t2v switch 875, cfg 1, shift 5: deepbeepmeep/Wan2GP issue #748).
+# - no CFG ("4 steps without the need of CFG trick", the Wan2.2-Lightning README). In Bernini terms every guidance
+#   weight is 1 and never rescaled: CFG chains then collapse onto their last (conditional) branch, and APG with
+#   eta 1, no norm clamp and no momentum does the same, so every task keeps its own mode and inputs.
+# - strength 1 on both experts: diffusers' loader applies the files' alpha keys (huggingface/diffusers PR #12074).
+# The sampler stays the pipeline's (UniPC, or `use_unipc=False` for flow-matching Euler).
+TURBO: dict[str, Any] = {
+    "num_inference_steps": 4,
+    "flow_shift": 5.0,
+    "omega_vid": 1.0,
+    "omega_img": 1.0,
+    "omega_txt": 1.0,
+    "omega_scale": 1.0,
+    "eta": 1.0,
+    "momentum": 0.0,
+    "norm_threshold": 0.0,
+}
+
+
+def load_turbo_lora(pipe, high, low, adapter_name: str = "turbo", **kwargs) -> None:
+    """Load a Wan 2.2 few-step LoRA pair: `high` into `transformer`, `low` into `transformer_2` (diffusers'
+    `load_lora_weights(..., load_into_transformer_2=True)`), both under `adapter_name`. Call with [`TURBO`]'s settings.
+
+    `high` and `low` are what `load_lora_weights` takes: a file, a folder or repo (with `weight_name=` in `kwargs`), or
+    a state dict, in diffusers' or the original `diffusion_model.blocks.N...lora_down/lora_up/alpha` key format.
+    """
+    if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
+        raise ValueError(
+            "load_turbo_lora needs both experts (a Wan 2.2 A14B pipeline); this pipeline has "
+            f"transformer={type(getattr(pipe, 'transformer', None)).__name__}, "
+            f"transformer_2={type(getattr(pipe, 'transformer_2', None)).__name__}. Load a single file with "
+            "`pipe.load_lora_weights(path)` instead."
+        )
+    pipe.load_lora_weights(high, adapter_name=adapter_name, **kwargs)
+    pipe.load_lora_weights(low, adapter_name=adapter_name, load_into_transformer_2=True, **kwargs)

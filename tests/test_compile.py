@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from bernini_diffusers import cli
 from bernini_diffusers.testing import tiny_pipeline
 
 # Inductor on a CPU reorders float ops; measured max abs diff on the final latents of the tiny rv2v call: 2.1e-6 at
@@ -88,7 +89,7 @@ def test_compiled_rv2v_equals_eager_with_one_graph_per_layout(media_dir):
     assert all(block._compiled_call_impl is not None for block in _blocks(pipe))
     compiled = _rv2v(pipe, media_dir, steps=2)
     assert torch.equal(compiled, eager)
-    # 2 steps x 4 branches on 2 experts x 2 blocks, lengths 12 (target), 24 (V + target) and 40 (VI + target): one
+    # 2 steps x 4 branches on 2 experts x 2 blocks, lengths 12 (target), 24 (V + target) and 36 (VI + target): one
     # graph for Wan's own target-only forward, one for the packed sequence, shared by every block of both experts.
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
@@ -120,6 +121,15 @@ def test_compile_without_experts_is_refused():
     pipe.transformer = None
     with pytest.raises(ValueError, match="no expert"):
         pipe.compile()
+
+
+def test_compile_flag():
+    parse = cli.build_parser().parse_args
+    compiled = cli.load_pipeline(parse(["generate", "--model", "tiny", "--compile"]))
+    assert all(block._compiled_call_impl is not None for block in _blocks(compiled))
+    assert compiled._compile_settings == {"dynamic": True, "fullgraph": True, "mode": None, "backend": "inductor"}
+    plain = cli.load_pipeline(parse(["generate", "--model", "tiny"]))
+    assert all(block._compiled_call_impl is None for block in _blocks(plain))
 
 
 @pytest.mark.slow

@@ -90,8 +90,8 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload and the official
-    model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
+    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload, `--compile` and the
+    official model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
     """
     parser.add_argument(
         "--model", "--config", dest="model", metavar="PATH|REPO|tiny",
@@ -111,6 +111,11 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa)",
     )
     parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="regional torch.compile of both experts' transformer blocks (pipe.compile(): dynamic sequence lengths, "
+             "no graph break); the first forward of each input layout compiles, later steps and calls reuse it",
+    )  # fmt: skip
     parser.add_argument(
         "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
         help="sample with UniPC; --no-use_unipc: the official Euler flow-matching fallback",
@@ -311,4 +316,6 @@ def load_pipeline(args: argparse.Namespace):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if args.compile:
+        pipe.compile()
     return pipe

@@ -5,12 +5,13 @@ Two pipelines with the same tiny weights run the same rv2v call (a 9-frame 48x32
 images, so the four branches none, V, VI-, VI+ run three packed lengths on both experts). One is compiled with
 `pipe.compile(...)`. Its first call compiles: the graphs compiled in it (torch._dynamo's `unique_graphs`; every block
 of both experts runs the same `WanTransformerBlock.forward`, so recompiles = graphs - 1) and its extra wall time are
-reported, then the graphs a second call adds (expected 0). After that the two pipelines run interleaved, and the
-seconds per step are the median of the step-to-step times of those calls (a callback stamps each step's end).
+reported (inductor's on-disk caches are off unless --warm_cache), then the graphs a second call adds (expected 0).
+After that the two pipelines run interleaved, and the seconds per step are the median of the step-to-step times of
+those calls (a callback stamps each step's end).
 On a CPU the figures are informational: inductor's CPU code and a tiny model say little about a GPU at the real size.
 
 Run: python benchmarks/bench_compile.py [--steps 40] [--repeats 1] [--warmup 1] [--mode M] [--backend inductor]
-     [--dynamic true|false|none] [--json out.json]
+     [--dynamic true|false|none] [--warm_cache] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from _common import base_parser, print_header, print_table, setup, synchronize, tiny_components, write_json
 from torch._dynamo.utils import counters
 
@@ -51,8 +53,14 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: torch's)")
     parser.add_argument("--dynamic", default="true", choices=sorted(DYNAMIC), help="torch.compile dynamic")
+    parser.add_argument(
+        "--warm_cache", action="store_true",
+        help="let inductor reuse its on-disk caches from earlier runs (default: off, so the compile time is a cold one)",
+    )  # fmt: skip
     args = parser.parse_args()
     device, dtype = setup(args)
+    # Inductor keeps compiled graphs on disk across processes; a warm cache would hide the compile time.
+    torch._inductor.config.force_disable_caches = not args.warm_cache
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (the seconds per step are taken between steps)")
 
@@ -148,7 +156,7 @@ def main() -> None:
     write_json(
         args.json,
         {
-            "benchmark": "compile", "steps": args.steps, "settings": {**settings, "backend": str(args.backend)},
+            "benchmark": "compile", "steps": args.steps, "settings": {**settings, "backend": str(args.backend)}, "warm_cache": args.warm_cache,
             "sequence_lengths": sorted(lengths), "eager_step_s": steps["eager"], "compiled_step_s": steps["compiled"],
             "eager_call_s": calls["eager"], "compiled_call_s": calls["compiled"], "eager_first_call_s": eager_first_s,
             "compiled_first_call_s": first_s, "compiled_second_call_s": second_s, "compile_s": compile_overhead,

@@ -270,7 +270,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Args:
             dynamic (`bool`, *optional*, defaults to `True`):
                 `torch.compile`'s `dynamic`. `True` compiles shape-generic graphs at once; `None` (torch's default)
-                compiles the first length static and recompiles once on the next; `False` recompiles per length.
+                compiles the first shape static and turns the sizes that change dynamic on the first recompile;
+                `False` compiles one graph per sequence length (3 instead of 2 for the tiny `rv2v` call).
             fullgraph (`bool`, defaults to `True`):
                 Refuse graph breaks: a block compiles to one graph or the call fails. The blocks have none.
             mode (`str`, *optional*):

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--dynamic", default="true", choices=sorted(DYNAMIC), help="torch.compile dynamic")
     parser.add_argument(
         "--warm_cache", action="store_true",
-        help="let inductor reuse its on-disk caches from earlier runs (default: off, so the compile time is a cold one)",
+        help="let inductor reuse its on-disk caches from earlier runs (default: off: the compile time is a cold one)",
     )  # fmt: skip
     args = parser.parse_args()
     device, dtype = setup(args)
@@ -156,7 +156,8 @@ def main() -> None:
     write_json(
         args.json,
         {
-            "benchmark": "compile", "steps": args.steps, "settings": {**settings, "backend": str(args.backend)}, "warm_cache": args.warm_cache,
+            "benchmark": "compile", "steps": args.steps, "settings": {**settings, "backend": str(args.backend)},
+            "warm_cache": args.warm_cache,
             "sequence_lengths": sorted(lengths), "eager_step_s": steps["eager"], "compiled_step_s": steps["compiled"],
             "eager_call_s": calls["eager"], "compiled_call_s": calls["compiled"], "eager_first_call_s": eager_first_s,
             "compiled_first_call_s": first_s, "compiled_second_call_s": second_s, "compile_s": compile_overhead,

@@ -3,6 +3,7 @@ layout whatever the branch lengths, outputs equal to eager, off by default."""
 
 import pytest
 import torch
+from diffusers import FirstBlockCacheConfig
 from torch._dynamo.utils import counters
 
 from bernini_diffusers import cli
@@ -114,6 +115,16 @@ def test_compile_settings_are_checked_and_a_second_call_is_a_no_op():
     assert [block._compiled_call_impl for block in _blocks(pipe)] == wrappers
     with pytest.raises(ValueError, match="already compiled"):
         pipe.compile(backend="inductor")
+
+
+def test_fullgraph_with_a_step_cache_is_refused():
+    pipe = tiny_pipeline()
+    pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ValueError, match="FirstBlockCacheConfig.*fullgraph=False"):
+        pipe.compile()
+    assert all(block._compiled_call_impl is None for block in _blocks(pipe))
+    pipe.compile(fullgraph=False, backend="eager")  # the hooks' decisions run eager between graphs
+    assert all(block._compiled_call_impl is not None for block in _blocks(pipe))
 
 
 def test_compile_without_experts_is_refused():

@@ -280,8 +280,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 `torch.compile`'s backend (`"eager"` traces without code generation, bit-identical to eager).
 
         Raises:
-            ValueError: for an unknown `backend` or `mode`, a non-bool `fullgraph` or `dynamic`, or a second call with
-                other settings than the first (a second call with the same settings does nothing).
+            ValueError: for an unknown `backend` or `mode`, a non-bool `fullgraph` or `dynamic`, `fullgraph=True`
+                while a step cache (`enable_cache`) is on (its hooks break the graph: use `fullgraph=False`), or a
+                second call with other settings than the first (a second call with the same settings does nothing).
         """
         settings = {"dynamic": dynamic, "fullgraph": fullgraph, "mode": mode, "backend": backend}
         if dynamic is not None and not isinstance(dynamic, bool):
@@ -301,6 +302,14 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         experts = [e for e in (self.transformer, self.transformer_2) if e is not None]
         if not experts:
             raise ValueError("This pipeline has no expert (`transformer` and `transformer_2` are None) to compile.")
+        cached = [e for e in experts if e.is_cache_enabled]
+        if fullgraph and cached:
+            # diffusers' cache hooks wrap the blocks' forward, and their decisions are `torch.compiler.disable`d
+            raise ValueError(
+                f"`fullgraph`=True, but a step cache ({type(cached[0]._cache_config).__name__}) is enabled on the "
+                "experts: its hooks on the blocks break the graph. Call `compile(fullgraph=False)`, or `disable_cache()` "
+                "on the experts first."
+            )
         compiled = getattr(self, "_compile_settings", None)
         if compiled is not None:
             if compiled == settings:

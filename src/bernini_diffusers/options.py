@@ -129,8 +129,8 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload and the official
-    model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
+    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload, `--compile` and the
+    official model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
     """
     parser.add_argument(
         "--model", "--config", dest="model", metavar="PATH|REPO|tiny",
@@ -162,6 +162,11 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         help="few-step LoRA pair (Wan 2.2 Lightning / LightX2V): HIGH into the high-noise expert, LOW into the "
              "low-noise one; steps and guidance flags left unset take the recipe's (4 steps, weights 1). Changes "
              "the output; needs peft",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="regional torch.compile of both experts' transformer blocks (pipe.compile(): dynamic sequence lengths, "
+             "no graph break); the first forward of each input layout compiles, later steps and calls reuse it",
     )  # fmt: skip
     parser.add_argument(
         "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
@@ -371,4 +376,6 @@ def load_pipeline(args: argparse.Namespace):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if args.compile:
+        pipe.compile()
     return pipe

@@ -26,6 +26,7 @@ from .constants import (
     TINY_MODEL,
     WAN22_BASE,
 )
+from .memory import MEMORY_PROFILES, get_memory_profile
 from .pipeline_bernini import BerniniPipeline
 from .prompt_enhancer import PromptEnhancer
 from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
@@ -110,7 +111,16 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         "--attention_backend", choices=ATTENTION_BACKENDS,
         help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa)",
     )
-    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
+    parser.add_argument(
+        "--enable_model_cpu_offload", action="store_true",
+        help="keep idle components on the CPU (the same as --memory_profile expert_offload)",
+    )
+    parser.add_argument(
+        "--memory_profile", choices=tuple(MEMORY_PROFILES), metavar="NAME",
+        help=f"where the weights live during a call, one of {', '.join(MEMORY_PROFILES)} (see the README's "
+             "'Speed and memory'; default: every component on the device)",
+    )  # fmt: skip
+    parser.add_argument("--vae_tiling", action="store_true", help="decode with VAE tiling (720p and up)")
     parser.add_argument(
         "--use_unipc", action=argparse.BooleanOptionalAction, default=True,
         help="sample with UniPC; --no-use_unipc: the official Euler flow-matching fallback",
@@ -258,11 +268,34 @@ def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
     return name
 
 
+def _memory_profile(args: argparse.Namespace, device) -> str | None:
+    """The memory profile the flags ask for (`--enable_model_cpu_offload` is `expert_offload`), None for none;
+    a profile that moves weights off an accelerator is refused on the CPU, where it would save nothing."""
+    name = getattr(args, "memory_profile", None)
+    if getattr(args, "enable_model_cpu_offload", False):
+        if name not in (None, "expert_offload"):
+            raise ValueError(
+                f"`enable_model_cpu_offload` is the memory profile 'expert_offload' and conflicts with "
+                f"`memory_profile`={name!r}; pass one of them (e.g. --memory_profile fp8+expert_offload)."
+            )
+        if device.type == "cpu":
+            raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+        return "expert_offload"
+    if name is None:
+        return None
+    if get_memory_profile(name).offloads and device.type == "cpu":
+        raise ValueError(
+            f"`memory_profile`={name!r} moves weights between the CPU and an accelerator, but the device is cpu; "
+            "use --memory_profile resident or fp8 on the CPU, or --device cuda."
+        )
+    return name
+
+
 def check_environment(args: argparse.Namespace) -> None:
-    """The device, dtype and attention backend the model flags ask for, checked before any weight is read."""
+    """The device, dtype, memory profile and attention backend the model flags ask for, checked before any weight
+    is read."""
     device = _device(args.device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    _memory_profile(args, device)
     _attention_backend(args, device, _dtype(args, device))
 
 
@@ -284,8 +317,7 @@ def load_pipeline(args: argparse.Namespace):
     model, checkpoints = resolve_model(args)
     device = _device(args.device)
     dtype = _dtype(args, device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    profile = _memory_profile(args, device)
     max_src_id = args.max_trained_src_id
     if not isinstance(max_src_id, int) or max_src_id < 1:
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
@@ -307,8 +339,10 @@ def load_pipeline(args: argparse.Namespace):
         pipe.set_attention_backend(backend)
     except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
         raise ValueError(f"`attention_backend`={backend!r}: {err}") from None
-    if args.enable_model_cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
+    if profile is not None:
+        pipe.enable_memory_profile(profile, device, vae_tiling=bool(getattr(args, "vae_tiling", False)))
     else:
         pipe.to(device)
+        if getattr(args, "vae_tiling", False):
+            pipe.vae.enable_tiling()
     return pipe

@@ -81,7 +81,8 @@ def get_memory_profile(name: str) -> MemoryProfile:
     """The profile called `name`; a `ValueError` listing the names otherwise."""
     profile = MEMORY_PROFILES.get(name) if isinstance(name, str) else None
     if profile is None:
-        raise ValueError(f"`memory_profile`={name!r} is not a memory profile; choose one of {', '.join(MEMORY_PROFILES)}.")
+        names = ", ".join(MEMORY_PROFILES)
+        raise ValueError(f"`memory_profile`={name!r} is not a memory profile; choose one of {names}.")
     return profile
 
 

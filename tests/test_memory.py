@@ -142,6 +142,9 @@ def test_one_profile_per_pipeline():
     by_hand.enable_model_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match="'fp8'.*model offload.*freshly loaded"):
         by_hand.enable_memory_profile("fp8", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device`='cuda': no CUDA device"):
+            tiny_pipeline().enable_memory_profile("resident", "cuda")
     with pytest.raises(ValueError, match="`vae_tiling`=1"):
         tiny_pipeline().enable_memory_profile("resident", "cpu", vae_tiling=1)
 

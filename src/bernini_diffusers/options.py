@@ -91,8 +91,8 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload and the official
-    model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
+    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, memory profile, VAE tiling
+    and the official model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
     """
     parser.add_argument(
         "--model", "--config", dest="model", metavar="PATH|REPO|tiny",

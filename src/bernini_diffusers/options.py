@@ -29,6 +29,7 @@ from .constants import (
     WAN22_BASE,
 )
 from .loading import written_as_path
+from .memory import MEMORY_PROFILES, get_memory_profile
 from .pipeline_bernini import BerniniPipeline
 from .prompt_enhancer import PromptEnhancer
 from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
@@ -129,8 +130,9 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, offload, `--compile` and the
-    official model switches (`--use_unipc`, `--use_src_tgt_id`, `--interpolate_src_id`, `--max_trained_src_id`).
+    """Add the flags `load_pipeline` reads: the weights, dtype, device, attention kernel, memory profile, VAE tiling,
+    step cache, turbo LoRA, `--compile` and the official model switches (`--use_unipc`, `--use_src_tgt_id`,
+    `--interpolate_src_id`, `--max_trained_src_id`).
     """
     parser.add_argument(
         "--model", "--config", dest="model", metavar="PATH|REPO|tiny",
@@ -150,7 +152,16 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         help="attention kernel (default: $BERNINI_ATTENTION_BACKEND, else auto: fa3 > fa2 > sdpa; sage: "
              "SageAttention, lossy, CUDA only, never chosen by auto)",
     )
-    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="keep idle components on the CPU")
+    parser.add_argument(
+        "--enable_model_cpu_offload", action="store_true",
+        help="keep idle components on the CPU (the same as --memory_profile expert_offload)",
+    )
+    parser.add_argument(
+        "--memory_profile", choices=tuple(MEMORY_PROFILES), metavar="NAME",
+        help=f"where the weights live during a call, one of {', '.join(MEMORY_PROFILES)} (see the README's "
+             "'Speed and memory'; default: every component on the device)",
+    )  # fmt: skip
+    parser.add_argument("--vae_tiling", action="store_true", help="decode with VAE tiling (720p and up)")
     calibration_free = [name for name, preset in acceleration.CACHE_PRESETS.items() if not preset.needs_calibration]
     parser.add_argument(
         "--cache_preset", choices=calibration_free,
@@ -315,11 +326,34 @@ def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
     return name
 
 
+def _memory_profile(args: argparse.Namespace, device) -> str | None:
+    """The memory profile the flags ask for (`--enable_model_cpu_offload` is `expert_offload`), None for none;
+    a profile that moves weights off an accelerator is refused on the CPU, where it would save nothing."""
+    name = getattr(args, "memory_profile", None)
+    if getattr(args, "enable_model_cpu_offload", False):
+        if name not in (None, "expert_offload"):
+            raise ValueError(
+                f"`enable_model_cpu_offload` is the memory profile 'expert_offload' and conflicts with "
+                f"`memory_profile`={name!r}; pass one of them (e.g. --memory_profile fp8+expert_offload)."
+            )
+        if device.type == "cpu":
+            raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+        return "expert_offload"
+    if name is None:
+        return None
+    if get_memory_profile(name).offloads and device.type == "cpu":
+        raise ValueError(
+            f"`memory_profile`={name!r} moves weights between the CPU and an accelerator, but the device is cpu; "
+            "use --memory_profile resident or fp8 on the CPU, or --device cuda."
+        )
+    return name
+
+
 def check_environment(args: argparse.Namespace) -> None:
-    """The device, dtype and attention backend the model flags ask for, checked before any weight is read."""
+    """The device, dtype, memory profile and attention backend the model flags ask for, checked before any weight
+    is read."""
     device = _device(args.device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    _memory_profile(args, device)
     _attention_backend(args, device, _dtype(args, device))
 
 
@@ -341,8 +375,7 @@ def load_pipeline(args: argparse.Namespace):
     model, checkpoints = resolve_model(args)
     device = _device(args.device)
     dtype = _dtype(args, device)
-    if args.enable_model_cpu_offload and device.type == "cpu":
-        raise ValueError("`enable_model_cpu_offload` needs an accelerator device, got device='cpu'.")
+    profile = _memory_profile(args, device)
     max_src_id = args.max_trained_src_id
     if not isinstance(max_src_id, int) or max_src_id < 1:
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
@@ -372,10 +405,12 @@ def load_pipeline(args: argparse.Namespace):
         pipe.load_turbo_lora(*turbo)
     if getattr(args, "cache_preset", None) is not None:
         pipe.enable_cache_preset(args.cache_preset)
-    if args.enable_model_cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
+    if profile is not None:
+        pipe.enable_memory_profile(profile, device, vae_tiling=bool(getattr(args, "vae_tiling", False)))
     else:
         pipe.to(device)
+        if getattr(args, "vae_tiling", False):
+            pipe.vae.enable_tiling()
     if args.compile:
         pipe.compile()
     return pipe

@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import acceleration, media, parallel
+from . import acceleration, media, memory, parallel
 from .attention import set_attention_backend
 from .constants import TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
@@ -349,6 +349,46 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         for expert in experts:
             expert.compile_repeated_blocks(**settings)
         self._compile_settings = settings
+
+    def enable_memory_profile(
+        self, name: str, device: str | torch.device | None = None, *, vae_tiling: bool = False
+    ) -> memory.MemoryProfile:
+        r"""
+        Place the weights by a named recipe of diffusers' memory mechanisms. Call it once, after loading and instead
+        of `pipe.to(device)`.
+
+        | name | what it does | output vs `resident` |
+        |---|---|---|
+        | `"resident"` | every component on the device (`pipe.to(device)`) | - |
+        | `"expert_offload"` | diffusers' model offload: one component on the device at a time, so one expert per step | identical |
+        | `"group_offload"` | diffusers' group offload: the experts one block at a time (the next block prefetched on a CUDA stream), the text encoder and the VAE on the device only while they run | identical |
+        | `"fp8"` | both experts stored in float8_e4m3fn and cast back to their dtype layer by layer (diffusers' layerwise casting); patch embeddings, condition embedder, norms, modulation tables and `proj_out` stay in full precision | changed (weights rounded) |
+        | `"fp8+expert_offload"`, `"fp8+group_offload"` | fp8 storage with that placement | as `"fp8"` |
+
+        ```py
+        pipe = BerniniPipeline.from_pretrained("ByteDance/Bernini-R-Diffusers", dtype=torch.bfloat16)
+        pipe.enable_memory_profile("fp8+expert_offload", vae_tiling=True)
+        ```
+
+        Applying the same profile again only turns VAE tiling on if asked; another profile, or a profile on a
+        pipeline with offload or layerwise casting applied by hand, is a `ValueError` (diffusers' hooks cannot be
+        swapped in place: load the pipeline again).
+
+        Args:
+            name (`str`):
+                One of `"resident"`, `"expert_offload"`, `"group_offload"`, `"fp8"`, `"fp8+expert_offload"`,
+                `"fp8+group_offload"`.
+            device (`str` or `torch.device`, *optional*):
+                Where the computation runs; CUDA when available, else the CPU. On the CPU the offload profiles run
+                but save nothing.
+            vae_tiling (`bool`, defaults to `False`):
+                Decode (and encode) with the VAE's spatial tiling, for 720p and larger; it changes the decoded pixels
+                slightly, so it is off unless asked.
+
+        Returns:
+            `MemoryProfile`: the profile applied (`name`, `placement`, `fp8`, `description`).
+        """
+        return memory.apply_memory_profile(self, name, device, vae_tiling=vae_tiling)
 
     # ------------------------------------------------------------------------------------------------ parallelism
 

@@ -150,6 +150,7 @@ def _read_only(folder: Path, monkeypatch) -> None:
         ("existing_directory", "--output='{tmp}/folder.mp4' is a directory"),
         ("existing_directory_without_suffix", "--output='{tmp}/folder' is a directory"),
         ("empty", "--output='' is empty"),
+        ("trailing_slash", "--output='{tmp}/new/' names a folder (it ends with '/')"),
         ("dev_null", "--output='/dev/null' is not a regular file"),
     ],
 )
@@ -163,6 +164,7 @@ def test_unwritable_outputs_fail_before_loading(tmp_path, capsys, no_load, monke
         "existing_directory": f"{tmp_path}/folder.mp4",
         "existing_directory_without_suffix": f"{tmp_path}/folder",
         "empty": "",
+        "trailing_slash": f"{tmp_path}/new/",
         "dev_null": "/dev/null",
     }[kind]
     if kind == "read_only":

@@ -339,7 +339,7 @@ def test_bad_media_are_refused_by_the_cli_before_loading(monkeypatch, capsys, tm
                                                          named):  # fmt: skip
     monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model must not load"))
     out = tmp_path / "out"
-    assert cli.main(["generate", *TINY, *flags, str(bad_media[case]), "--output", f"{out}/"]) == 2
+    assert cli.main(["generate", *TINY, *flags, str(bad_media[case]), "--output", f"{out}/o.mp4"]) == 2
     err = capsys.readouterr().err
     assert named.strip("`") in err and str(bad_media[case]) in err
     assert not out.exists() or listing(out) == []

@@ -203,6 +203,11 @@ def check_writable(output: str | os.PathLike, argument: str = "output") -> None:
     if not text.strip():
         raise ValueError(f"`{argument}`={text!r} is empty; give a file path such as outputs/result.mp4.")
     path = Path(text)
+    if text.endswith(("/", os.sep)) and not path.exists():
+        # Path() drops the slash: the result would land in a file beside the folder the user named ('out/' -> out.mp4).
+        raise ValueError(
+            f"`{argument}`='{text}' names a folder (it ends with '/'); give a file path such as {text}result.mp4."
+        )
     if path.exists() and not path.is_file():
         kind = "a directory" if path.is_dir() else "not a regular file"
         raise ValueError(f"`{argument}`='{text}' is {kind}; give a file path (the result is a .mp4 or .png file).")

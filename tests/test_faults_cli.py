@@ -500,3 +500,12 @@ def test_the_token_estimate_counts_the_streams_of_the_longest_branch():
     assert BerniniPipeline.estimate_tokens(**call)[0] == 2 * 31 * 80 * 80 + 2 * 80 * 80
     # a mode that never looks at the conditions runs the target alone
     assert BerniniPipeline.estimate_tokens(sizes, **call, guidance_mode="t2v")[0] == 31 * 45 * 80
+
+
+def test_an_output_that_is_a_dangling_symlink_creates_no_folder_for_its_target(tmp_path, capsys, fake_load):
+    # The writer replaces the link itself; the lock used to be made (with its folders) at the link's missing target.
+    (tmp_path / "out.png").symlink_to(tmp_path / "nowhere" / "deep" / "x.png")
+    argv = ["generate", *TINY, "--task_type", "t2i", "--prompt", "p", "--output", str(tmp_path / "out.png")]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert (tmp_path / "out.png").is_file() and not (tmp_path / "out.png").is_symlink()

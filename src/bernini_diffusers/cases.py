@@ -241,7 +241,7 @@ class CaseLock:
     r"""
     An exclusive claim on one output file, shared by every run that writes into the same folder.
 
-    The lock is a file `.<output name>.lock` beside the (real path of the) output, created atomically
+    The lock is a file `.<output name>.lock` in the real path of the output's folder, created atomically
     (`O_CREAT | O_EXCL`) and holding `pid host`. A lock left by a process that died on this host is taken over; one
     held by a live process, or by any process on another host, is left alone. The holder removes it after the write,
     or when the case fails.
@@ -252,9 +252,11 @@ class CaseLock:
     """
 
     def __init__(self, output: str | os.PathLike):
-        real = Path(os.path.realpath(output))
+        # Beside the output's name in the real path of its folder: where `media.write_output` replaces the name (an
+        # output that is a symlink is replaced, not followed, so its target's folder is neither used nor created).
         self.output = Path(output)
-        self.path = real.parent / f".{real.name}.lock"
+        folder = Path(os.path.realpath(self.output.parent))
+        self.path = folder / f".{self.output.name}.lock"
         self.owner = f"{os.getpid()} {socket.gethostname()}"
         self.held = False
         self.took_over: str | None = None  # the dead holder's `pid host`, when this lock replaced a stale one

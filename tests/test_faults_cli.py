@@ -509,3 +509,16 @@ def test_an_output_that_is_a_dangling_symlink_creates_no_folder_for_its_target(t
     assert cli.main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
     assert (tmp_path / "out.png").is_file() and not (tmp_path / "out.png").is_symlink()
+
+
+@pytest.mark.parametrize("url", ["alice:hunter2pw@example.com/v1", "hunter2pw@example.com/v1?key=k"])
+def test_a_base_url_without_scheme_is_refused_without_its_credentials(tmp_path, capsys, no_load, monkeypatch, url):
+    # urlsplit reads 'alice:hunter2pw@host' as scheme 'alice' and a path: the message used to show the password.
+    monkeypatch.setenv("BERNINI_PE_BASE_URL", url)
+    monkeypatch.setenv("BERNINI_PE_API_KEY", "sk-test-key")
+    argv = ["generate", *TINY, "--prompt", "p", "--use_pe", "--output", str(tmp_path / "o.mp4")]
+    assert cli.main(argv) == 2
+    line = error_line(capsys)
+    assert "`BERNINI_PE_BASE_URL`='***@example.com/v1" in line and "must be an http(s) URL" in line
+    assert "hunter2pw" not in line and "alice" not in line
+    assert list(tmp_path.iterdir()) == []

@@ -522,3 +522,15 @@ def test_a_base_url_without_scheme_is_refused_without_its_credentials(tmp_path, 
     assert "`BERNINI_PE_BASE_URL`='***@example.com/v1" in line and "must be an http(s) URL" in line
     assert "hunter2pw" not in line and "alice" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_output_ending_in_a_slash_is_refused_not_written_beside_the_folder(tmp_path, capsys, fake_load):
+    entries = [{"task_type": "t2i", "prompt": "folder", "output": f"{tmp_path}/new/"},
+               {"task_type": "t2i", "prompt": "file", "output": f"{tmp_path}/ok.png"}]  # fmt: skip
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("\n".join(map(json.dumps, entries)))
+    assert cli.main(["generate", *TINY, "--inputs", str(batch)]) == 1
+    err = capsys.readouterr().err
+    assert "1 done, 0 skipped, 1 failed" in err and "names a folder (it ends with '/')" in err
+    assert [call["prompt"] for call in fake_load] == ["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl", "ok.png"]  # no new.png beside a folder

@@ -101,6 +101,9 @@ def check_entry(entry: Any, where: str) -> dict[str, Any]:
         value = values.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{where}: `{key}`={value!r} must be a non-empty string.")
+    output = values.get("output")
+    if output is not None and output.endswith(("/", os.sep)):  # Path() would drop the slash: 'out/' -> out.mp4
+        raise ValueError(f"{where}: `output`={output!r} names a folder (it ends with '/'); give a file path.")
     try:
         if values.get("task_type") is not None:
             values["task_type"] = parse_task_type(values["task_type"]).value

@@ -534,3 +534,13 @@ def test_a_batch_output_ending_in_a_slash_is_refused_not_written_beside_the_fold
     assert "1 done, 0 skipped, 1 failed" in err and "names a folder (it ends with '/')" in err
     assert [call["prompt"] for call in fake_load] == ["file"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl", "ok.png"]  # no new.png beside a folder
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--case", "case.json"), ("--inputs", "batch.jsonl")])
+def test_a_binary_case_or_batch_file_is_named(tmp_path, capsys, no_load, flag, name):
+    bad = tmp_path / name
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # an image saved under the wrong name
+    assert cli.main(["generate", *TINY, flag, str(bad), "--output", str(tmp_path / "o.mp4")]) == 2
+    line = error_line(capsys)
+    assert f"{flag}: '{bad}' is not UTF-8 JSON text" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

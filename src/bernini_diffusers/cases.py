@@ -58,7 +58,10 @@ def _load_json(path: str | os.PathLike, argument: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`{argument}`: no such file: '{path}'")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # a binary file given by mistake (an image, a video)
+        raise ValueError(f"`{argument}`: '{path}' is not UTF-8 JSON text (byte {err.start}: {err.reason}).") from None
     if path.suffix.lower() == ".jsonl":
         entries = []
         for line_number, line in enumerate(text.splitlines(), start=1):

@@ -150,6 +150,7 @@ def _read_only(folder: Path, monkeypatch) -> None:
         ("existing_directory", "--output='{tmp}/folder.mp4' is a directory"),
         ("existing_directory_without_suffix", "--output='{tmp}/folder' is a directory"),
         ("empty", "--output='' is empty"),
+        ("trailing_slash", "--output='{tmp}/new/' names a folder (it ends with '/')"),
         ("dev_null", "--output='/dev/null' is not a regular file"),
     ],
 )
@@ -163,6 +164,7 @@ def test_unwritable_outputs_fail_before_loading(tmp_path, capsys, no_load, monke
         "existing_directory": f"{tmp_path}/folder.mp4",
         "existing_directory_without_suffix": f"{tmp_path}/folder",
         "empty": "",
+        "trailing_slash": f"{tmp_path}/new/",
         "dev_null": "/dev/null",
     }[kind]
     if kind == "read_only":
@@ -498,3 +500,47 @@ def test_the_token_estimate_counts_the_streams_of_the_longest_branch():
     assert BerniniPipeline.estimate_tokens(**call)[0] == 2 * 31 * 80 * 80 + 2 * 80 * 80
     # a mode that never looks at the conditions runs the target alone
     assert BerniniPipeline.estimate_tokens(sizes, **call, guidance_mode="t2v")[0] == 31 * 45 * 80
+
+
+def test_an_output_that_is_a_dangling_symlink_creates_no_folder_for_its_target(tmp_path, capsys, fake_load):
+    # The writer replaces the link itself; the lock used to be made (with its folders) at the link's missing target.
+    (tmp_path / "out.png").symlink_to(tmp_path / "nowhere" / "deep" / "x.png")
+    argv = ["generate", *TINY, "--task_type", "t2i", "--prompt", "p", "--output", str(tmp_path / "out.png")]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert (tmp_path / "out.png").is_file() and not (tmp_path / "out.png").is_symlink()
+
+
+@pytest.mark.parametrize("url", ["alice:hunter2pw@example.com/v1", "hunter2pw@example.com/v1?key=k"])
+def test_a_base_url_without_scheme_is_refused_without_its_credentials(tmp_path, capsys, no_load, monkeypatch, url):
+    # urlsplit reads 'alice:hunter2pw@host' as scheme 'alice' and a path: the message used to show the password.
+    monkeypatch.setenv("BERNINI_PE_BASE_URL", url)
+    monkeypatch.setenv("BERNINI_PE_API_KEY", "sk-test-key")
+    argv = ["generate", *TINY, "--prompt", "p", "--use_pe", "--output", str(tmp_path / "o.mp4")]
+    assert cli.main(argv) == 2
+    line = error_line(capsys)
+    assert "`BERNINI_PE_BASE_URL`='***@example.com/v1" in line and "must be an http(s) URL" in line
+    assert "hunter2pw" not in line and "alice" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_output_ending_in_a_slash_is_refused_not_written_beside_the_folder(tmp_path, capsys, fake_load):
+    entries = [{"task_type": "t2i", "prompt": "folder", "output": f"{tmp_path}/new/"},
+               {"task_type": "t2i", "prompt": "file", "output": f"{tmp_path}/ok.png"}]  # fmt: skip
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("\n".join(map(json.dumps, entries)))
+    assert cli.main(["generate", *TINY, "--inputs", str(batch)]) == 1
+    err = capsys.readouterr().err
+    assert "1 done, 0 skipped, 1 failed" in err and "names a folder (it ends with '/')" in err
+    assert [call["prompt"] for call in fake_load] == ["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl", "ok.png"]  # no new.png beside a folder
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--case", "case.json"), ("--inputs", "batch.jsonl")])
+def test_a_binary_case_or_batch_file_is_named(tmp_path, capsys, no_load, flag, name):
+    bad = tmp_path / name
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # an image saved under the wrong name
+    assert cli.main(["generate", *TINY, flag, str(bad), "--output", str(tmp_path / "o.mp4")]) == 2
+    line = error_line(capsys)
+    assert f"{flag}: '{bad}' is not UTF-8 JSON text" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

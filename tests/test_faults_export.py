@@ -122,6 +122,11 @@ REFUSED = {
         lambda project, tmp: project,
         r"lies inside `--high_noise_ckpt`=",
     ),
+    "under_a_file": (
+        lambda project, tmp: str(project / "train.py" / "export"),
+        lambda project, tmp: project,
+        r"cannot be written: '.*train\.py' is a file, not a folder",
+    ),
     "symlink_to_base": (
         lambda project, tmp: str(tmp / "link"), lambda project, tmp: project, r"`--out`=.*link.*is `--base`="
     ),

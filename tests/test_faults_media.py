@@ -339,7 +339,7 @@ def test_bad_media_are_refused_by_the_cli_before_loading(monkeypatch, capsys, tm
                                                          named):  # fmt: skip
     monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model must not load"))
     out = tmp_path / "out"
-    assert cli.main(["generate", *TINY, *flags, str(bad_media[case]), "--output", f"{out}/"]) == 2
+    assert cli.main(["generate", *TINY, *flags, str(bad_media[case]), "--output", f"{out}/o.mp4"]) == 2
     err = capsys.readouterr().err
     assert named.strip("`") in err and str(bad_media[case]) in err
     assert not out.exists() or listing(out) == []
@@ -393,3 +393,14 @@ def test_is_complete_output(tmp_path, bad_media):
         assert not media.is_complete_output(bad_media[case]), case
     assert not media.is_complete_output(tmp_path)  # a folder
     assert not media.is_complete_output(tmp_path / "missing.mp4")
+
+
+def test_an_image_given_as_a_video_is_refused_before_loading(monkeypatch, capsys, tmp_path):
+    # ffmpeg reads a PNG as a one-frame video, but the video reader refuses the name: this used to fail after loading.
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model must not load"))
+    image = make_test_image(tmp_path / "still.png")
+    out = tmp_path / "out"
+    assert cli.main(["generate", *TINY, "--task_type", "v2v", "--video", str(image), "--output", f"{out}/o.mp4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--video: not a readable video: '{image}' (the video reader refuses it" in err and "Traceback" not in err
+    assert not out.exists()

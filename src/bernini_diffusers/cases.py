@@ -58,7 +58,10 @@ def _load_json(path: str | os.PathLike, argument: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`{argument}`: no such file: '{path}'")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # a binary file given by mistake (an image, a video)
+        raise ValueError(f"`{argument}`: '{path}' is not UTF-8 JSON text (byte {err.start}: {err.reason}).") from None
     if path.suffix.lower() == ".jsonl":
         entries = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -101,6 +104,9 @@ def check_entry(entry: Any, where: str) -> dict[str, Any]:
         value = values.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{where}: `{key}`={value!r} must be a non-empty string.")
+    output = values.get("output")
+    if output is not None and output.endswith(("/", os.sep)):  # Path() would drop the slash: 'out/' -> out.mp4
+        raise ValueError(f"{where}: `output`={output!r} names a folder (it ends with '/'); give a file path.")
     try:
         if values.get("task_type") is not None:
             values["task_type"] = parse_task_type(values["task_type"]).value
@@ -203,6 +209,11 @@ def check_writable(output: str | os.PathLike, argument: str = "output") -> None:
     if not text.strip():
         raise ValueError(f"`{argument}`={text!r} is empty; give a file path such as outputs/result.mp4.")
     path = Path(text)
+    if text.endswith(("/", os.sep)) and not path.exists():
+        # Path() drops the slash: the result would land in a file beside the folder the user named ('out/' -> out.mp4).
+        raise ValueError(
+            f"`{argument}`='{text}' names a folder (it ends with '/'); give a file path such as {text}result.mp4."
+        )
     if path.exists() and not path.is_file():
         kind = "a directory" if path.is_dir() else "not a regular file"
         raise ValueError(f"`{argument}`='{text}' is {kind}; give a file path (the result is a .mp4 or .png file).")
@@ -236,7 +247,7 @@ class CaseLock:
     r"""
     An exclusive claim on one output file, shared by every run that writes into the same folder.
 
-    The lock is a file `.<output name>.lock` beside the (real path of the) output, created atomically
+    The lock is a file `.<output name>.lock` in the real path of the output's folder, created atomically
     (`O_CREAT | O_EXCL`) and holding `pid host`. A lock left by a process that died on this host is taken over; one
     held by a live process, or by any process on another host, is left alone. The holder removes it after the write,
     or when the case fails.
@@ -247,9 +258,11 @@ class CaseLock:
     """
 
     def __init__(self, output: str | os.PathLike):
-        real = Path(os.path.realpath(output))
+        # Beside the output's name in the real path of its folder: where `media.write_output` replaces the name (an
+        # output that is a symlink is replaced, not followed, so its target's folder is neither used nor created).
         self.output = Path(output)
-        self.path = real.parent / f".{real.name}.lock"
+        folder = Path(os.path.realpath(self.output.parent))
+        self.path = folder / f".{self.output.name}.lock"
         self.owner = f"{os.getpid()} {socket.gethostname()}"
         self.held = False
         self.took_over: str | None = None  # the dead holder's `pid host`, when this lock replaced a stale one

@@ -327,6 +327,15 @@ def probe_video(path: PathLike, argument: str = "video") -> VideoProbe:
     found = _video_problem(path)
     if isinstance(found, str):
         raise ValueError(f"`{argument}`: not a readable video: '{path}' ({found})")
+    # `read_video` opens the file through imageio's ffmpeg plugin, which refuses some names ffmpeg itself reads (an
+    # image such as a .png): open it the same way here, so such a file fails now rather than after the model loads.
+    try:
+        imageio.get_reader(path, "ffmpeg").close()
+    except Exception as err:  # imageio reports a refused file through several exception types
+        raise ValueError(
+            f"`{argument}`: not a readable video: '{path}' (the video reader refuses it: {err}); give a video file "
+            "such as an .mp4"
+        ) from None
     return found
 
 

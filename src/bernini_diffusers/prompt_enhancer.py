@@ -565,6 +565,9 @@ class _Endpoint:
         shown_query = "&".join(p.partition("=")[0] + "=***" if "=" in p else "***" for p in pieces)
         shown = urlunsplit((parts.scheme, f"***@{host}" if at else host, parts.path, shown_query, ""))
         if parts.scheme.lower() not in ("http", "https") or not host:
+            if "@" in url and not at:  # no scheme ('user:pw@host'): urlsplit took the credentials for a scheme or path
+                tail = url.strip().rpartition("@")[2]
+                shown = "***@" + tail.partition("?")[0] + ("?***" if "?" in tail else "")
             raise ValueError(f"`{name}`={shown!r} must be an http(s) URL, e.g. http://127.0.0.1:8000/v1.")
         user, colon, password = userinfo.partition(":")
         # With a password the user name is an account; alone it is a token (https://TOKEN@host).

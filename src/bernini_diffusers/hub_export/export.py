@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -171,7 +172,24 @@ def check_export_target(
         if source_path in real.parents:
             raise ValueError(f"{shown} lies inside {what}; write the export outside its sources.")
     _check_existing(path, force, flags)
+    _check_writable_parent(path, shown)
     return path
+
+
+def _check_writable_parent(path: Path, shown: str) -> None:
+    """Refuse an `out` whose folder cannot be made or written (a file on the way, a read-only or missing file system),
+    by making and removing a folder where the export will make its temporary one: before the sources are read, not
+    after."""
+    folder = path.parent
+    while not os.path.lexists(folder):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{shown} cannot be written: {str(folder)!r} is a file, not a folder.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bernini-export-check-", dir=folder))
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise ValueError(f"{shown} cannot be written in {str(folder)!r}: {reason}.") from None
 
 
 def _host() -> str:

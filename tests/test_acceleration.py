@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from forward_counter import EXPERTS, FullForwards
 
 from bernini_diffusers import attention, cli, options
 from bernini_diffusers.acceleration import (
@@ -21,7 +22,6 @@ from bernini_diffusers.pipeline_bernini import BerniniPipeline
 from bernini_diffusers.tasks import GuidanceMode
 from bernini_diffusers.testing import get_tiny_components
 
-EXPERTS = ("transformer", "transformer_2")
 # 8 steps at shift 5: timesteps 999, 971, 937, 892 on the high-noise expert, 833 ... on the low-noise one (4 + 4).
 CALL = {
     "prompt": "a red ball", "task_type": "t2v", "num_frames": 1, "height": 32, "width": 32, "num_inference_steps": 8,
@@ -43,27 +43,11 @@ def clean(pipe):
     pipe.disable_cache()
 
 
-class FullForwards:
-    """Counts, per expert, the forwards that ran the whole block stack (the last block's feed-forward ran)."""
-
-    def __init__(self, pipe):
-        self.counts = dict.fromkeys(EXPERTS, 0)
-        self.handles = [
-            getattr(pipe, name).blocks[-1].ffn.register_forward_hook(lambda *_, name=name: self._count(name))
-            for name in EXPERTS
-        ]
-
-    def _count(self, name):
-        self.counts[name] += 1
-
-    def run(self, pipe, **kwargs):
-        self.counts = dict.fromkeys(EXPERTS, 0)
-        out = pipe(**{**CALL, **kwargs}, generator=torch.Generator().manual_seed(0)).frames
-        return out, sum(self.counts.values())
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+def run_counted(counter, pipe, **kwargs):
+    """One call with `CALL` (and `kwargs`); returns its frames and the number of full forwards it ran."""
+    counter.reset()
+    out = pipe(**{**CALL, **kwargs}, generator=torch.Generator().manual_seed(0)).frames
+    return out, counter.total
 
 
 @pytest.fixture
@@ -78,7 +62,7 @@ def uncached(pipe):
     """The uncached output of CALL and its forward count, computed once."""
     counter = FullForwards(pipe)
     try:
-        return counter.run(pipe)
+        return run_counted(counter, pipe)
     finally:
         counter.remove()
 
@@ -95,9 +79,9 @@ def test_no_preset_leaves_the_default_output_bit_identical(clean, spy, uncached)
     assert not any(getattr(pipe, name).is_cache_enabled for name in EXPERTS)  # nothing is on by default
     reference, forwards = uncached
     pipe.enable_cache_preset("fbc-fast")
-    cached, fewer = spy.run(pipe)
+    cached, fewer = run_counted(spy, pipe)
     pipe.disable_cache()
-    again, same = spy.run(pipe)
+    again, same = run_counted(spy, pipe)
     assert fewer < forwards and not torch.equal(cached, reference)
     assert torch.equal(again, reference) and same == forwards
     assert not any(getattr(pipe, name).is_cache_enabled for name in EXPERTS)
@@ -116,7 +100,7 @@ def test_preset_on_both_experts(clean, spy, uncached, name, config_type, max_for
     pipe.enable_cache_preset(name)
     configs = [getattr(pipe, expert)._cache_config for expert in EXPERTS]
     assert all(isinstance(c, config_type) for c in configs) and configs[0] is not configs[1]  # one config each
-    out, cached = spy.run(pipe)
+    out, cached = run_counted(spy, pipe)
     assert cached <= max_forwards and torch.isfinite(out).all()
     assert rel_l2(out, reference) <= max_rel_l2
     # A second preset replaces the first instead of failing on "caching has already been enabled".
@@ -156,13 +140,13 @@ def test_magcache_calibrated_per_expert(clean, spy, tmp_path):
     assert not any(getattr(pipe, name).is_cache_enabled for name in EXPERTS)  # calibration leaves no hook behind
     assert MagCacheCalibration.load(calibration.save(tmp_path / "mag.json")) == calibration
 
-    reference, forwards = spy.run(pipe, **{k: v for k, v in call.items() if k != "output_type"})
+    reference, forwards = run_counted(spy, pipe, **{k: v for k, v in call.items() if k != "output_type"})
     pipe.enable_cache_preset("magcache", calibration=calibration)
     configs = {name: getattr(pipe, name)._cache_config for name in EXPERTS}
     assert all(isinstance(c, MagCacheConfig) for c in configs.values())
     assert {name: c.num_inference_steps for name, c in configs.items()} == {"transformer": 3, "transformer_2": 4}
     assert torch.equal(configs["transformer_2"].mag_ratios, torch.tensor(calibration.ratios["transformer_2"]))
-    out, cached = spy.run(pipe, **{k: v for k, v in call.items() if k != "output_type"})
+    out, cached = run_counted(spy, pipe, **{k: v for k, v in call.items() if k != "output_type"})
     assert forwards == 14 and cached < forwards
     assert rel_l2(out, reference) <= 0.05  # measured 0.012 (benchmarks/bench_cache.py)
 

@@ -7,7 +7,12 @@ import importlib.util
 
 import pytest
 import torch
-from diffusers.hooks import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers.hooks import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    PyramidAttentionBroadcastConfig,
+)
+from forward_counter import EXPERTS, FullForwards
 
 from bernini_diffusers.guidance import GUIDANCE_SPECS
 from bernini_diffusers.pipeline_bernini import BerniniPipeline, branch_name
@@ -16,7 +21,6 @@ from bernini_diffusers.testing import get_tiny_components, tiny_transformer
 
 # Timesteps ~999, 937, 833, 625 with the default shift: two steps on the high-noise expert, two on the low.
 SMALL = dict(num_frames=5, height=32, width=48, num_inference_steps=4, output_type="latent")
-EXPERTS = ("transformer", "transformer_2")
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +38,6 @@ def media(media_dir):
 def _run(pipe, media, mode, **kwargs):
     generator = torch.Generator().manual_seed(0)
     return pipe("a red ball", guidance_mode=mode, generator=generator, **media, **SMALL, **kwargs).frames
-
-
-class FullForwards:
-    """Counts, per expert, the forwards that ran the whole block stack (the last block's feed-forward ran)."""
-
-    def __init__(self, pipe):
-        self.counts = dict.fromkeys(EXPERTS, 0)
-        self.handles = [
-            getattr(pipe, name).blocks[-1].ffn.register_forward_hook(lambda *_, name=name: self._count(name))
-            for name in EXPERTS
-        ]
-
-    def _count(self, name):
-        self.counts[name] += 1
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 @pytest.fixture
@@ -95,7 +81,7 @@ def test_first_block_cache_on_both_experts(pipe, media, cached, mode):
 
         # Threshold 0: every block always runs, so the result is the uncached one, bit for bit.
         cached(lambda: FirstBlockCacheConfig(threshold=0.0))
-        spy.counts = dict.fromkeys(EXPERTS, 0)
+        spy.reset()
         assert torch.equal(_run(pipe, media, mode), reference)
         assert spy.counts == uncached
 
@@ -104,7 +90,7 @@ def test_first_block_cache_on_both_experts(pipe, media, cached, mode):
         for name in EXPERTS:
             getattr(pipe, name).disable_cache()
         cached(lambda: FirstBlockCacheConfig(threshold=1e9))
-        spy.counts = dict.fromkeys(EXPERTS, 0)
+        spy.reset()
         seen: dict[str, set[str]] = {name: set() for name in EXPERTS}
         fast = _run(pipe, media, mode, callback_on_step_end=_contexts_per_step(pipe, seen))
     finally:
@@ -126,7 +112,7 @@ def test_branches_sharing_a_forward_share_its_context(pipe, media_dir, cached):
         _run(pipe, refs_only, "rv2v")
         uncached = dict(spy.counts)
         cached(lambda: FirstBlockCacheConfig(threshold=0.0))
-        spy.counts = dict.fromkeys(EXPERTS, 0)
+        spy.reset()
         seen: dict[str, set[str]] = {name: set() for name in EXPERTS}
         _run(pipe, refs_only, "rv2v", callback_on_step_end=_contexts_per_step(pipe, seen))
     finally:
@@ -171,7 +157,7 @@ def test_taylorseer_and_magcache_run_on_both_experts(pipe, media, cached):
             getattr(pipe, name).disable_cache()
         # Ratios of 1 never accumulate an error: after the first step of each expert every step reuses the residual.
         cached(lambda: MagCacheConfig(mag_ratios=[1.0] * 2, num_inference_steps=2, retention_ratio=0.0))
-        spy.counts = dict.fromkeys(EXPERTS, 0)
+        spy.reset()
         mag = _run(pipe, media, "v2v")
     finally:
         spy.remove()
@@ -337,7 +323,11 @@ def test_no_context_parallel_plan():
 
 def test_pipeline_backend_does_not_change_other_models():
     from diffusers import WanTransformer3DModel
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+        attention_backend,
+    )
 
     torch.manual_seed(0)
     wan = WanTransformer3DModel(

@@ -145,6 +145,14 @@ def test_encoder_refusing_the_frames_leaves_nothing(tmp_path):
     assert listing(tmp_path) == []
 
 
+def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file")
+    with pytest.raises(OutputWriteError, match="width not divisible by 2"):
+        write_output(noise(5, 32, 33), tmp_path / "kept" / "new" / "deeper" / "odd.mp4", fps=16)
+    assert listing(tmp_path) == ["kept"] and listing(tmp_path / "kept") == ["mine.txt"]
+
+
 def test_encoder_dying_by_signal_is_reported(tmp_path, monkeypatch):
     def killed(pixels, path, fps):
         path.write_bytes(b"\0" * 100)
@@ -222,7 +230,7 @@ def test_save_and_demo_share_the_verified_writer(tmp_path):
     request.update(task_type="t2v", guidance_mode="t2v_apg", prompt="p", seed=1)
     with pytest.raises(OutputWriteError, match="width not divisible by 2"):
         demo.generate(OddPipe(), request, save_dir=tmp_path / "demo")
-    assert listing(tmp_path) == ["demo"] and listing(tmp_path / "demo") == []
+    assert listing(tmp_path) == []  # the folder the failed write made is gone too
 
 
 # --- absurd frame rates ---------------------------------------------------------------------------------------

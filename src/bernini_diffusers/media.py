@@ -499,12 +499,15 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     suffix = ".png" if len(pixels) == 1 else ".mp4"
     if path.suffix.lower() != suffix:
         path = path.with_suffix(suffix)
+    # The folders made for this output are removed again if the write fails: a failure leaves nothing behind.
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file shares the directory (so os.replace is atomic) and the suffix (so the encoder picks it).
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        # The temporary shares the directory (so os.replace is atomic) and the suffix (so the encoder picks it).
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
         if len(pixels) == 1:
             _write_png(path, tmp, pixels)
@@ -512,7 +515,13 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
             _write_mp4(path, tmp, pixels, fps)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        for folder in made:  # innermost first; a folder something else wrote into stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return path
 

@@ -143,6 +143,13 @@ def test_compile_flag():
     assert all(block._compiled_call_impl is None for block in _blocks(plain))
 
 
+def test_compile_flag_with_a_cache_preset_is_refused_before_loading(capsys):
+    argv = ["generate", "--model", "tiny", "--prompt", "p", "--compile", "--cache_preset", "fbc-fast"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--compile" in err and "--cache_preset" in err and "random weights" not in err  # before the model loads
+
+
 @pytest.mark.slow
 def test_inductor_rv2v_matches_eager(media_dir):
     pipe = tiny_pipeline()

@@ -355,6 +355,12 @@ def check_environment(args: argparse.Namespace) -> None:
     device = _device(args.device)
     _memory_profile(args, device)
     _attention_backend(args, device, _dtype(args, device))
+    if getattr(args, "compile", False) and getattr(args, "cache_preset", None) is not None:
+        # `pipe.compile()` compiles whole blocks (fullgraph), which a step cache's hooks would break.
+        raise ValueError(
+            f"`compile` and `cache_preset`={args.cache_preset!r} do not go together: a step cache's hooks break the "
+            "compiled graph; pass one of them."
+        )
 
 
 def known_rope_length(model: str) -> int | None:

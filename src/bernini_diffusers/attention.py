@@ -28,6 +28,8 @@ ENV_VAR = "BERNINI_ATTENTION_BACKEND"
 _DIFFUSERS_NAMES: dict[str, str] = {"sdpa": "native", "fa2": "flash", "fa3": "_flash_3", "sage": "sage"}
 # Backends whose result differs from exact attention beyond kernel rounding: only ever used when named.
 LOSSY_BACKENDS = ("sage",)
+# The kernels that run on CUDA GPUs only, and only with 16-bit (bf16 or fp16) tensors.
+CUDA_KERNELS = ("fa2", "fa3", "sage")
 
 _FA2_INSTALL = 'pip install flash-attn --no-build-isolation (or pip install "bernini_diffusers[fa]")'
 _SAGE_INSTALL = 'pip install "sageattention>=2.1.1" (it builds CUDA kernels; a CUDA GPU is required)'

@@ -233,7 +233,9 @@ def check_writable(output: str | os.PathLike, argument: str = "output") -> None:
         raise ValueError(f"`{argument}`='{text}' cannot be written in '{folder}': {reason}.") from None
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's process counts): a dead owner's lock or temporary
+    folder may be taken over."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -285,7 +287,7 @@ class CaseLock:
 
     def _stale(self, holder: str) -> bool:
         pid, _, host = holder.partition(" ")
-        return pid.isdigit() and host == socket.gethostname() and not _process_alive(int(pid))
+        return pid.isdigit() and host == socket.gethostname() and not process_alive(int(pid))
 
     def acquire(self) -> bool:
         """Claim the output; False if another live process holds it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import os
 import re
 import sys
@@ -505,7 +504,7 @@ def _sweep_temporaries(output: Path) -> list[Path]:
     """Remove the temporaries a dead run left for `output` (media.write_output's naming); only called by the run
     that took over that run's stale lock, so no live writer's file is touched."""
     removed = []
-    for stale in output.parent.glob(f".{glob.escape(output.stem)}.tmp-*{output.suffix}"):
+    for stale in media.temporaries(output):
         stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed

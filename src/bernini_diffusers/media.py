@@ -12,6 +12,7 @@ fails before any model work.
 from __future__ import annotations
 
 import errno
+import glob
 import math
 import numbers
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "read_video",
     "load_video",
     "write_output",
+    "temporaries",
     "split_videos",
     "OutputWriteError",
     "VideoProbe",
@@ -483,6 +485,16 @@ def _write_png(path: Path, tmp: Path, pixels: np.ndarray) -> None:
         raise _write_error(path, f"the saved file is {found[0]}x{found[1]}, expected {width}x{height}")
 
 
+# `write_output` writes `.<stem>.tmp-<random><suffix>` beside the output, then renames it.
+_TEMPORARY = ".tmp-"
+
+
+def temporaries(path: PathLike) -> list[Path]:
+    """The temporary files `write_output` has beside `path` (a killed run may leave one; it is never the output)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.stem)}{_TEMPORARY}*{path.suffix}"))
+
+
 def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps: float) -> Path:
     """Write one frame as PNG or several as H.264 MP4, atomically and verified; returns the path actually written.
 
@@ -505,7 +517,7 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     tmp = None
     try:
         # The temporary shares the directory (so os.replace is atomic) and the suffix (so the encoder picks it).
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=suffix, dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}{_TEMPORARY}", suffix=suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions

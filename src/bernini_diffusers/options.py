@@ -313,12 +313,12 @@ def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
         choice = attention.resolve_attention_backend(name, dtype)
     except (ImportError, RuntimeError) as err:  # a chosen kernel that cannot run here: a usage error
         raise ValueError(f"{source}={requested!r}: {err}") from None
-    if choice in ("fa2", "fa3", "sage") and device.type != "cuda":
+    if choice in attention.CUDA_KERNELS and device.type != "cuda":
         raise ValueError(
             f"{source}={requested!r} runs on CUDA GPUs only, but the device is {device}; use --attention_backend "
             "sdpa (or auto)."
         )
-    if choice in ("fa2", "fa3", "sage") and not (dtype.is_floating_point and dtype.itemsize == 2):
+    if choice in attention.CUDA_KERNELS and not (dtype.is_floating_point and dtype.itemsize == 2):
         raise ValueError(
             f"{source}={requested!r} takes bf16 or fp16 weights, not {str(dtype).replace('torch.', '')}; pass "
             "--dtype bf16, or use --attention_backend sdpa."

@@ -33,6 +33,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import validate_repo_id
 
 from .. import __version__
+from ..cases import process_alive
 from ..constants import WAN22_BASE
 from ..loading import (
     CHECKPOINT_ARGUMENTS,
@@ -196,16 +197,6 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _owned_folder(out: Path, kind: str) -> Path:
     """A new folder beside `out` named for this process and host (created with the umask's permissions, as mkdir)."""
     while True:
@@ -232,7 +223,7 @@ def remove_stale_partials(parent: str | os.PathLike) -> list[Path]:
         if match is None or match["host"] != host or entry.is_symlink() or not entry.is_dir():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         target = parent / match["name"]
         if match["kind"] == "old" and not os.path.lexists(target) and is_export(entry):

@@ -1,4 +1,5 @@
-"""An independent restatement of the official Bernini-R renderer (docs/design.md#one-call-step-by-step), for parity tests.
+"""An independent restatement of the official Bernini-R renderer (docs/design.md#one-call-step-by-step), for parity
+tests.
 
 It shares only the model weights and their building blocks with the package: the token packing, the complex float64
 source-id RoPE, the combos and ids, the text encoding, the guidance math (float64 APG), the expert switch and the
@@ -120,7 +121,8 @@ MODES = {
 def reference_render(pipe, *, prompt, task_type, mode, video=(), image=None, images=(), num_frames=81, height=480,
                      width=848, max_image_size=848, fps=16, steps=3, flow_shift=5.0, omegas=None, omega_scale=0.8,
                      eta=0.5, momentum=0.0, taus=(50.0, 50.0), seed=42):
-    """The final normalised latent of the official renderer for one call, restated from docs/design.md#one-call-step-by-step."""
+    """The final normalised latent of the official renderer for one call, restated from
+    docs/design.md#one-call-step-by-step."""
     omegas = dict(omegas or {"omega_vid": 1.25, "omega_img": 4.5, "omega_txt": 4.0})
     dtype = pipe.transformer.dtype
     pos = encode_text(pipe, SYSTEM_PROMPTS[task_type] + media_clean(prompt), dtype)

@@ -244,7 +244,8 @@ def test_no_prompt_is_an_error(capsys):
 
 # --- the official flags -------------------------------------------------------------------------------------------
 
-# Every flag of the official command line (SPEC 9.2) with a value, as the official scripts pass them.
+# Every flag of the official command line (docs/design.md#command-line-and-case-files) with a value, as the official
+# scripts pass them.
 OFFICIAL_ARGV = [
     "--config", "cfg", "--high_noise_ckpt", "hi", "--low_noise_ckpt", "lo", "--use_unipc", "--use_src_tgt_id",
     "--interpolate_src_id", "--max_trained_src_id", "5", "--prompt", "p", "--task_type", "rv2v", "--video", "v.mp4",

@@ -77,7 +77,7 @@ def test_page_defaults_are_the_pipeline_defaults(built_demo):
     assert kwargs == expected
 
 
-# The official defaults (SPEC 7.3); the official demo uses the same values for every task.
+# The official defaults (docs/design.md#defaults); the official demo uses the same values for every task.
 OFFICIAL_DEFAULTS = {
     "num_inference_steps": 40, "flow_shift": 5.0, "omega_vid": 1.25, "omega_img": 4.5, "omega_txt": 4.0,
     "omega_scale": 0.8, "eta": 0.5, "momentum": 0.0, "norm_threshold": 50.0, "height": 480, "width": 848,

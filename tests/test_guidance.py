@@ -1,7 +1,8 @@
-"""Guidance math (docs/design.md#guidance), the mode table, the expert switch (docs/design.md#expert-switch) and the pipeline's loop.
+"""Guidance math (docs/design.md#guidance), the mode table, the expert switch (docs/design.md#expert-switch) and the
+pipeline's loop.
 
-Every formula is checked against a float64 reference written here from docs/design.md#guidance, with explicit per-frame loops,
-not against the package's own helpers.
+Every formula is checked against a float64 reference written here from docs/design.md#guidance, with explicit
+per-frame loops, not against the package's own helpers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ F64 = torch.float64
 SHAPE = (1, 4, 3, 5, 6)  # [B, C, T, H, W]
 
 
-# --- float64 reference, written from docs/design.md#guidance -----------------------------------------------------------------------
+# --- float64 reference, written from docs/design.md#guidance ----------------------------------------------------------
 
 
 def _frame_norm(frame: torch.Tensor) -> float:
@@ -97,7 +98,7 @@ def _frame_scaled(seed, scales, dtype=F64):
     return x.to(dtype)
 
 
-# --- chained CFG (docs/design.md#cfg) ---------------------------------------------------------------------------------------
+# --- chained CFG (docs/design.md#cfg) ---------------------------------------------------------------------------------
 
 
 def test_chained_cfg_one_link_t2v_v2v():
@@ -131,7 +132,7 @@ def test_chained_cfg_three_links_rv2v():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-# --- the APG operator N(d, r) (docs/design.md#apg) --------------------------------------------------------------------------
+# --- the APG operator N(d, r) (docs/design.md#apg) --------------------------------------------------------------------
 
 
 def test_apg_norm_clamp_per_frame():
@@ -227,7 +228,7 @@ def test_momentum_then_clamp_then_project():
         torch.testing.assert_close(out, ref_apg_operator(ref_buffer(d), r, eta=eta, tau=tau), rtol=1e-12, atol=1e-12)
 
 
-# --- chained APG (docs/design.md#apg) ---------------------------------------------------------------------------------------
+# --- chained APG (docs/design.md#apg) ---------------------------------------------------------------------------------
 
 
 def _apg_inputs(n_branches, dtype, seed=0):
@@ -371,7 +372,7 @@ def test_dtypes_with_bf16_branches(mode):
         torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.15)
 
 
-# --- the mode table (docs/design.md#modes) -------------------------------------------------------------------------------
+# --- the mode table (docs/design.md#modes) ----------------------------------------------------------------------------
 
 _N, _P = False, True
 EXPECTED_MODES = {
@@ -404,7 +405,7 @@ def test_mode_table(mode):
     assert spec.apg is apg
 
 
-# --- the schedule, the expert switch and omega_scale (docs/design.md#scheduler-and-expert-switch) -------------------------------------
+# --- the schedule, the expert switch and omega_scale (docs/design.md#scheduler-and-expert-switch) ---------------------
 
 
 def _timesteps(pipe, shift, steps):
@@ -520,8 +521,9 @@ def _apg(x, neg, pos, w, sigma):
 
 
 def _apg_float32_path(x, neg, pos, w, sigma, eta=0.5, tau=50.0):
-    """t2v_apg at the precision docs/design.md#dtypes and #apg prescribe: x0, the difference, the clamp and the chain in float32
-    (sigma a 0-dim float32 tensor), only the per-frame projection in float64, cast back before `d_orth + eta*d_par`."""
+    """t2v_apg at the precision docs/design.md#dtypes and #apg prescribe: x0, the difference, the clamp and the chain
+    in float32 (sigma a 0-dim float32 tensor), only the per-frame projection in float64, cast back before
+    `d_orth + eta*d_par`."""
     x0_u, x0_c = x - sigma * neg, x - sigma * pos
     d = x0_c - x0_u
     out = torch.empty_like(d)

@@ -1,4 +1,5 @@
-"""Bad input raises a clear error naming the argument before any model work (docs/design.md#bad-input), and call details.
+"""Bad input raises a clear error naming the argument before any model work (docs/design.md#bad-input), and call
+details.
 
 "Before any model work" is proven by a pipeline whose experts, text encoder and VAE raise if they are ever run.
 """

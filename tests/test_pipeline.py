@@ -81,27 +81,27 @@ def test_every_task_end_to_end(task, tiny_pipe, media_dir, monkeypatch):
 
 
 def test_video_output_follows_the_source_clip(tiny_pipe, media_dir):
-    # The source clip is 12 frames at 24 fps: resampled to 16 fps that is 8 -> 4k+1 = 9 frames (SPEC 2.2); the
-    # output takes its length and size, not num_frames/height/width.
+    # The source clip is 12 frames at 24 fps: resampled to 16 fps that is 8 -> 4k+1 = 9 frames
+    # (docs/design.md#frame-sampling); the output takes its length and size, not num_frames/height/width.
     out = tiny_pipe("x", task_type="v2v", video=str(media_dir / "source.mp4"), num_frames=81, height=64, width=64,
                     num_inference_steps=1, generator=_gen())
     assert out.frames.shape == (1, 9, 32, 48, 3)
     out = tiny_pipe("x", task_type="i2i", image=str(media_dir / "ref_b.png"), height=64, width=64,
                     num_inference_steps=1, generator=_gen())
-    assert out.frames.shape == (1, 1, 64, 32, 3)  # 40x60 -> 32x64 (banker's rounding, SPEC A.5)
+    assert out.frames.shape == (1, 1, 64, 32, 3)  # 40x60 -> 32x64 (banker's rounding, docs/design.md#resize)
 
 
 @pytest.mark.parametrize("num_frames, expected", [(1, 1), (4, 5), (5, 5), (8, 9), (9, 9), (11, 9)])
 def test_generated_frame_count_follows_the_4k_plus_1_rule(num_frames, expected, tiny_pipe):
     latent = tiny_pipe("x", task_type="t2v", num_frames=num_frames, height=32, width=32, num_inference_steps=1,
                        generator=_gen(), output_type="latent").frames
-    assert latent.shape[2] == (expected - 1) // 4 + 1  # T_lat = (T // 4 * 4 + 1 - 1) / 4 + 1 (SPEC A.1)
+    assert latent.shape[2] == (expected - 1) // 4 + 1  # T_lat = (T // 4 * 4 + 1 - 1) / 4 + 1
 
 
 def test_rv2v_branches_streams_and_ids(tiny_pipe, media_dir, monkeypatch):
     spy = ForwardSpy(tiny_pipe, monkeypatch)
     tiny_pipe("edit", task_type="rv2v", generator=_gen(), num_inference_steps=1, **_task_media(TaskType.RV2V, media_dir))
-    video, ref_a, ref_b = (1, 16, 3, 4, 6), (1, 16, 1, 4, 4), (1, 16, 1, 8, 4)  # ref_b: 40x60 -> 32x64 (SPEC A.5)
+    video, ref_a, ref_b = (1, 16, 3, 4, 6), (1, 16, 1, 4, 4), (1, 16, 1, 8, 4)  # ref_b: 40x60 -> 32x64, rounded
     assert [c["shapes"] for c in spy.calls] == [[], [video], [video, ref_a, ref_b], [video, ref_a, ref_b]]
     assert [c["ids"] for c in spy.calls] == [[], [1.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
     neg, pos = spy.calls[2]["text"], spy.calls[3]["text"]
@@ -189,7 +189,8 @@ def test_system_prompt_and_negative_prompt_texts(tiny_pipe, monkeypatch):
 
 
 def test_default_negative_prompt_keeps_the_stored_normalizer(tmp_path):
-    """transformers 5 drops tokenizer.json's normalizer; the pipeline restores it (SPEC Appendix C.2)."""
+    """transformers 5 drops tokenizer.json's normalizer; the pipeline restores it
+    (docs/design.md#library-differences)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -240,7 +241,7 @@ def test_dtypes_bf16_experts_fp32_vae(tmp_path):
     assert pipe.transformer.dtype == pipe.transformer_2.dtype == torch.bfloat16
     assert pipe.text_encoder.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.float32
-    # diffusers keeps the modulation tables and time embedder in fp32 (SPEC Appendix A.3)
+    # diffusers keeps the modulation tables and time embedder in fp32 (docs/design.md#dtypes)
     assert pipe.transformer.scale_shift_table.dtype == torch.float32
     latent = pipe("a cat", task_type="t2v", generator=_gen(), output_type="latent",
                   num_frames=1, height=32, width=32, num_inference_steps=2).frames

@@ -52,7 +52,8 @@ def test_packed_output_has_the_target_shape_and_is_deterministic():
 
 
 def _reference_packed_forward(model, target, t, text, conds, ids):
-    """An independent re-statement of docs/design.md#streams-and-source-ids in complex float64 RoPE, built from the model's own modules."""
+    """An independent re-statement of docs/design.md#streams-and-source-ids in complex float64 RoPE, built from the
+    model's own modules."""
     cfg = model.config
     head_dim = cfg.attention_head_dim
     theta = 10000.0

@@ -1,4 +1,4 @@
-"""Guidance of the Bernini-R renderer (SPEC section 7) as pure tensor functions.
+"""Guidance of the Bernini-R renderer (docs/design.md#guidance) as pure tensor functions.
 
 The denoising loop only chooses which branches to run; these functions combine the branch outputs. The only state
 is the APG momentum buffer, created per call (one per APG link) and kept across steps and the expert switch.
@@ -19,7 +19,7 @@ APG_DIMS = (-1, -2, -4)
 
 
 class Combo(enum.Enum):
-    """Which clean condition streams a branch sees (SPEC section 3.5)."""
+    """Which clean condition streams a branch sees (docs/design.md#combos)."""
 
     NONE = "none"  # target only
     V = "v"  # the first video (source id 1)

@@ -15,8 +15,8 @@ With 8 GPUs, `ulysses_degree=4, branch_degree=2` gives one data group (ranks 0-7
 groups, {0-3} and {4-7}, each working on its own share of the cases. The first rank of each data group (Ulysses
 rank 0 of branch group 0) writes that group's results.
 
-- **Ulysses** (SPEC section 10): the packed token sequence (conditions, then target) is zero-padded to a multiple of
-  the degree and split into contiguous slices. In each self-attention an all-to-all gathers the sequence and
+- **Ulysses** (docs/design.md#parallel-layout): the packed token sequence (conditions, then target) is zero-padded
+  to a multiple of the degree and split into contiguous slices. In each self-attention an all-to-all gathers the sequence and
   scatters the heads, the padding is dropped, attention runs over the whole sequence for the local heads, and an
   all-to-all scatters the sequence back. The text is not split. The output head runs on each slice and its
   projections are gathered. The heads must divide by the degree.

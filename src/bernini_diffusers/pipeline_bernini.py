@@ -810,7 +810,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def output_geometry(
         self, spec: TaskSpec, video_pixels, image_pixels, num_frames: int, height: int, width: int
     ) -> tuple[int, int, int]:
-        """(frames, height, width): the first video's, else the source image's, else the arguments' (SPEC 2.3)."""
+        """(frames, height, width): the first video's, else the source image's, else the arguments'
+        (docs/design.md#output-geometry)."""
         frames = num_frames
         if video_pixels:
             frames, height, width = video_pixels[0].shape[1:]
@@ -970,7 +971,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32).to(device)
 
     def build_conditions(self, video_latents, image_latent, reference_latents) -> dict[Combo, _Conditions]:
-        """The condition streams of each combo (SPEC 3.5) with their source ids, videos first."""
+        """The condition streams of each combo (docs/design.md#combos) with their source ids, videos first."""
         def with_ids(latents: list[torch.Tensor]) -> _Conditions:
             ids = assign_source_ids(len(latents), self.config.max_trained_src_id, self.config.interpolate_src_id)
             if not self.config.use_src_id_rotary_emb:
@@ -1370,7 +1371,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 progress_bar.update()
         self._current_timestep = None
 
-        # 8. Decode, in one process per data group (SPEC 10): the others hold the same latents and write nothing.
+        # 8. Decode, in one process per data group (docs/design.md#parallel-layout): the others hold the same latents
+        # and write nothing.
         if output_type == "latent":
             result = latents
         elif self.is_writer:

@@ -23,7 +23,7 @@ class TaskType(str, enum.Enum):
 
 
 class GuidanceMode(str, enum.Enum):
-    """The renderer's guidance modes (SPEC section 7)."""
+    """The renderer's guidance modes (docs/design.md#modes)."""
 
     T2V = "t2v"
     T2V_APG = "t2v_apg"

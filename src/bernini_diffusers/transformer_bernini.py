@@ -1,6 +1,7 @@
 """BerniniTransformer3DModel: diffusers' Wan transformer plus Bernini-R's multi-stream conditioning.
 
-The checkpoints are key-identical to `WanTransformer3DModel`; Bernini-R adds no weight. What it adds (SPEC section 3):
+The checkpoints are key-identical to `WanTransformer3DModel`; Bernini-R adds no weight. What it adds
+(docs/design.md#streams-and-source-ids):
 clean condition latents (source videos, reference images) are patch-embedded one stream at a time and placed before
 the noisy target in one sequence with full attention and one timestep for all tokens; each stream gets its own 3D
 RoPE grid from (0, 0, 0) rotated by a constant source-id phase; the output keeps the target tokens only.

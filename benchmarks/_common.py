@@ -110,9 +110,12 @@ def tiny_components(device: torch.device, dtype: torch.dtype) -> dict:
     return components
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain fixed-width table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: Callable[[object], str] | None = None
+) -> None:
+    """A plain fixed-width table; `fmt` writes each cell (default: floats to 4 decimals)."""
+    fmt = fmt or _fmt
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     line = "  ".join("-" * w for w in widths)
     print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)))

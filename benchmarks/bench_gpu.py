@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import platform
 import re
 import statistics
 import sys
@@ -41,9 +40,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
+from _common import environment, print_table, synchronize
 from diffusers.models.attention_dispatch import (
     _AttentionBackendRegistry,
     dispatch_attention_fn,
@@ -516,7 +515,7 @@ def run_row(row: Row, pipe: BerniniPipeline, ctx: dict) -> dict:
     if row.warmup_steps:
         start = time.perf_counter()
         pipe(**arguments, num_inference_steps=row.warmup_steps, generator=torch.Generator().manual_seed(ctx["seed"]))
-        _sync(device)
+        synchronize(device)
         result["warmup_seconds"] = time.perf_counter() - start
     probe = Probe(pipe, device, count_computed=not row.compile)
     if device.type == "cuda":
@@ -586,11 +585,6 @@ def calibrate(row: Row, pipe: BerniniPipeline, ctx: dict):
     return calibration
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _release() -> None:
     """Return the memory of a pipeline the caller has dropped, before the next one is built."""
     torch._dynamo.reset()  # compiled code and its guards would keep the compiled experts alive
@@ -627,7 +621,7 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
             for expert in (pipe.transformer, pipe.transformer_2):
                 expert(torch.zeros(1, 16, 1, 4, 4, device=device, dtype=dtype), torch.tensor([999], device=device),
                        torch.zeros(1, 8, config["text_dim"], device=device, dtype=dtype))  # fmt: skip
-        _sync(device)
+        synchronize(device)
 
     def show(row: Row) -> None:
         if not args.quiet:
@@ -716,15 +710,6 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def print_table(headers, rows) -> None:
-    cells = [list(map(str, headers))] + [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells[1:]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-
-
 def result_table(rows: list[Row]) -> None:
     table = []
     for row in rows:
@@ -746,6 +731,7 @@ def result_table(rows: list[Row]) -> None:
         ("group", "mode", "attention", "compile", "memory", "cache", "steps", "s/step", "fwd/step", "skipped",
          "peak GiB", "attn s", "rest s", "attn %", "status"),
         table,
+        _fmt,
     )  # fmt: skip
 
 
@@ -768,16 +754,14 @@ def model_table(model: dict, measured: dict[str, float]) -> None:
         ("mode", "tokens per forward", "fwd/step", "TFLOP/step", "attn FLOPs", "vs Wan t2v", "est. s/step",
          "est. s @40", "measured s/step", "measured vs t2v"),
         rows,
+        _fmt,
     )  # fmt: skip
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    info = {
-        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-    }  # fmt: skip
+def gpu_environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """The benchmarks' environment record, with the GPU's memory where there is one."""
+    info = environment(device, dtype)
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     return info
 
@@ -855,7 +839,7 @@ def main(argv=None) -> int:
         geometry = Geometry(**{**asdict(TINY_GEOMETRY), "references": args.references})
     else:
         device, dtype, config, geometry = torch.device("cuda"), torch.bfloat16, dict(WAN22_A14B_CONFIG), real_geometry
-    env = environment(device, dtype)
+    env = gpu_environment(device, dtype)
     backends = present_backends(device, dtype)
     baseline = resolve_attention_backend(None, dtype)
     rows = plan_rows(args, backends, baseline, list(CACHE_PRESETS) if CACHE_PRESETS is not None else None)

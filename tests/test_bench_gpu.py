@@ -19,12 +19,14 @@ NO_CUDA_LINE = "bench_gpu: no CUDA device; nothing measured (run with --tiny for
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour `_common`, as when run directly
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_gpu"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("bench_gpu", None)
+    sys.path.remove(str(SCRIPT.parent))
 
 
 def test_tiny_run_writes_every_row(bench, tmp_path, capsys):

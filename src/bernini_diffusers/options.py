@@ -52,28 +52,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add the size flags, unset by default: `resolve_size_defaults` fills them once the model is known."""
-    official, tiny = SIZE_DEFAULTS, TINY_DEFAULTS
-    both = "default: {} ({} with --model tiny)".format
-    parser.add_argument(
-        "--num_frames", type=int,
-        help=f"output frames; for video inputs, the cap (4k+1); {both(official['num_frames'], tiny['num_frames'])}",
-    )
-    parser.add_argument(
-        "--height", type=int,
-        help=f"output height without a source video or image; {both(official['height'], tiny['height'])}",
-    )
-    parser.add_argument(
-        "--width", type=int,
-        help=f"output width without a source video or image; {both(official['width'], tiny['width'])}",
-    )
-    parser.add_argument(
-        "--max_image_size", type=int,
-        help=f"long-side limit of the input media; {both(official['max_image_size'], tiny['max_image_size'])}",
-    )
-    parser.add_argument(
-        "--num_inference_steps", type=int,
-        help=f"denoising steps; {both(official['num_inference_steps'], tiny['num_inference_steps'])}",
-    )
+    meanings = {
+        "num_frames": "output frames; for video inputs, the cap (4k+1)",
+        "height": "output height without a source video or image",
+        "width": "output width without a source video or image",
+        "max_image_size": "long-side limit of the input media",
+        "num_inference_steps": "denoising steps",
+    }
+    for name, meaning in meanings.items():
+        parser.add_argument(
+            f"--{name}", type=int,
+            help=f"{meaning}; default: {SIZE_DEFAULTS[name]} ({TINY_DEFAULTS[name]} with --model tiny)",
+        )  # fmt: skip
 
 
 def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:

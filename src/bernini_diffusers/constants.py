@@ -25,6 +25,12 @@ MAX_FPS = 240.0
 # The video VAE compresses time by 4 and keeps the first frame, so frame counts are 4k + 1.
 TEMPORAL_FACTOR = 4
 
+# Temporal context windows (`context_frames`, `context_overlap`): the overlap neighbouring windows share by default
+# (16 frames, four latent frames, one second at 16 fps), and the longest clip windows render: 961 frames, 60 s at
+# 16 fps. Past it the source frames, the decoded output and the per-window caches outgrow one accelerator's host.
+DEFAULT_CONTEXT_OVERLAP = 16
+MAX_WINDOWED_FRAMES = 961
+
 # The prompt enhancer's patience (`--pe_timeout`, `--pe_retries`, these variables, or `PromptEnhancer`'s arguments):
 # seconds one request may take and further tries after a failed one. With the waits between tries (1 s, 2 s) a prompt
 # costs at most 20 x 3 + 3 = 63 s; an endpoint that fails that budget is not asked again by the same enhancer.

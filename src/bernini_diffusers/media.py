@@ -127,12 +127,12 @@ def load_image(image: PathLike | Image.Image, max_image_size: int, *, argument: 
     return to_model_tensor([rgb], max_image_size)
 
 
-def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_frames: int) -> list[int]:
-    """Indices of the source frames to use: resampled to `fps`, 4k+1 of them, at most `num_frames`.
+def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_frames: int | None) -> list[int]:
+    """Indices of the source frames to use: resampled to `fps`, 4k+1 of them, at most `num_frames` (None: all).
 
     A long video is cut, not squeezed: the result is its first frames at the target fps.
     """
-    if num_frames < 1:
+    if num_frames is not None and num_frames < 1:
         raise ValueError(f"`num_frames` must be at least 1, got {num_frames}")
     if total_frames < 1:
         raise ValueError(f"`total_frames` must be at least 1, got {total_frames}")
@@ -143,7 +143,7 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_fr
     # The reference rounds the span up to 4k+1 when no resampling happens; the clamp below absorbs the overrun.
     total = math.floor(total_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1 if video_fps == fps else total_frames
     indices = np.linspace(0, total - 1, n).round().astype(int)
-    n_cap = min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
+    n_cap = n if num_frames is None else min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
     return np.clip(indices[:n_cap], 0, total_frames - 1).tolist()
 
 
@@ -193,9 +193,10 @@ def load_video(
     video: PathLike | Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray,
     max_image_size: int,
     fps: float,
-    num_frames: int,
+    num_frames: int | None,
     *,
     argument: str = "video",
+    max_frames: int | None = None,
 ) -> torch.Tensor:
     """Load a video file or in-memory frames as a `[3, T, H, W]` float32 tensor in [-1, 1]."""
     if isinstance(video, (str, os.PathLike)):
@@ -204,6 +205,11 @@ def load_video(
         # In-memory frames carry no frame rate; they are taken to be at the target rate already.
         frames, video_fps = _decoded_frames(video, argument), fps
     indices = sample_frame_indices(len(frames), video_fps, fps, num_frames)
+    if max_frames is not None and len(indices) > max_frames:
+        raise ValueError(
+            f"`{argument}` is {len(indices)} frames at {fps:g} fps ({len(indices) / fps:.1f} s), longer than the "
+            f"{max_frames} frames allowed; trim the clip or lower `fps`."
+        )
     return to_model_tensor([frames[i] for i in indices], max_image_size)
 
 

@@ -28,9 +28,9 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import acceleration, media, memory, parallel
+from . import acceleration, media, memory, parallel, windows
 from .attention import set_attention_backend
-from .constants import TEMPORAL_FACTOR
+from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_WINDOWED_FRAMES, TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
 from .loading import finish_load, pipeline_index, prepare_load, upload_saved
@@ -564,6 +564,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_videos_per_prompt=1,
         guidance_scale=None,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
+        context_frames=None,
+        context_overlap=DEFAULT_CONTEXT_OVERLAP,
     ):
         """Validate every argument before any model work; each error names the argument, the value and what is allowed.
 
@@ -602,7 +604,12 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         # The experts' RoPE table bounds only the sizes a call uses: image tasks make one frame whatever
         # `num_frames` says, and a source video or image sets the output size instead of `height`/`width`.
         rope_len, temporal, _ = limits
-        integer("num_frames", num_frames, 1, None if spec.is_image else (rope_len - 1) * temporal + 1)
+        window_cap = (rope_len - 1) * temporal + 1
+        windows.check_context(context_frames, context_overlap, window_cap)
+        # With context windows the clip is no longer one sequence: the RoPE table bounds each window, and the clip is
+        # bounded by MAX_WINDOWED_FRAMES (a source video's own length is checked when it is read).
+        frames_cap = window_cap if context_frames is None else MAX_WINDOWED_FRAMES
+        integer("num_frames", num_frames, 1, None if spec.is_image else frames_cap)
         max_pixels = None if videos or image is not None else _max_pixels(limits)
         integer("height", height, 16, max_pixels)
         integer("width", width, 16, max_pixels)
@@ -735,7 +742,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Each stream (target, every condition of the branch's combo) counts `T_lat x H/16 x W/16` tokens, a reference
         image one latent frame. `media_sizes` maps an input name (`video`, `video[1]`, `image`, `images[0]`) to its
         (width, height); an input without one is bounded by a `max_image_size` square and a source video by
-        `num_frames`, so the estimate is an upper bound. Returns (tokens, the largest (T_lat, H/16, W/16) grid of
+        `num_frames` (with context windows, by `context_frames`: one forward sees one window), so the estimate is an
+        upper bound. Returns (tokens, the largest (T_lat, H/16, W/16) grid of
         any stream) for the rope-table check. The arguments are assumed valid (`validate_call`).
         """
         bound = inspect.signature(cls.__call__).bind(None, **kwargs)
@@ -750,6 +758,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             return media.make_divisible(cap), media.make_divisible(cap)
 
         frames = 1 if spec.is_image else args["num_frames"] // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1
+        if args["context_frames"] is not None and not spec.is_image:
+            # One forward sees one window; a windowed source is not cut at `num_frames`, so bound it by the window.
+            frames = args["context_frames"] if videos else min(frames, args["context_frames"])
         video_names = ["video" if len(videos) == 1 else f"video[{i}]" for i in range(len(videos))]
         video_grids = [((frames - 1) // TEMPORAL_FACTOR + 1, h // stride, w // stride) for w, h in map(size, video_names)]
         image_grid = [(1, h // stride, w // stride) for w, h in [size("image")]] if args["image"] is not None else []
@@ -789,18 +800,32 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             args["latents"], args["output_type"], args["callback_on_step_end_tensor_inputs"], limits=limits,
             prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
             num_videos_per_prompt=args["num_videos_per_prompt"], guidance_scale=args["guidance_scale"],
-            max_sequence_length=args["max_sequence_length"],
+            max_sequence_length=args["max_sequence_length"], context_frames=args["context_frames"],
+            context_overlap=args["context_overlap"],
         )
         return spec, mode, videos
 
     def load_media(
-        self, videos: list, image, images, max_image_size: int, fps: float, num_frames: int
+        self, videos: list, image, images, max_image_size: int, fps: float, num_frames: int, windowed: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
-        """Read, sample and resize every input as upstream does: pixel tensors `[3, T, H, W]` in [-1, 1]."""
-        video_pixels = [
-            media.load_video(v, max_image_size, fps, num_frames, argument="video" if len(videos) == 1 else f"video[{i}]")
-            for i, v in enumerate(videos)
-        ]
+        """Read, sample and resize every input as upstream does: pixel tensors `[3, T, H, W]` in [-1, 1].
+
+        `windowed` (context windows on): the first video is taken whole, up to `MAX_WINDOWED_FRAMES`, instead of its
+        first `num_frames`, and the other videos are cut at its length (no window reaches past the output's end).
+        """
+        video_pixels = []
+        for i, v in enumerate(videos):
+            argument = "video" if len(videos) == 1 else f"video[{i}]"
+            if not windowed:
+                video_pixels.append(media.load_video(v, max_image_size, fps, num_frames, argument=argument))
+            elif i == 0:
+                video_pixels.append(
+                    media.load_video(v, max_image_size, fps, None, argument=argument, max_frames=MAX_WINDOWED_FRAMES)
+                )
+            else:
+                video_pixels.append(
+                    media.load_video(v, max_image_size, fps, video_pixels[0].shape[1], argument=argument)
+                )
         image_pixels = None if image is None else media.load_image(image, max_image_size, argument="image")
         reference_pixels = [
             media.load_image(img, max_image_size, argument=f"images[{i}]") for i, img in enumerate(images or [])
@@ -1139,6 +1164,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        context_frames: int | None = None,
+        context_overlap: int = DEFAULT_CONTEXT_OVERLAP,
     ) -> BerniniPipelineOutput | tuple:
         r"""
         Run the Bernini-R renderer.
@@ -1225,6 +1252,18 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 The tensors passed in `callback_kwargs`.
             max_sequence_length (`int`, defaults to 512):
                 Tokens per text (at most 512, the renderer's length).
+            context_frames (`int`, *optional*):
+                Temporal context windows for clips longer than the model was trained on (81 frames): the window length
+                in frames, 4k+1 (e.g. 81). Each step then predicts overlapping windows of the latent clip on their own
+                (each with its slice of the video conditions and RoPE positions from 0; the text and reference images
+                are shared), applies the mode's guidance per window and blends the windows over their overlaps. A
+                source video is then taken whole (after resampling to `fps`) instead of its first `num_frames`, up to
+                `constants.MAX_WINDOWED_FRAMES` (961 frames, 60 s at 16 fps); t2v's `num_frames` may go up to it too.
+                A clip no longer than the window is a plain call, bit for bit. `None` (default) turns windows off.
+                Cost: windows x forwards per step (docs/design.md#long-videos).
+            context_overlap (`int`, defaults to 16):
+                Frames shared by neighbouring windows, a multiple of 4 below `context_frames`; the windows are spread
+                evenly, so the real overlaps are at least this.
 
         Returns:
             [`BerniniPipelineOutput`] or `tuple`: the frames (or latents) of every video of the batch, and the fps.
@@ -1250,7 +1289,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             num_frames = 1
         max_image_size = min(max_image_size, _max_pixels(limits))
         video_pixels, image_pixels, reference_pixels = self.load_media(
-            videos, image, images, max_image_size, fps, num_frames
+            videos, image, images, max_image_size, fps, num_frames, windowed=context_frames is not None
         )
         frames, height, width = self.output_geometry(spec, video_pixels, image_pixels, num_frames, height, width)
         if prompt_embeds is not None:
@@ -1266,6 +1305,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         )
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
+        context = windows.context_windows(latent_shape[2], context_frames, context_overlap)
 
         self._guidance_scale = omega_txt
         self._attention_kwargs = attention_kwargs
@@ -1305,7 +1345,18 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         video_latents = [self.encode_condition(p, device) for p in video_pixels]
         image_latent = None if image_pixels is None else self.encode_condition(image_pixels, device)
         reference_latents = [self.encode_condition(p, device) for p in reference_pixels]
-        combos = self.build_conditions(video_latents, image_latent, reference_latents)
+        # Each window sees its own slice of every video condition (windows.condition_span); the source image and the
+        # references are shared. One window is the whole clip with the conditions as they are.
+        window_combos = [
+            self.build_conditions(
+                [v[:, :, slice(*windows.condition_span(span, v.shape[2]))] for v in video_latents],
+                image_latent,
+                reference_latents,
+            )
+            if len(context) > 1
+            else self.build_conditions(video_latents, image_latent, reference_latents)
+            for span in context.spans
+        ]
         if video_pixels or image_pixels is not None or reference_pixels:
             self._offload_if_hooked(self.vae)  # under model offload it would otherwise sit out the whole loop
 
@@ -1331,9 +1382,22 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         # 6. Decide each step's expert and weights, which branches are the same forward, and their cache names.
         plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
         experts = (self.transformer, self.transformer_2)
-        branches = [(combos[b.combo], b.positive) for b in GUIDANCE_SPECS[mode].branches]
-        branch_keys = [(conditions.key(), positive) for conditions, positive in branches]
-        branch_names = [branch_name(b) for b in GUIDANCE_SPECS[mode].branches]
+        steps = []  # per window: its span, branches, their keys and cache names, and its own guidance state
+        for j, (span, combos) in enumerate(zip(context.spans, window_combos)):
+            branches = [(combos[b.combo], b.positive) for b in GUIDANCE_SPECS[mode].branches]
+            names = [branch_name(b) for b in GUIDANCE_SPECS[mode].branches]
+            if len(context) > 1:
+                names = [f"{name}_w{j}" for name in names]  # cache hooks keep one state per window and branch
+            window_guidance = guidance if j == 0 else Guidance(
+                mode, eta=eta, momentum=momentum, norm_threshold=norm_threshold
+            )
+            steps.append((span, branches, [(c.key(), positive) for c, positive in branches], names, window_guidance))
+        blend = context.weights.to(device=device, dtype=torch.float32)
+        if len(context) > 1:
+            logger.info(
+                f"{len(context)} context windows of {context_frames} frames over {latent_shape[2]} latent frames: "
+                f"{len(context)} x {guidance.spec.forwards_per_step} forwards per step."
+            )
 
         # 7. Denoising loop. Guidance reduces per sample (APG norms over each video's frames), so the batch's
         # videos never mix. Cache hooks start clean even when an earlier call stopped on an error before its reset.
@@ -1346,15 +1410,28 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 self._current_timestep = t
                 expert_index, weights = plan[i]
                 model = experts[expert_index]
-                model_input = latents.to(dtype)
                 timestep = t.expand(latents.shape[0])
-                branch_outputs = self.predict_branches(
-                    model, model_input, timestep, branches, branch_keys, prompt_embeds, negative_prompt_embeds,
-                    attention_kwargs, branch_names,
-                    cache_context_kwargs={"step_index": i, "sigma": sigmas[i], "num_inference_steps": len(timesteps)},
-                )
                 link_weights = [weights[name] for name in guidance.spec.weights]
-                noise_pred = guidance(latents, branch_outputs, link_weights, sigmas[i])
+                cache_kwargs = {"step_index": i, "sigma": sigmas[i], "num_inference_steps": len(timesteps)}
+                if len(steps) == 1:
+                    _, branches, branch_keys, branch_names, _ = steps[0]
+                    branch_outputs = self.predict_branches(
+                        model, latents.to(dtype), timestep, branches, branch_keys, prompt_embeds,
+                        negative_prompt_embeds, attention_kwargs, branch_names, cache_context_kwargs=cache_kwargs,
+                    )
+                    noise_pred = guidance(latents, branch_outputs, link_weights, sigmas[i])
+                else:
+                    # Every window is guided on its own, then the guided predictions are blended (weights summing to
+                    # one per latent frame) into one prediction of the whole clip for the scheduler.
+                    noise_pred = torch.zeros_like(latents)
+                    for j, ((start, end), branches, branch_keys, branch_names, window_guidance) in enumerate(steps):
+                        window = latents[:, :, start:end].contiguous()
+                        branch_outputs = self.predict_branches(
+                            model, window.to(dtype), timestep, branches, branch_keys, prompt_embeds,
+                            negative_prompt_embeds, attention_kwargs, branch_names, cache_context_kwargs=cache_kwargs,
+                        )
+                        prediction = window_guidance(window, branch_outputs, link_weights, sigmas[i])
+                        noise_pred[:, :, start:end] += blend[j, start:end].view(1, 1, -1, 1, 1) * prediction.float()
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -36,14 +36,21 @@ def _image(width: int, height: int, seed: int) -> PIL.Image.Image:
 
 def cases() -> dict[str, dict]:
     """t2v, v2v, r2v and rv2v on in-memory media. Token counts per stream: target 12, video 12, the 48x48 reference
-    9 and the 32x32 one 4, so r2v's I branch (25) and rv2v's VI branch (33) are odd and get padded under U=2."""
+    9 and the 32x32 one 4, so r2v's I branch (25) and rv2v's VI branch (33) are odd and get padded under U=2.
+
+    The `_windows` cases edit a 13-frame source (4 latent frames) in context windows of 5 frames overlapping by 4:
+    3 windows of 2 latent frames, each a sequence of its own (the same token counts per window)."""
     video = np.random.default_rng(1).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)  # decoded frames at 16 fps
+    long_video = np.random.default_rng(2).integers(0, 256, (13, 32, 48, 3), dtype=np.uint8)
     odd, even = _image(48, 48, seed=4), _image(32, 32, seed=5)
+    windows = dict(context_frames=5, context_overlap=4)
     return {
         "t2v": dict(prompt="a red ball rolls", task_type="t2v"),
         "v2v": dict(prompt="make it snow", task_type="v2v", video=video),
         "r2v": dict(prompt="image0 meets image1", task_type="r2v", images=[odd, even]),
         "rv2v": dict(prompt="put image0 on the table", task_type="rv2v", video=video, images=[odd]),
+        "v2v_windows": dict(prompt="make it snow", task_type="v2v", video=long_video, **windows),
+        "rv2v_windows": dict(prompt="put image0 on the table", task_type="rv2v", video=long_video, images=[odd], **windows),
     }
 
 

@@ -607,9 +607,11 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         window_cap = (rope_len - 1) * temporal + 1
         windows.check_context(context_frames, context_overlap, window_cap)
         # With context windows the clip is no longer one sequence: the RoPE table bounds each window, and the clip is
-        # bounded by MAX_WINDOWED_FRAMES (a source video's own length is checked when it is read).
+        # bounded by MAX_WINDOWED_FRAMES. A windowed source video is taken whole, so `num_frames` bounds nothing then
+        # (the source's own length is checked when it is read).
         frames_cap = window_cap if context_frames is None else MAX_WINDOWED_FRAMES
-        integer("num_frames", num_frames, 1, None if spec.is_image else frames_cap)
+        unused = spec.is_image or (context_frames is not None and bool(videos))
+        integer("num_frames", num_frames, 1, None if unused else frames_cap)
         max_pixels = None if videos or image is not None else _max_pixels(limits)
         integer("height", height, 16, max_pixels)
         integer("width", width, 16, max_pixels)

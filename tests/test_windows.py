@@ -361,3 +361,32 @@ def test_a_windowed_batch_equals_its_samples(pipe):
     batch = pipe(**call, num_videos_per_prompt=2, generator=[_gen(1), _gen(2)]).frames
     single = [pipe(**call, generator=_gen(seed)).frames for seed in (1, 2)]
     torch.testing.assert_close(batch, torch.cat(single), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("profile", ["expert_offload", "group_offload"])
+def test_windows_under_offload_equal_the_resident_run(pipe, profile):
+    """The offload hooks see ordinary forwards: a windowed edit under each offload profile is the resident one, bit
+    for bit (the CPU stands in for the accelerator: the hooks run, nothing moves)."""
+    call = dict(prompt="make it snow", task_type="v2v", video=_video(33), **WINDOWS, **SMALL)
+    resident = pipe(**call, generator=_gen()).frames
+    offloaded = tiny_pipeline()
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_memory_profile(profile, "cpu")
+    assert torch.equal(offloaded(**call, generator=_gen()).frames, resident)
+
+
+def test_step_caches_keep_one_state_per_window_and_branch(pipe, monkeypatch):
+    """diffusers' cache hooks key their state by the cache-context name: each window's forwards get names of their
+    own, so a cache never reuses one window's residual in another."""
+    names = []
+    for model in (pipe.transformer, pipe.transformer_2):
+        original = model.cache_context
+
+        def record(name, *args, _original=original, **kwargs):
+            names.append(name)
+            return _original(name, *args, **kwargs)
+
+        monkeypatch.setattr(model, "cache_context", record)
+    pipe(prompt="make it snow", task_type="v2v", video=_video(33), **WINDOWS, **SMALL, generator=_gen())
+    expected = [f"{branch}_w{j}" for j in range(len(SPANS)) for branch in ("uncond_vi", "cond_vi")]
+    assert names == expected * 2  # two steps

@@ -131,7 +131,7 @@ class _FrameSampler:
             self.size = target_size(*image.size, self.max_image_size)
             width, height = self.size
             self.pixels = torch.empty((3, len(self.indices), height, width), dtype=torch.float32)
-        frame = _model_frame(image, self.size).transpose(2, 0, 1)
+        frame = _model_frame(image, self.size).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         values = self.pixels.numpy()  # a view: numpy writes the uint8 values into it, exactly, as float32
         while self.wants(index):  # a frame sampled several times (fps resampling upwards) fills several slots
             values[:, self.filled] = frame

@@ -327,6 +327,16 @@ def test_bad_video_is_refused_by_validate_call(bad_media, case):
         BerniniPipeline.validate_call(prompt="x", task_type="ads2v", video=[str(bad_media["good"]), str(path)])
 
 
+@pytest.mark.parametrize("case", BAD_VIDEOS)
+def test_bad_video_given_to_load_video_is_a_value_error_naming_it(bad_media, case):
+    # load_video counts the frames before it decodes them: a file the counter cannot read is still refused by the
+    # decode, with the same kind of error as before, whatever the counter said.
+    path = bad_media[case]
+    with pytest.raises(ValueError, match=r"^`video\[1\]`: (cannot decode video|video has no frames)") as info:
+        media.load_video(path, 848, 16, None, argument="video[1]", max_frames=961)
+    assert str(path) in str(info.value)
+
+
 @pytest.mark.parametrize("case", BAD_IMAGES)
 def test_bad_image_is_refused_by_validate_call(bad_media, case):
     path = bad_media[case]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import weakref
+
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -281,3 +286,184 @@ def test_check_fps_accepts_the_range(fps):
 def test_check_fps_refuses_the_rest(fps):
     with pytest.raises(ValueError, match=r"`fps`=.*from 1 to 240"):
         media.check_fps(fps)
+
+
+# --- long videos: sampling while decoding ----------------------------------------------------------
+
+
+def _old_to_model_tensor(frames, max_image_size):
+    """`to_model_tensor` as it was before it filled its result frame by frame (float32 copies, then arithmetic)."""
+    width, height = target_size(*frames[0].size, max_image_size)
+    arrays = []
+    for frame in frames:
+        frame = frame if frame.mode == "RGB" else frame.convert("RGB")
+        if frame.size != (width, height):
+            frame = frame.resize((width, height), Image.BICUBIC)
+        arrays.append(np.asarray(frame, dtype=np.float32))
+    pixels = torch.from_numpy(np.stack(arrays)) / 255.0
+    pixels = pixels * 2.0 - 1.0
+    return pixels.permute(3, 0, 1, 2).contiguous()
+
+
+def _old_load_video(video, max_image_size, fps, num_frames):
+    """`load_video` as it was: every frame of the file read, then sampled, then converted."""
+    if isinstance(video, (str, os.PathLike)):
+        frames, video_fps = read_video(video)
+    else:
+        frames = [f.convert("RGB") if isinstance(f, Image.Image) else Image.fromarray(f, "RGB") for f in video]
+        video_fps = fps
+    return _old_to_model_tensor([frames[i] for i in sample_frame_indices(len(frames), video_fps, fps, num_frames)],
+                                max_image_size)
+
+
+def _noise_video(path, frames, width, height, fps, seed=0):
+    """A clip whose frames all differ (so a wrong frame is seen), written as the renderer writes its outputs."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    return write_output(pixels, path, fps)
+
+
+class _ReaderSpy:
+    """Wraps media's video reader: counts the frames decoded and the PIL images alive as each frame arrives."""
+
+    def __init__(self, monkeypatch):
+        self.decoded = 0
+        self.most_images_alive = 0
+        self.images = []  # weak references: PIL images are unhashable, so no WeakSet
+        get_reader, init = media.imageio.get_reader, Image.Image.__init__
+        spy = self
+
+        def tracked_init(image, *args, **kwargs):
+            init(image, *args, **kwargs)
+            spy.images.append(weakref.ref(image))
+
+        class Reader:
+            def __init__(self, *args, **kwargs):
+                self.reader = get_reader(*args, **kwargs)
+
+            def __iter__(self):
+                for frame in self.reader:
+                    spy.decoded += 1
+                    spy.most_images_alive = max(spy.most_images_alive, spy.alive())
+                    yield frame
+
+            def __getattr__(self, name):
+                return getattr(self.reader, name)
+
+
+        monkeypatch.setattr(Image.Image, "__init__", tracked_init)
+        monkeypatch.setattr(media.imageio, "get_reader", Reader)
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.images)
+
+
+@pytest.mark.parametrize(
+    ("source_fps", "fps", "num_frames", "size", "max_image_size"),
+    [
+        (24, 16, 81, (48, 32), 848),  # resampled down: frames skipped
+        (8, 16, 81, (48, 32), 848),  # resampled up: frames repeated
+        (16, 16, 81, (48, 32), 848),  # same rate: the span rounds up and the last frame is repeated
+        (16, 16, 9, (48, 32), 848),  # cut at num_frames
+        (24, 16, None, (200, 120), 64),  # resized (200x120 -> 64x32) and not cut
+    ],
+)
+def test_load_video_file_is_bit_identical_to_reading_every_frame(tmp_path, source_fps, fps, num_frames, size,
+                                                                 max_image_size):
+    clip = _noise_video(tmp_path / "clip.mp4", 22, *size, source_fps)
+    expected = _old_load_video(clip, max_image_size, fps, num_frames)
+    out = load_video(clip, max_image_size, fps, num_frames)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert out.shape == expected.shape and torch.equal(out, expected)
+
+
+def test_to_model_tensor_and_in_memory_frames_are_bit_identical_to_before():
+    rng = np.random.default_rng(1)
+    arrays = list(rng.integers(0, 256, (11, 40, 72, 3), dtype=np.uint8))
+    mixed = [Image.fromarray(a) for a in arrays]
+    mixed[3], mixed[5] = mixed[3].convert("L"), mixed[5].convert("RGBA")  # modes are made RGB per frame
+    mixed[7] = mixed[7].resize((50, 30))  # a frame of another size is resized to the first one's
+    assert torch.equal(to_model_tensor(mixed, 32), _old_to_model_tensor(mixed, 32))
+    for video in (arrays, np.stack(arrays), mixed):
+        for num_frames in (None, 5):
+            assert torch.equal(load_video(video, 32, 16, num_frames), _old_load_video(list(video), 32, 16, num_frames))
+
+
+def test_num_frames_none_takes_the_whole_resampled_source(tmp_path):
+    assert sample_frame_indices(1000, 16.0, 16.0, None) == list(range(1000)) + [999]
+    assert len(sample_frame_indices(1800, 30.0, 16.0, None)) == 961  # 60 s at 30 fps -> 960 at 16 fps -> 4k+1
+    clip = _noise_video(tmp_path / "clip.mp4", 30, 32, 16, 24)  # 30 frames at 24 fps -> 20 at 16 fps -> 21
+    assert load_video(clip, 848, 16, None).shape == (3, 21, 16, 32)
+    assert load_video(clip, 848, 16, 17).shape == (3, 17, 16, 32)
+    assert load_video(clip, 848, 16, 9).shape == (3, 9, 16, 32)
+    assert load_video(np.zeros((30, 16, 32, 3), np.uint8), 848, 16, None).shape == (3, 29, 16, 32)
+
+
+def test_a_file_longer_than_max_frames_is_refused_before_decoding(tmp_path, monkeypatch):
+    clip = _noise_video(tmp_path / "long.mp4", 34, 32, 16, 16)  # 34 frames at 16 fps -> 33 frames, 2 s
+    assert load_video(clip, 848, 16, None, max_frames=33).shape[1] == 33  # at the limit: accepted
+    spy = _ReaderSpy(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        load_video(clip, 848, 16, None, argument="video[1]", max_frames=17)
+    message = str(info.value)
+    assert message.startswith("`video[1]`: the clip is 33 frames at 16 fps (2.0 s)")
+    assert "limit of 17 frames (1.0 s at 16 fps)" in message and "trim the clip" in message and "`fps`" in message
+    assert spy.decoded == 0  # counted, not decoded
+    # At 8 fps the same file is 17 frames: the lower rate fits; the num_frames cap counts before the limit.
+    assert load_video(clip, 848, 8, None, max_frames=17).shape[1] == 17
+    assert load_video(clip, 848, 16, 17, max_frames=17).shape[1] == 17
+
+
+def test_in_memory_frames_longer_than_max_frames_are_refused():
+    frames = [np.zeros((16, 16, 3), np.uint8)] * 40  # -> 41 frames at 16 fps (the span rounds up to 4k+1)
+    with pytest.raises(ValueError, match=r"^`clip`: the clip is 41 frames at 16 fps \(2\.5 s\), longer than the "
+                                         r"limit of 33 frames \(2\.0 s at 16 fps\); trim the clip"):
+        load_video(frames, 848, 16, None, argument="clip", max_frames=33)
+    assert load_video(frames, 848, 16, 33, argument="clip", max_frames=33).shape[1] == 33
+    with pytest.raises(ValueError, match="`max_frames`"):
+        load_video(frames, 848, 16, None, max_frames=0)
+
+
+def test_decoding_keeps_no_source_frame_but_the_current_one(tmp_path, monkeypatch):
+    clip = _noise_video(tmp_path / "clip.mp4", 40, 96, 64, 16)
+    spy = _ReaderSpy(monkeypatch)
+    out = load_video(clip, 32, 16, 5)  # 5 of 40 frames, each resized to 32x16 as decoded
+    assert out.shape == (3, 5, 16, 32) and spy.decoded == 40
+    # Reading every frame first held all 40 as PIL images; now at most the decoded frame and its resized copy live.
+    assert spy.most_images_alive <= 2
+    assert spy.alive() == 0
+
+
+@pytest.mark.parametrize("count", [9, 5, 60, "fails"])
+def test_a_wrong_frame_count_still_gives_the_true_frames(tmp_path, monkeypatch, count):
+    clip = _noise_video(tmp_path / "clip.mp4", 22, 32, 16, 24)
+    expected = _old_load_video(clip, 848, 16, None)
+
+    def counted(path):
+        if count == "fails":
+            raise RuntimeError("Could not get number of frames")
+        return count
+
+    monkeypatch.setattr(media, "_count_frames", counted)
+    assert torch.equal(load_video(clip, 848, 16, None), expected)
+    assert torch.equal(load_video(clip, 848, 24, 5), _old_load_video(clip, 848, 24, 5))
+    # The length is checked on the frames read: a count too low does not let a long clip in, one too high does
+    # not keep a short one out.
+    with pytest.raises(ValueError, match=r"`video`: the clip is 13 frames at 16 fps"):
+        load_video(clip, 848, 16, None, max_frames=9)
+    assert torch.equal(load_video(clip, 848, 16, None, max_frames=13), expected)
+
+
+def test_a_variable_frame_rate_file_gives_the_frames_the_reader_yields(tmp_path):
+    # ffmpeg counts this file's 20 coded frames; the reader's constant-rate output repeats some of them.
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    clip = tmp_path / "vfr.mp4"
+    subprocess.run(
+        [ffmpeg, "-v", "error", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "20",
+         "-vf", "setpts='if(lt(N,10),N*2,10+N)/(10*TB)'", "-fps_mode", "vfr", "-c:v", "libx264",
+         "-pix_fmt", "yuv420p", str(clip)],
+        check=True,
+    )  # fmt: skip
+    frames, _ = read_video(clip)
+    assert imageio_ffmpeg.count_frames_and_secs(str(clip))[0] != len(frames)  # the case this test is about
+    for num_frames in (None, 9):
+        assert torch.equal(load_video(clip, 848, 16, num_frames), _old_load_video(clip, 848, 16, num_frames))

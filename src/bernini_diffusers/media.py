@@ -85,21 +85,72 @@ def target_size(width: int, height: int, max_image_size: int, stride: int = 16) 
     return new_w, new_h
 
 
+def _model_frame(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """One frame as the model takes it: RGB, bicubic-resized to `size` (width, height) when it differs; HxWx3 uint8."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
+    return np.asarray(image)
+
+
+def _to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Map float32 values in [0, 255] to [-1, 1] in place.
+
+    Same operations in the same order as the reference (/255 then *2-1, each rounded in float32), so the values
+    match it bit for bit, without the float32 copies that out-of-place arithmetic makes.
+    """
+    return pixels.div_(255.0).mul_(2.0).sub_(1.0)
+
+
+class _FrameSampler:
+    """Builds the `[3, T, H, W]` model tensor one source frame at a time, keeping only the sampled frames.
+
+    Frames are offered in source order with their source index; the ones at `indices` (ascending, repeats allowed)
+    are converted and resized as they arrive (the size comes from the first one, as in `to_model_tensor`) and copied
+    as uint8 values into the float32 result, so no source frame is held beyond the one being offered.
+    """
+
+    def __init__(self, indices: Sequence[int], max_image_size: int):
+        self.indices = list(indices)
+        self.max_image_size = max_image_size
+        self.size: tuple[int, int] | None = None
+        self.pixels: torch.Tensor | None = None
+        self.filled = 0  # how many of `indices` have their frame
+
+    def wants(self, index: int) -> bool:
+        return self.filled < len(self.indices) and self.indices[self.filled] == index
+
+    @property
+    def done(self) -> bool:
+        return self.filled == len(self.indices)
+
+    def offer(self, index: int, image: Image.Image) -> None:
+        if not self.wants(index):
+            return
+        if self.size is None:
+            self.size = target_size(*image.size, self.max_image_size)
+            width, height = self.size
+            self.pixels = torch.empty((3, len(self.indices), height, width), dtype=torch.float32)
+        frame = _model_frame(image, self.size).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        values = self.pixels.numpy()  # a view: numpy writes the uint8 values into it, exactly, as float32
+        while self.wants(index):  # a frame sampled several times (fps resampling upwards) fills several slots
+            values[:, self.filled] = frame
+            self.filled += 1
+
+    def result(self) -> torch.Tensor:
+        if not self.done:
+            raise RuntimeError(f"frame {self.indices[self.filled]} was never offered")
+        return _to_unit_range(self.pixels)
+
+
 def to_model_tensor(frames: list[Image.Image], max_image_size: int) -> torch.Tensor:
     """Resize frames to the size derived from the first one and map them to a `[3, T, H, W]` tensor in [-1, 1]."""
     if not frames:
         raise ValueError("to_model_tensor: got no frames")
-    width, height = target_size(*frames[0].size, max_image_size)
-    arrays = []
-    for frame in frames:
-        frame = frame if frame.mode == "RGB" else frame.convert("RGB")
-        if frame.size != (width, height):
-            frame = frame.resize((width, height), Image.BICUBIC)
-        arrays.append(np.asarray(frame, dtype=np.float32))
-    # Same operation order as the reference (/255 then *2-1) so float32 results match bit for bit.
-    pixels = torch.from_numpy(np.stack(arrays)) / 255.0
-    pixels = pixels * 2.0 - 1.0
-    return pixels.permute(3, 0, 1, 2).contiguous()
+    sampler = _FrameSampler(range(len(frames)), max_image_size)
+    for i, frame in enumerate(frames):
+        sampler.offer(i, frame)
+    return sampler.result()
 
 
 def existing_path(value: PathLike, argument: str) -> Path:
@@ -166,8 +217,11 @@ def read_video(path: PathLike, *, argument: str = "video") -> tuple[list[Image.I
     return frames, fps
 
 
-def _decoded_frames(video: object, argument: str) -> list[Image.Image]:
-    """Frames given in memory: a list of PIL images or HxWx3 uint8 arrays, or a `[T, H, W, 3]` uint8 array."""
+def _decoded_frames(video: object, argument: str) -> list[Image.Image | np.ndarray]:
+    """Frames given in memory: a list of PIL images or HxWx3 uint8 arrays, or a `[T, H, W, 3]` uint8 array.
+
+    Every frame is checked here; none is converted (only the sampled ones are, by `_frame_image`).
+    """
     if isinstance(video, np.ndarray):
         if video.ndim != 4:
             raise ValueError(f"`{argument}`: a frame array must be [T, H, W, 3], got shape {video.shape}")
@@ -177,16 +231,122 @@ def _decoded_frames(video: object, argument: str) -> list[Image.Image]:
             f"`{argument}`: expected a path, a non-empty list of PIL images or HxWx3 uint8 arrays, "
             f"or a [T, H, W, 3] uint8 array, got {type(video).__name__}"
         )
-    frames = []
     for i, frame in enumerate(video):
         if isinstance(frame, Image.Image):
-            frames.append(frame.convert("RGB"))
-        elif isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3:
-            frames.append(Image.fromarray(frame, "RGB"))
-        else:
+            continue
+        if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3):
             detail = f"array {frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
             raise ValueError(f"`{argument}`: frame {i} must be a PIL image or an HxWx3 uint8 array, got {detail}")
-    return frames
+    return list(video)
+
+
+def _frame_image(frame: Image.Image | np.ndarray) -> Image.Image:
+    """An in-memory frame checked by `_decoded_frames` as a PIL image (its mode is made RGB by `_model_frame`)."""
+    return frame if isinstance(frame, Image.Image) else Image.fromarray(frame, "RGB")
+
+
+def _clip_indices(
+    total_frames: int, video_fps: float, fps: float, num_frames: int | None, max_frames: int | None, argument: str
+) -> list[int]:
+    """`sample_frame_indices`, refused when the resampled clip has more than `max_frames` frames."""
+    indices = sample_frame_indices(total_frames, video_fps, fps, num_frames)
+    if max_frames is not None and len(indices) > max_frames:
+        # A clip of n frames spans (n - 1) / fps seconds: 961 frames at 16 fps are a 60 s source.
+        raise ValueError(
+            f"`{argument}`: the clip is {len(indices)} frames at {fps:g} fps ({(len(indices) - 1) / fps:.1f} s), "
+            f"longer than the limit of {max_frames} frames ({(max_frames - 1) / fps:.1f} s at {fps:g} fps); trim the "
+            "clip or give a lower `fps`"
+        )
+    return indices
+
+
+def _open_video(path: Path, argument: str) -> tuple[Any, float, float]:
+    """imageio's ffmpeg reader of `path` (the one `read_video` uses, so the frames are the same), its fps and the
+    duration its header declares (0 when none)."""
+    try:
+        reader = imageio.get_reader(path, "ffmpeg")
+    except Exception as err:  # ffmpeg reports bad input through many exception types
+        raise ValueError(f"`{argument}`: cannot decode video: '{path}' ({err})") from err
+    try:
+        meta = reader.get_meta_data()
+        fps, duration = float(meta.get("fps") or 0.0), float(meta.get("duration") or 0.0)
+    except Exception as err:
+        reader.close()
+        raise ValueError(f"`{argument}`: cannot decode video: '{path}' ({err})") from err
+    if not math.isfinite(fps) or fps <= 0:
+        reader.close()
+        raise ValueError(f"`{argument}`: video has no usable frame rate: '{path}'")
+    return reader, fps, duration if math.isfinite(duration) and duration > 0 else 0.0
+
+
+def _decode_pass(reader: Any, sampler: _FrameSampler | None, path: Path, argument: str) -> int:
+    """Decode every frame of `reader` once, offering the wanted ones to `sampler` (None: only count); closes the
+    reader and returns how many frames it yielded."""
+    decoded = 0
+    try:
+        for frame in reader:
+            if sampler is not None and sampler.wants(decoded):
+                sampler.offer(decoded, Image.fromarray(np.asarray(frame)))
+            decoded += 1
+            del frame  # the decoded frame is dropped before the next one is read
+    except Exception as err:  # ffmpeg reports bad input through many exception types
+        raise ValueError(f"`{argument}`: cannot decode video: '{path}' ({err})") from err
+    finally:
+        reader.close()
+    return decoded
+
+
+def _count_video_frames(path: Path) -> int | None:
+    """The frame count of `path` from `imageio_ffmpeg.count_frames_and_secs`, or None when it gives none."""
+    try:
+        counted = _count_frames(path)
+    except Exception:  # a RuntimeError holding ffmpeg's log, or no count in it: the decode will count
+        return None
+    return counted if isinstance(counted, int) and counted >= 1 else None
+
+
+# Passes over a file before its frame count is taken as unstable (two suffice when ffmpeg is deterministic).
+_MAX_DECODE_PASSES = 3
+
+
+def _load_video_file(
+    video: PathLike, max_image_size: int, fps: float, num_frames: int | None, argument: str, max_frames: int | None
+) -> torch.Tensor:
+    """`load_video` for a file: count, sample, check the length, then decode once keeping only the sampled frames.
+
+    The count (ffmpeg decoding into its null output: no RGB conversion, nothing piped or kept) can differ from the
+    frames the reader yields: the reader's pipe output is constant-rate, so a variable-frame-rate file gains or
+    loses frames there. So every pass counts the frames it decodes, and when that differs from the count the
+    indices came from (and the indices change), the clip is sampled again with the true count. A clip is refused
+    as too long before any decode only when the count agrees with the header's duration; otherwise a decode that
+    keeps nothing counts the frames first.
+    """
+    path = existing_path(video, argument)
+    counted = _count_video_frames(path)
+    confirmed = False  # whether `counted` is what the reader yields (a pass counted it)
+    for _ in range(_MAX_DECODE_PASSES):
+        reader, video_fps, duration = _open_video(path, argument)
+        sampler = None
+        if counted is not None:
+            try:
+                sampler = _FrameSampler(
+                    _clip_indices(counted, video_fps, fps, num_frames, max_frames, argument), max_image_size
+                )
+            except ValueError:
+                # ffmpeg states the duration to 1/100 s: at high frame rates that alone is more than a frame.
+                if confirmed or (duration > 0 and abs(counted - video_fps * duration) <= 1 + video_fps / 100):
+                    reader.close()
+                    raise
+        # Without a count to trust, this pass only counts; the next one samples.
+        decoded = _decode_pass(reader, sampler, path, argument)
+        if decoded == 0:
+            raise ValueError(f"`{argument}`: video has no frames: '{path}'")
+        if sampler is not None and (decoded == counted or (
+            sampler.done and sample_frame_indices(decoded, video_fps, fps, num_frames) == sampler.indices
+        )):
+            return sampler.result()
+        counted, confirmed = decoded, True
+    raise ValueError(f"`{argument}`: the frame count of '{path}' changes from one read to the next")
 
 
 def load_video(
@@ -198,19 +358,39 @@ def load_video(
     argument: str = "video",
     max_frames: int | None = None,
 ) -> torch.Tensor:
-    """Load a video file or in-memory frames as a `[3, T, H, W]` float32 tensor in [-1, 1]."""
+    r"""
+    Load a video file or in-memory frames as a `[3, T, H, W]` float32 tensor in [-1, 1].
+
+    The frames are those of `sample_frame_indices` (resampled to `fps`, 4k+1 of them, at most `num_frames`) and the
+    values are bit-identical to `to_model_tensor` over them. A file is counted first, then decoded once; only the
+    sampled frames are kept, each resized as it is decoded, so memory follows the model-size clip, not the source.
+
+    Args:
+        video (`str`, `os.PathLike`, list of `PIL.Image.Image` or HxWx3 uint8 `np.ndarray`, or `np.ndarray`):
+            A video file, or its frames (a list, or a `[T, H, W, 3]` uint8 array) taken to be at `fps` already.
+        max_image_size (`int`):
+            The longest side of the model-side frames (see `target_size`).
+        fps (`float`):
+            The frame rate the clip is resampled to.
+        num_frames (`int`, *optional*):
+            The most frames to keep (rounded down to 4k+1); `None` keeps the whole resampled source.
+        argument (`str`, defaults to `"video"`):
+            The argument's name in error messages.
+        max_frames (`int`, *optional*):
+            The most frames the resampled clip may have; a longer clip is a `ValueError` naming `argument`, the
+            clip's length and the limit, raised before a file's frames are decoded.
+    """
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+        raise ValueError(f"`max_frames` must be a positive number of frames or None, got {max_frames!r}")
     if isinstance(video, (str, os.PathLike)):
-        frames, video_fps = read_video(video, argument=argument)
-    else:
-        # In-memory frames carry no frame rate; they are taken to be at the target rate already.
-        frames, video_fps = _decoded_frames(video, argument), fps
-    indices = sample_frame_indices(len(frames), video_fps, fps, num_frames)
-    if max_frames is not None and len(indices) > max_frames:
-        raise ValueError(
-            f"`{argument}` is {len(indices)} frames at {fps:g} fps ({len(indices) / fps:.1f} s), longer than the "
-            f"{max_frames} frames allowed; trim the clip or lower `fps`."
-        )
-    return to_model_tensor([frames[i] for i in indices], max_image_size)
+        return _load_video_file(video, max_image_size, fps, num_frames, argument, max_frames)
+    # In-memory frames carry no frame rate; they are taken to be at the target rate already.
+    frames = _decoded_frames(video, argument)
+    indices = _clip_indices(len(frames), fps, fps, num_frames, max_frames, argument)
+    sampler = _FrameSampler(indices, max_image_size)
+    for i in dict.fromkeys(indices):  # each sampled frame converted once, in order
+        sampler.offer(i, _frame_image(frames[i]))
+    return sampler.result()
 
 
 def _to_uint8(frames: np.ndarray | Sequence[Image.Image]) -> np.ndarray:
@@ -377,7 +557,8 @@ def probe_image(path: PathLike, argument: str = "image") -> tuple[int, int]:
 
 
 def _count_frames(path: Path) -> int:
-    """The number of video frames in `path`, counted by demuxing the whole file (no decode)."""
+    """The number of video frames in `path`'s first video stream, as ffmpeg decodes them into its null output (every
+    frame is decoded, none is converted to RGB or piped out)."""
     return imageio_ffmpeg.count_frames_and_secs(os.path.abspath(path))[0]
 
 

@@ -390,3 +390,20 @@ def test_step_caches_keep_one_state_per_window_and_branch(pipe, monkeypatch):
     pipe(prompt="make it snow", task_type="v2v", video=_video(33), **WINDOWS, **SMALL, generator=_gen())
     expected = [f"{branch}_w{j}" for j in range(len(SPANS)) for branch in ("uncond_vi", "cond_vi")]
     assert names == expected * 2  # two steps
+
+
+def test_validate_call_refuses_a_too_long_windowed_source_file_before_loading(tmp_path, monkeypatch):
+    """The front ends call `validate_call` before loading the weights: a windowed source file over the limit is
+    refused there (counted, not decoded); without windows the same file is fine (it is cut at `num_frames`)."""
+    from bernini_diffusers.testing import make_test_video
+
+    source = make_test_video(tmp_path / "long.mp4", num_frames=33, width=48, height=32, fps=16, seed=1)
+    monkeypatch.setattr(pipeline_bernini, "MAX_WINDOWED_FRAMES", 29)
+    decoded = []
+    monkeypatch.setattr(pipeline_bernini.media, "_decode_pass", lambda *a, **k: decoded.append(1) or 0)
+    call = dict(prompt="make it snow", task_type="v2v", video=str(source))
+    with pytest.raises(ValueError, match=r"`video`: the clip is 33 frames at 16 fps \(2\.0 s\).*limit of 29 frames"):
+        BerniniPipeline.validate_call(**call, **WINDOWS)
+    BerniniPipeline.validate_call(**call)
+    BerniniPipeline.validate_call(**call, context_frames=17, fps=8)  # 17 frames at 8 fps fit
+    assert decoded == []

@@ -44,6 +44,7 @@ __all__ = [
     "sample_frame_indices",
     "read_video",
     "load_video",
+    "check_video_length",
     "write_output",
     "temporaries",
     "split_videos",
@@ -347,6 +348,30 @@ def _load_video_file(
             return sampler.result()
         counted, confirmed = decoded, True
     raise ValueError(f"`{argument}`: the frame count of '{path}' changes from one read to the next")
+
+
+def check_video_length(
+    video: PathLike | Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray,
+    fps: float,
+    num_frames: int | None,
+    max_frames: int,
+    *,
+    argument: str = "video",
+) -> None:
+    """Refuse a video whose resampled clip `load_video` would refuse for `max_frames`, without decoding its frames
+    to RGB: a file is counted (ffmpeg into its null output) and refused only when the count agrees with the
+    duration its header declares, as `load_video` does; a doubtful count is left to `load_video`."""
+    if not isinstance(video, (str, os.PathLike)):
+        _clip_indices(len(_decoded_frames(video, argument)), fps, fps, num_frames, max_frames, argument)
+        return
+    path = existing_path(video, argument)
+    counted = _count_video_frames(path)
+    if counted is None:
+        return
+    reader, video_fps, duration = _open_video(path, argument)
+    reader.close()
+    if duration > 0 and abs(counted - video_fps * duration) <= 1 + video_fps / 100:
+        _clip_indices(counted, video_fps, fps, num_frames, max_frames, argument)
 
 
 def load_video(

@@ -723,8 +723,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def validate_call(cls, **kwargs) -> None:
         """Check the arguments of a call without a loaded model: the same errors `__call__` raises before any model
         work (unknown task or mode, wrong media, values out of range), plus missing or unreadable media files (each
-        video's container and first frame, each image decoded: `media.probe_video`, `media.probe_image`). For front
-        ends that want to fail before loading 30 GB of weights.
+        video's container and first frame, each image decoded: `media.probe_video`, `media.probe_image`) and, with
+        context windows, a source longer than `MAX_WINDOWED_FRAMES` (`media.check_video_length`). For front ends
+        that want to fail before loading 30 GB of weights.
         """
         bound = inspect.signature(cls.__call__).bind(None, **kwargs)
         bound.apply_defaults()
@@ -736,6 +737,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             if _is_path(value):
                 probe = media.probe_video if name.startswith("video") else media.probe_image
                 probe(value, name)
+        if videos and args["context_frames"] is not None:
+            # A windowed source is taken whole: one too long for MAX_WINDOWED_FRAMES is refused now, not after loading.
+            media.check_video_length(videos[0], args["fps"], None, MAX_WINDOWED_FRAMES, argument=named[0][0])
 
     @classmethod
     def estimate_tokens(cls, media_sizes: dict[str, tuple[int, int]] | None = None, **kwargs) -> tuple[int, tuple]:

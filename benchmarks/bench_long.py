@@ -16,20 +16,21 @@ no decode). Milliseconds per output frame are those seconds per step over the cl
 the main process after the memory runs, interleaved (row 1, row 2, ..., row 1, ...) so that a change in the machine's
 load hits every row: `--warmup` untimed rounds, then `--repeats` timed ones; each row reports the median.
 
-Memory, Linux only: each row runs once more (after `--warmup` calls) in its own forked child process, which measures
-its own peak resident set (`VmHWM` in /proc/self/status). Writing "5" to /proc/self/clear_refs resets that mark to
-the current resident set; the child does so before the call, and again right before the first transformer forward,
-after reading the peak of the part before (media, text and VAE encoding). After the call, `VmHWM` minus the resident
-set at the second reset is the loop's own peak ("loop peak"): what denoising the clip needs on top of what the call
-already holds (the source frames, their latents, the weights). "call peak" is the whole call's peak resident set,
-libraries and weights included, and "+ call" that peak above the resident set before the call. glibc's malloc would
-otherwise keep freed buffers (its mmap threshold grows to the largest block freed, so later large tensors come from a
-heap it rarely trims) and a peak would depend on what earlier calls left behind; each child therefore calls
-`mallopt(M_MMAP_THRESHOLD, 128 KiB)` (which also stops that growth) and `mallopt(M_TRIM_THRESHOLD, 128 KiB)`, as
-starting it with `MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072` would, so that every buffer above
-128 KiB goes back to the kernel when freed and the resident set follows the live tensors. Those extra mmap calls and
-page faults slow a call down by about a third here, which is why the timings come from the main process, where the
-allocator is left as it is.
+Memory, Linux only: first, each row runs in its own forked child process (`--warmup` calls, then `--repeats` measured
+ones, the median reported), which measures its own peak resident set (`VmHWM` in /proc/self/status). Writing "5" to
+/proc/self/clear_refs resets that mark to the current resident set; the child does so before each call, and again right
+before its first transformer forward, after reading the peak of the part before (media, text and VAE encoding). After
+the call, `VmHWM` minus the resident set at the second reset is the loop's own peak ("loop peak"): what denoising the
+clip needs on top of what the call already holds (the source frames, their latents, the weights). "call peak" is the
+whole call's peak resident set, libraries and weights included, and "+ call" that peak above the resident set before the
+call. glibc's malloc would otherwise keep freed memory: its mmap threshold grows to the largest block freed, so later
+large tensors come from a heap it rarely trims, and smaller ones reuse heap chunks that earlier calls left, so a peak
+would depend on what came before (in trials with a 128 KiB threshold, one row's loop peak varied by 2.5 MB from call to
+call). Each child therefore calls `mallopt(M_MMAP_THRESHOLD, 4096)` (which also stops that growth) and
+`mallopt(M_TRIM_THRESHOLD, 4096)`, as starting it with `MALLOC_MMAP_THRESHOLD_=4096 MALLOC_TRIM_THRESHOLD_=4096` would:
+every buffer of a page or more is its own mapping, given back to the kernel when freed, so the resident set follows the
+live tensors (the calls then vary by less than 0.1 MB). Those extra mmap calls and page faults slow a call down, which
+is why the timings come from the main process, where the allocator is left as it is.
 
 The default is one torch thread: on a small shared CPU, tiny forwards on two threads lose more to the threads waiting
 for each other than they gain. Nothing here is asserted on time.
@@ -56,7 +57,7 @@ from bernini_diffusers.tasks import TASKS, TaskType
 
 TASK = TaskType.V2V
 BRANCHES = GUIDANCE_SPECS[TASKS[TASK].default_guidance_mode].forwards_per_step
-MALLOC_THRESHOLD = 128 * 1024
+MALLOC_THRESHOLD = 4096  # one page: every buffer of a page or more is its own mapping
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MB = 1e6
 
@@ -166,7 +167,7 @@ def _call(pipe: BerniniPipeline, probe: _Probe, row: dict, video: np.ndarray, se
 
 
 def _memory_child(row: dict, settings: dict, queue) -> None:
-    """In a forked child: free memory back to the kernel, build, `warmup` calls, then one call whose peaks count."""
+    """In a forked child: free memory back to the kernel, build, `warmup` calls, then `repeats` measured ones."""
     try:
         torch.set_num_threads(settings["threads"])
         malloc_tuned = _return_freed_memory()
@@ -175,14 +176,16 @@ def _memory_child(row: dict, settings: dict, queue) -> None:
         video = source_video(row["frames"], settings["height"], settings["width"])
         for _ in range(settings["warmup"]):
             _call(pipe, probe, row, video, settings)
-        start_rss = _reset_peak()
-        result = _call(pipe, probe, row, video, settings)
-        loop_hwm = _status_bytes()["VmHWM"]
-        queue.put({
-            **result, "malloc_tuned": malloc_tuned, "loop_peak_bytes": loop_hwm - probe.loop_base,
-            "call_peak_rss_bytes": max(probe.before_loop_hwm, loop_hwm), "rss_before_call_bytes": start_rss,
-            "rss_at_first_forward_bytes": probe.loop_base,
-        })  # fmt: skip
+        calls = []
+        for _ in range(settings["repeats"]):
+            start_rss = _reset_peak()
+            result = _call(pipe, probe, row, video, settings)
+            loop_hwm = _status_bytes()["VmHWM"]
+            calls.append({
+                **result, "loop_peak_bytes": loop_hwm - probe.loop_base, "rss_before_call_bytes": start_rss,
+                "call_peak_rss_bytes": max(probe.before_loop_hwm, loop_hwm), "rss_at_first_forward_bytes": probe.loop_base,
+            })  # fmt: skip
+        queue.put({"malloc_tuned": malloc_tuned, "calls": calls})
     except BaseException as error:  # the parent reports it; a child's traceback alone would leave it waiting
         queue.put({"error": f"{type(error).__name__}: {error}"})
         raise
@@ -216,6 +219,10 @@ def measure_times(rows: list[dict], settings: dict) -> list[list[dict]]:
             if round_index >= settings["warmup"]:
                 calls[i].append(result)
     return calls
+
+
+def _median_mb(calls: list[dict], key: str, minus: str | None = None) -> float:
+    return statistics.median(c[key] - (c[minus] if minus else 0) for c in calls) / MB
 
 
 def plan_rows(args) -> list[dict]:
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     times = measure_times(rows, settings)
     results = []
     for row, mem, calls in zip(rows, memory, times):
-        for counted in (mem["forwards_per_step"], *(c["forwards_per_step"] for c in calls)):
+        for counted in (c["forwards_per_step"] for c in (*mem["calls"], *calls)):
             if counted != row["windows"] * BRANCHES:
                 sys.exit(
                     f"bench_long: row {row['label']!r} ran {counted} forwards per step, not "
@@ -284,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
         s_per_step = statistics.median(c["s_per_step"] for c in calls)
         results.append({
-            **row, "latent_frames": mem["latent_frames"], "forwards_per_step": row["windows"] * BRANCHES,
+            **row, "latent_frames": calls[0]["latent_frames"], "forwards_per_step": row["windows"] * BRANCHES,
             "s_per_step": s_per_step, "ms_per_frame_step": 1e3 * s_per_step / row["frames"],
-            "loop_peak_mb": mem["loop_peak_bytes"] / MB, "call_peak_rss_mb": mem["call_peak_rss_bytes"] / MB,
-            "call_growth_mb": (mem["call_peak_rss_bytes"] - mem["rss_before_call_bytes"]) / MB,
+            "loop_peak_mb": _median_mb(mem["calls"], "loop_peak_bytes"),
+            "call_peak_rss_mb": _median_mb(mem["calls"], "call_peak_rss_bytes"),
+            "call_growth_mb": _median_mb(mem["calls"], "call_peak_rss_bytes", "rss_before_call_bytes"),
             "s_per_step_timed": [c["s_per_step"] for c in calls], "memory_run": mem,
         })  # fmt: skip
     # Ratios against the 2-window row (else the first windowed row): the claim is flat from 2 windows on.

@@ -183,7 +183,8 @@ def _memory_child(row: dict, settings: dict, queue) -> None:
             loop_hwm = _status_bytes()["VmHWM"]
             calls.append({
                 **result, "loop_peak_bytes": loop_hwm - probe.loop_base, "rss_before_call_bytes": start_rss,
-                "call_peak_rss_bytes": max(probe.before_loop_hwm, loop_hwm), "rss_at_first_forward_bytes": probe.loop_base,
+                "call_peak_rss_bytes": max(probe.before_loop_hwm, loop_hwm),
+                "rss_at_first_forward_bytes": probe.loop_base,
             })  # fmt: skip
         queue.put({"malloc_tuned": malloc_tuned, "calls": calls})
     except BaseException as error:  # the parent reports it; a child's traceback alone would leave it waiting
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                "loop peak MB", f"vs {base['label']}", "call peak MB", "+ call MB"]  # fmt: skip
     table = [[r["label"], r["frames"], r["latent_frames"], r["forwards_per_step"], r["s_per_step"],
               r["ms_per_frame_step"], f"{r['per_frame_vs_base']:.2f}", r["loop_peak_mb"],
-              f"{r['loop_peak_vs_base']:.2f}", r["call_peak_rss_mb"], r["call_growth_mb"]] for r in results]  # fmt: skip
+              f"{r['loop_peak_vs_base']:.2f}", r["call_peak_rss_mb"], r["call_growth_mb"]]
+             for r in results]  # fmt: skip
     print_table(headers, table)
     print()
     if not all(r["memory_run"]["malloc_tuned"] for r in results):
@@ -318,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         f"RESULT per_frame_ratio_{last['windows']}w_vs_{base['windows']}w={last['per_frame_vs_base']:.2f} "
         f"loop_peak_ratio_{last['windows']}w_vs_{base['windows']}w={last['loop_peak_vs_base']:.2f}"
     )
-    payload = {"task": TASK.value, "branches": BRANCHES, "settings": {**settings, "context_frames": args.context_frames},
-               "rows": results}  # fmt: skip
+    settings["context_frames"] = args.context_frames
+    payload = {"task": TASK.value, "branches": BRANCHES, "settings": settings, "rows": results}
     write_json(args.json, payload, device, dtype)
     return 0
 

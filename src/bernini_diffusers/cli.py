@@ -24,6 +24,8 @@ from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's
 from . import cases as case_files
 from . import media
 from .constants import (
+    DEFAULT_CONTEXT_OVERLAP,
+    MAX_WINDOWED_FRAMES,
     TINY_MODEL,
 )
 from .demo import add_demo_parser
@@ -58,9 +60,11 @@ from .tasks import (
 CALL_ARGUMENTS = (
     "prompt", "task_type", "video", "image", "images", "negative_prompt", "system_prompt", "guidance_mode",
     "num_frames", "height", "width", "max_image_size", "fps", "num_inference_steps", "flow_shift",
-    "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum", "norm_threshold",
+    "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum", "norm_threshold", "context_frames",
+    "context_overlap",
 )
-# What a case (file or batch entry) describes; every other call argument comes from the command line.
+# What a case (file or batch entry) describes; every other call argument comes from the command line, unless the case
+# sets it (`cases.CASE_SETTINGS`: its context windows).
 CASE_INPUTS = ("prompt", "task_type", "video", "image", "images", "guidance_mode")
 GENERATION_ARGUMENTS = tuple(name for name in CALL_ARGUMENTS if name not in CASE_INPUTS)
 # Flags of the full Bernini planner model, accepted with their official defaults and ignored by the renderer.
@@ -156,6 +160,15 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument(
         "--norm_threshold", type=float, nargs="+", default=[50.0, 50.0, 50.0],
         help="APG norm clamp per guidance link (0 disables; the last value repeats)",
+    )
+    gen.add_argument(
+        "--context_frames", type=int, metavar="N",
+        help=f"temporal context windows of N frames (4k+1, e.g. 81) for clips longer than one window; a source video "
+             f"is then edited whole (up to {MAX_WINDOWED_FRAMES} frames), not cut at --num_frames; default: off",
+    )  # fmt: skip
+    gen.add_argument(
+        "--context_overlap", type=int, default=DEFAULT_CONTEXT_OVERLAP, metavar="N",
+        help="frames neighbouring context windows share, a multiple of 4 below --context_frames",
     )
     gen.add_argument(
         "--seed", type=int, default=42,

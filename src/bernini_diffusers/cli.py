@@ -104,10 +104,11 @@ def _tasks_epilog() -> str:
 
 _GENERATE_EPILOG = """
 case file (--case FILE): one JSON object with keys task_type, guidance_mode, prompt (required), video, image,
-  images, output; its values override the flags. Batch (--inputs FILE.json|FILE.jsonl): a JSON list or JSON lines
-  of such objects without guidance_mode (ignored, as upstream); a case without output is written as
-  <folder>/<number>_<task>.mp4|png, the folder being --output if it ends with '/' (or exists), else its folder; an
-  existing output is skipped unless --overwrite. Paths are relative to the working directory.
+  images, context_frames, context_overlap, output; its values override the flags. Batch (--inputs
+  FILE.json|FILE.jsonl): a JSON list or JSON lines of such objects without guidance_mode (ignored, as upstream); a
+  case without output is written as <folder>/<number>_<task>.mp4|png, the folder being --output if it ends with '/'
+  (or exists), else its folder; an existing output is skipped unless --overwrite. Paths are relative to the working
+  directory.
 
 official commands: `python infer_single_gpu.py ARGS` is `bernini generate ARGS`; `torchrun --nproc-per-node N
   infer_multi_gpu.py ARGS` is `torchrun --nproc-per-node N -m bernini_diffusers.cli generate ARGS`.
@@ -379,6 +380,7 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
         inputs = {"prompt": values["prompt"], "task_type": task, "video": values.get("video"),
                   "image": values.get("image"), "images": values.get("images"),
                   "guidance_mode": args.guidance_mode}  # fmt: skip
+        inputs.update({key: values[key] for key in case_files.CASE_SETTINGS if key in values})
         single = case_files.is_single_frame(task, args.num_frames)
         if values.get("output"):
             output = case_files.output_path(values["output"], single)

@@ -184,6 +184,19 @@ def test_context_window_flags_reach_the_call(monkeypatch, tmp_path):
     assert (on["context_frames"], on["context_overlap"]) == (33, 8)
 
 
+def test_a_windowed_source_is_written_as_a_clip_whatever_num_frames_says(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: fake_pipeline(calls))
+    source = make_test_video(tmp_path / "source.mp4", num_frames=9, width=48, height=32, fps=16)
+    argv = ["generate", "--config", "x", "--prompt", "p", "--video", str(source), "--num_frames", "1",
+            "--context_frames", "17", "--output", str(tmp_path / "o.mp4")]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    # The case's output (which its lock and a batch's skip check use) is the file written, not a PNG name.
+    assert f"v2v -> {tmp_path / 'o.mp4'}" in captured.err and captured.out.strip() == str(tmp_path / "o.mp4")
+    assert not (tmp_path / "o.png").exists() and calls[0]["num_frames"] == 1
+
+
 def test_the_token_estimate_counts_one_window(monkeypatch, tmp_path, capsys):
     # t2v at 32x48 is 2x3 tokens per latent frame: 161 frames are 41 x 6 = 246 tokens in one sequence, but one
     # forward of 17-frame windows sees 5 x 6 = 30.

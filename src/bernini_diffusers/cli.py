@@ -336,6 +336,14 @@ def _flag_inputs(args: argparse.Namespace) -> dict[str, Any]:
             "images": args.images, "guidance_mode": args.guidance_mode}  # fmt: skip
 
 
+def _output_frames(args: argparse.Namespace, inputs: dict[str, Any]) -> int:
+    """The frame count that decides a case's output suffix: `--num_frames`, except for a source video edited in
+    context windows, which is taken whole whatever `--num_frames` says (a clip, written as MP4)."""
+    if inputs.get("video") and inputs.get("context_frames", args.context_frames) is not None:
+        return MAX_WINDOWED_FRAMES
+    return args.num_frames
+
+
 def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
     """The cases of the command: one from the flags or `--case`, or one per `--inputs` entry (bad ones carry their
     problem). A case without a task gets `cases.default_task_type`'s. Output suffixes already follow the frame count."""
@@ -354,7 +362,7 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
             spec = TASKS[TaskType(inputs["task_type"])]
             print(f"note: no --task_type given: {spec.task.value} ({spec.description}).", file=sys.stderr)
         case_files.check_writable(output)  # as given: `--output /dev/null` or a folder is not swapped for a sibling
-        single = case_files.is_single_frame(inputs["task_type"], args.num_frames)
+        single = case_files.is_single_frame(inputs["task_type"], _output_frames(args, inputs))
         return [case_files.Case(1, inputs, case_files.output_path(output, single))]
 
     entries = case_files.read_batch_file(args.inputs)
@@ -381,7 +389,7 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
                   "image": values.get("image"), "images": values.get("images"),
                   "guidance_mode": args.guidance_mode}  # fmt: skip
         inputs.update({key: values[key] for key in case_files.CASE_SETTINGS if key in values})
-        single = case_files.is_single_frame(task, args.num_frames)
+        single = case_files.is_single_frame(task, _output_frames(args, inputs))
         if values.get("output"):
             output = case_files.output_path(values["output"], single)
         else:

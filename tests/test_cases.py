@@ -84,7 +84,13 @@ def test_check_entry_accepts_the_official_keys():
     )  # fmt: skip
     assert values["video"] == ["a.mp4", "b.mp4"] and values["images"] == ["r.png"]  # one path becomes a list
     assert cases.check_entry({"prompt": "p", "video": ["a.mp4"]}, "x")["video"] == "a.mp4"
-    assert cases.CASE_KEYS == ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
+    assert cases.CASE_KEYS == (
+        "task_type", "guidance_mode", "prompt", "video", "image", "images", "context_frames", "context_overlap",
+        "output",
+    )  # fmt: skip
+    windows = {"prompt": "p", "context_frames": 17, "context_overlap": 8}
+    assert cases.check_entry(windows, "x") == windows
+    assert cases.check_entry({"prompt": "p", "context_frames": None}, "x")["context_frames"] is None  # null: off
 
 
 @pytest.mark.parametrize(
@@ -100,6 +106,10 @@ def test_check_entry_accepts_the_official_keys():
         ({"prompt": "p", "images": [1]}, "`images`=[1] must be a path"),
         ({"prompt": "p", "image": ["a.png"]}, "`image`=['a.png'] must be a non-empty string"),
         ({"prompt": "p", "output": 5}, "`output`=5 must be a non-empty string"),
+        ({"prompt": "p", "context_frames": 17.0}, "`context_frames`=17.0 must be a whole number of frames or null"),
+        ({"prompt": "p", "context_frames": True}, "`context_frames`=True must be a whole number of frames"),
+        ({"prompt": "p", "context_overlap": None}, "`context_overlap`=None must be a whole number of frames."),
+        ({"prompt": "p", "context_overlap": "8"}, "`context_overlap`='8' must be a whole number of frames."),
         (["prompt"], "must be a JSON object, got list"),
     ],
 )
@@ -182,15 +192,52 @@ def test_case_without_output_uses_the_output_flag(tmp_path, loads):
         ({"task_type": "t2v"}, "must set `prompt`"),
         ({"prompt": "p", "guidance_mode": "vae_txt_vit_wapg"}, "full Bernini planner model"),
         ({"prompt": "p", "task_type": "v2v", "video": "missing.mp4"}, "`video`: no such file: 'missing.mp4'"),
+        ({"prompt": "p", "task_type": "t2v", "context_frames": 80}, "`context_frames`=80 is not on the latent grid"),
+        ({"prompt": "p", "task_type": "t2v", "context_frames": 17, "context_overlap": 20},
+         "`context_overlap`=20 must be shorter than the window `context_frames`=17"),
+        ({"prompt": "p", "task_type": "t2v", "context_overlap": 2.5},
+         "`context_overlap`=2.5 must be a whole number of frames"),
     ],
-)
+)  # fmt: skip
 def test_bad_case_files_fail_before_loading(tmp_path, loads, capsys, monkeypatch, case, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "case.json").write_text(json.dumps(case))
     assert cli.main(["generate", *FAST, "--case", "case.json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bernini: error:") and message in err and "Traceback" not in err
-    assert loads.count == 0
+    assert loads.count == 0 and "random weights" not in err
+
+
+def test_case_context_windows_override_the_flags(tmp_path, loads):
+    # A one-window clip (5 frames): the windowed call runs as the plain one, in the time of one.
+    case = {"task_type": "t2v", "prompt": "a fox runs", "context_frames": 5, "context_overlap": 0}
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    argv = ["generate", *FAST, "--case", str(tmp_path / "case.json"), "--context_frames", "81", "--context_overlap",
+            "12", "--output", str(tmp_path / "fox.mp4")]  # fmt: skip
+    assert cli.main(argv) == 0
+    (call,) = loads.pipes[0].calls
+    assert (call["context_frames"], call["context_overlap"]) == (5, 0)
+    (tmp_path / "case.json").write_text(json.dumps({**case, "context_frames": None}))  # null: off, whatever the flag
+    assert cli.main(argv) == 0
+    assert loads.pipes[1].calls[0]["context_frames"] is None
+
+
+def test_batch_cases_set_their_own_context_windows(tmp_path, loads, capsys):
+    entries = [
+        {"task_type": "t2v", "prompt": "own windows", "context_frames": 5, "context_overlap": 0},
+        {"task_type": "t2v", "prompt": "the flags' windows"},
+        {"task_type": "t2v", "prompt": "off the grid", "context_frames": 80},
+    ]
+    batch = write_jsonl(tmp_path / "b.jsonl", entries)
+    argv = ["generate", *FAST, "--inputs", str(batch), "--output", f"{tmp_path}/out/", "--context_frames", "9",
+            "--context_overlap", "4"]  # fmt: skip
+    assert cli.main(argv) == 1
+    calls = {call["prompt"]: call for call in loads.pipes[0].calls}
+    assert set(calls) == {"own windows", "the flags' windows"}
+    assert (calls["own windows"]["context_frames"], calls["own windows"]["context_overlap"]) == (5, 0)
+    assert (calls["the flags' windows"]["context_frames"], calls["the flags' windows"]["context_overlap"]) == (9, 4)
+    err = capsys.readouterr().err
+    assert "failed   [3] " in err and "`context_frames`=80 is not on the latent grid" in err
 
 
 # --- --inputs -------------------------------------------------------------------------------------------------------

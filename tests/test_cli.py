@@ -162,6 +162,88 @@ def test_cli_equals_the_python_api(tmp_path, tiny_pipe):
     np.testing.assert_array_equal(written, to_uint8(expected[0]))
 
 
+# --- context windows (long clips) -------------------------------------------------------------------------------
+
+
+def fake_pipeline(calls: list):
+    def fake_pipe(**kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(frames=np.zeros((1, 5, 16, 16, 3), np.float32), fps=kwargs["fps"])
+
+    return fake_pipe
+
+
+def test_context_window_flags_reach_the_call(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: fake_pipeline(calls))
+    argv = ["generate", "--config", "x", "--prompt", "p", "--task_type", "t2v", "--output", str(tmp_path / "o.mp4")]
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--context_frames", "33", "--context_overlap", "8"]) == 0
+    off, on = calls
+    assert (off["context_frames"], off["context_overlap"]) == (None, 16)  # off by default, the pipeline's overlap
+    assert (on["context_frames"], on["context_overlap"]) == (33, 8)
+
+
+def test_a_windowed_source_is_written_as_a_clip_whatever_num_frames_says(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: fake_pipeline(calls))
+    source = make_test_video(tmp_path / "source.mp4", num_frames=9, width=48, height=32, fps=16)
+    argv = ["generate", "--config", "x", "--prompt", "p", "--video", str(source), "--num_frames", "1",
+            "--context_frames", "17", "--output", str(tmp_path / "o.mp4")]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    # The case's output (which its lock and a batch's skip check use) is the file written, not a PNG name.
+    assert f"v2v -> {tmp_path / 'o.mp4'}" in captured.err and captured.out.strip() == str(tmp_path / "o.mp4")
+    assert not (tmp_path / "o.png").exists() and calls[0]["num_frames"] == 1
+
+
+def test_the_token_estimate_counts_one_window(monkeypatch, tmp_path, capsys):
+    # t2v at 32x48 is 2x3 tokens per latent frame: 161 frames are 41 x 6 = 246 tokens in one sequence, but one
+    # forward of 17-frame windows sees 5 x 6 = 30.
+    calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: fake_pipeline(calls))
+    argv = ["generate", *SMALL, "--task_type", "t2v", "--num_frames", "161", "--max_tokens", "100",
+            "--output", str(tmp_path / "o.mp4")]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "about 246 transformer tokens" in capsys.readouterr().err and calls == []
+    assert cli.main([*argv, "--context_frames", "17", "--context_overlap", "8"]) == 0
+    (call,) = calls
+    assert (call["num_frames"], call["context_frames"]) == (161, 17)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--context_frames", "80"], "--context_frames=80 is not on the latent grid"),
+        (["--context_frames", "17", "--context_overlap", "20"],
+         "--context_overlap=20 must be shorter than the window --context_frames=17"),
+        (["--context_frames", "17", "--context_overlap", "6"], "--context_overlap=6 must be a multiple of 4"),
+    ],
+)  # fmt: skip
+def test_bad_context_windows_exit_2_before_the_model_loads(tmp_path, capsys, flags, message):
+    source = make_test_video(tmp_path / "source.mp4", num_frames=9, width=48, height=32, fps=16)
+    out = tmp_path / "out" / "edit.mp4"
+    assert cli.main(["generate", *SMALL, "--video", str(source), *flags, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"bernini: error: {message}" in err and "Traceback" not in err
+    assert "random weights" not in err  # printed when the tiny model loads: the error came first
+    assert not (tmp_path / "out").exists()
+
+
+def test_windowed_v2v_edits_the_whole_source(tmp_path, capsys):
+    # 33 source frames, --num_frames 9: without windows the edit is cut to 9 frames; with 17-frame windows
+    # overlapping by 8 (three windows over 9 latent frames) it keeps all 33.
+    source = make_test_video(tmp_path / "source.mp4", num_frames=33, width=32, height=16, fps=16)
+    out = tmp_path / "long.mp4"
+    argv = ["generate", "--model", "tiny", "--prompt", "p", "--task_type", "v2v", "--video", str(source),
+            "--num_frames", "9", "--max_image_size", "32", "--num_inference_steps", "2", "--context_frames", "17",
+            "--context_overlap", "8", "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    frames, fps = read_video(out)
+    assert len(frames) == 33 and frames[0].size == (32, 16) and fps == 16
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

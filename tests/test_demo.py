@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def components_by_id(blocks) -> dict:
 def test_page_defaults_are_the_pipeline_defaults(built_demo):
     components = components_by_id(built_demo)
     signature = inspect.signature(BerniniPipeline.__call__).parameters
-    meaning_of_none = {"negative_prompt": DEFAULT_NEGATIVE_PROMPT, "system_prompt": ""}
+    meaning_of_none = {"negative_prompt": DEFAULT_NEGATIVE_PROMPT, "system_prompt": "", "context_frames": 0}
     for name in demo.GENERATION_PARAMETERS:
         default = signature[name].default
         if name == "guidance_mode":
@@ -75,6 +76,13 @@ def test_page_defaults_are_the_pipeline_defaults(built_demo):
     defaults = {name: p.default for name, p in signature.items() if name in kwargs}
     expected = {**defaults, "prompt": "a cat", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "guidance_mode": "t2v_apg"}
     assert kwargs == expected
+
+
+def test_context_window_controls(built_demo):
+    components = components_by_id(built_demo)
+    assert components["context_frames"].label == "Context window (frames)" and components["context_frames"].value == 0
+    assert components["context_overlap"].label == "Context overlap (frames)"
+    assert components["context_overlap"].value == 16
 
 
 # The official defaults (docs/design.md#defaults); the official demo uses the same values for every task.
@@ -150,6 +158,13 @@ def test_empty_texts_mean_the_task_own_and_the_rest_passes_through():
     assert (kwargs["system_prompt"], kwargs["guidance_mode"], kwargs["omega_txt"]) == ("S.", "rv2v", 2.5)
 
 
+def test_context_window_of_0_or_empty_is_off_and_the_rest_passes_through():
+    for off in (0, None):
+        assert demo.build_call("v2v", "p", video="v.mp4", context_frames=off)["context_frames"] is None
+    kwargs = demo.build_call("v2v", "p", video="v.mp4", context_frames=33, context_overlap=8)
+    assert (kwargs["context_frames"], kwargs["context_overlap"]) == (33, 8)
+
+
 def test_build_call_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown parameters \\['steps'\\]"):
         demo.build_call("t2v", "p", steps=2)
@@ -211,10 +226,44 @@ def test_generate_rejects_bad_input_before_model_work(tmp_path):
             NoModel(), page_values({"task_type": "v2v", "prompt": "p", "video": str(tmp_path / "missing.mp4")}),
             save_dir=tmp_path,
         )
+    windows = [({"context_frames": 80}, "`context_frames`=80 is not on the latent grid"),
+               ({"context_frames": 17, "context_overlap": 20}, "`context_overlap`=20 must be shorter than the window")]
+    for values, message in windows:
+        with pytest.raises(ValueError, match=message):
+            demo.generate(NoModel(), page_values({"task_type": "t2v", "prompt": "p", **values}), save_dir=tmp_path)
     for seed in (-1, None, 1.5):  # a cleared or edited seed field
         with pytest.raises(ValueError, match=f"`seed`={seed!r} must be an integer"):
             demo.generate(NoModel(), page_values({"task_type": "t2v", "prompt": "p", "seed": seed}), save_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_context_windows_reach_the_call(tmp_path, media_dir):
+    class Recording:  # checks the call as the page does, then records it
+        validate_call = BerniniPipeline.validate_call
+        calls = []
+
+        def __call__(self, **kwargs):
+            self.calls.append(kwargs)
+            return SimpleNamespace(frames=np.zeros((1, 5, 16, 16, 3), np.float32), fps=kwargs["fps"])
+
+    pipe = Recording()
+    video = str(media_dir / "source.mp4")
+    for window, overlap in ((17, 8), (0, 16)):
+        values = page_values({"task_type": "v2v", "prompt": "p", "video": video, "context_frames": window,
+                              "context_overlap": overlap, **SMALL})  # fmt: skip
+        demo.generate(pipe, values, save_dir=tmp_path)
+    assert [(c["context_frames"], c["context_overlap"]) for c in pipe.calls] == [(17, 8), (None, 16)]
+
+
+def test_the_page_shows_the_pipeline_error_for_bad_windows(built_demo):
+    import gradio as gr
+
+    components = components_by_id(built_demo)
+    (generate_fn,) = [fn for fn in built_demo.fns.values() if fn.name == "on_generate"]
+    values = page_values({"task_type": "t2v", "prompt": "p", "context_frames": 17, "context_overlap": 20, **SMALL})
+    data = {components[name]: values[name] for name in values}
+    with pytest.raises(gr.Error, match="`context_overlap`=20 must be shorter than the window `context_frames`=17"):
+        generate_fn.fn(data)
 
 
 ENHANCED = "A shiny red car drives along a coastal road at sunset."

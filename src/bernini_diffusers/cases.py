@@ -1,8 +1,9 @@
 """Case files and batch files of `bernini generate`, in the official format.
 
 A **case file** (`--case FILE`) is one JSON object describing one run: `task_type`, `guidance_mode`, `prompt`
-(required), `video`, `image`, `images`, `output`. Its values override the command line's; generation settings
-(`--seed`, `--num_frames`, `--omega_*`, ...) stay on the command line. A **batch file** (`--inputs FILE`) is a JSON
+(required), `video`, `image`, `images`, the context windows of a long clip (`context_frames`, `context_overlap`),
+`output`. Its values override the command line's; the other generation settings (`--seed`, `--num_frames`,
+`--omega_*`, ...) stay on the command line. A **batch file** (`--inputs FILE`) is a JSON
 list (`.json`) or JSON lines (`.jsonl`) of such objects, each one case; a case without `output` gets a derived name.
 Paths inside either file are relative to the working directory, as upstream.
 
@@ -25,7 +26,12 @@ from typing import Any
 
 from .tasks import TASKS, Need, TaskType, parse_guidance_mode, parse_task_type
 
-CASE_KEYS = ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
+CASE_KEYS = (
+    "task_type", "guidance_mode", "prompt", "video", "image", "images", "context_frames", "context_overlap", "output"
+)
+# The keys that set a call argument other than the case's inputs: each case may edit a clip of its own length, so
+# its context windows are chosen with it. Their values are checked with the call (`BerniniPipeline.validate_call`).
+CASE_SETTINGS = ("context_frames", "context_overlap")
 BATCH_SUFFIXES = (".json", ".jsonl")
 # Frame counts are 4k+1 (the video VAE compresses time by 4): fewer than 4 requested frames give one frame.
 _TEMPORAL_FACTOR = 4
@@ -40,7 +46,7 @@ class Case:
             1-based position in the batch; used in progress lines, the summary and derived output names.
         inputs (`dict`):
             The per-case `BerniniPipeline.__call__` arguments: `prompt`, `task_type`, `video`, `image`, `images`,
-            `guidance_mode`.
+            `guidance_mode`, and the `CASE_SETTINGS` the case sets.
         output (`Path`, *optional*):
             Where the result lands; the suffix already follows the frame count (`.png` for one frame, else `.mp4`).
             `None` for a batch entry too broken to name one.
@@ -104,6 +110,12 @@ def check_entry(entry: Any, where: str) -> dict[str, Any]:
         value = values.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{where}: `{key}`={value!r} must be a non-empty string.")
+    for key in (key for key in CASE_SETTINGS if key in values):
+        value, nullable = values[key], key == "context_frames"  # null: no windows, as the call's None
+        # JSON has one number type: 17.0 or true would reach the call as a float or a bool.
+        if not (value is None and nullable) and (not isinstance(value, int) or isinstance(value, bool)):
+            allowed = "a whole number of frames" + (" or null (off)" if nullable else "")
+            raise ValueError(f"{where}: `{key}`={value!r} must be {allowed}.")
     output = values.get("output")
     if output is not None and output.endswith(("/", os.sep)):  # Path() would drop the slash: 'out/' -> out.mp4
         raise ValueError(f"{where}: `output`={output!r} names a folder (it ends with '/'); give a file path.")

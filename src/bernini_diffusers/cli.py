@@ -24,6 +24,8 @@ from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's
 from . import cases as case_files
 from . import media
 from .constants import (
+    DEFAULT_CONTEXT_OVERLAP,
+    MAX_WINDOWED_FRAMES,
     TINY_MODEL,
 )
 from .demo import add_demo_parser
@@ -58,9 +60,11 @@ from .tasks import (
 CALL_ARGUMENTS = (
     "prompt", "task_type", "video", "image", "images", "negative_prompt", "system_prompt", "guidance_mode",
     "num_frames", "height", "width", "max_image_size", "fps", "num_inference_steps", "flow_shift",
-    "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum", "norm_threshold",
+    "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum", "norm_threshold", "context_frames",
+    "context_overlap",
 )
-# What a case (file or batch entry) describes; every other call argument comes from the command line.
+# What a case (file or batch entry) describes; every other call argument comes from the command line, unless the case
+# sets it (`cases.CASE_SETTINGS`: its context windows).
 CASE_INPUTS = ("prompt", "task_type", "video", "image", "images", "guidance_mode")
 GENERATION_ARGUMENTS = tuple(name for name in CALL_ARGUMENTS if name not in CASE_INPUTS)
 # Flags of the full Bernini planner model, accepted with their official defaults and ignored by the renderer.
@@ -100,10 +104,11 @@ def _tasks_epilog() -> str:
 
 _GENERATE_EPILOG = """
 case file (--case FILE): one JSON object with keys task_type, guidance_mode, prompt (required), video, image,
-  images, output; its values override the flags. Batch (--inputs FILE.json|FILE.jsonl): a JSON list or JSON lines
-  of such objects without guidance_mode (ignored, as upstream); a case without output is written as
-  <folder>/<number>_<task>.mp4|png, the folder being --output if it ends with '/' (or exists), else its folder; an
-  existing output is skipped unless --overwrite. Paths are relative to the working directory.
+  images, context_frames, context_overlap, output; its values override the flags. Batch (--inputs
+  FILE.json|FILE.jsonl): a JSON list or JSON lines of such objects without guidance_mode (ignored, as upstream); a
+  case without output is written as <folder>/<number>_<task>.mp4|png, the folder being --output if it ends with '/'
+  (or exists), else its folder; an existing output is skipped unless --overwrite. Paths are relative to the working
+  directory.
 
 official commands: `python infer_single_gpu.py ARGS` is `bernini generate ARGS`; `torchrun --nproc-per-node N
   infer_multi_gpu.py ARGS` is `torchrun --nproc-per-node N -m bernini_diffusers.cli generate ARGS`.
@@ -156,6 +161,15 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument(
         "--norm_threshold", type=float, nargs="+", default=[50.0, 50.0, 50.0],
         help="APG norm clamp per guidance link (0 disables; the last value repeats)",
+    )
+    gen.add_argument(
+        "--context_frames", type=int, metavar="N",
+        help=f"temporal context windows of N frames (4k+1, e.g. 81) for clips longer than one window; a source video "
+             f"is then edited whole (up to {MAX_WINDOWED_FRAMES} frames), not cut at --num_frames; default: off",
+    )  # fmt: skip
+    gen.add_argument(
+        "--context_overlap", type=int, default=DEFAULT_CONTEXT_OVERLAP, metavar="N",
+        help="frames neighbouring context windows share, a multiple of 4 below --context_frames",
     )
     gen.add_argument(
         "--seed", type=int, default=42,
@@ -322,6 +336,14 @@ def _flag_inputs(args: argparse.Namespace) -> dict[str, Any]:
             "images": args.images, "guidance_mode": args.guidance_mode}  # fmt: skip
 
 
+def _output_frames(args: argparse.Namespace, inputs: dict[str, Any]) -> int:
+    """The frame count that decides a case's output suffix: `--num_frames`, except for a source video edited in
+    context windows, which is taken whole whatever `--num_frames` says (a clip, written as MP4)."""
+    if inputs.get("video") and inputs.get("context_frames", args.context_frames) is not None:
+        return MAX_WINDOWED_FRAMES
+    return args.num_frames
+
+
 def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
     """The cases of the command: one from the flags or `--case`, or one per `--inputs` entry (bad ones carry their
     problem). A case without a task gets `cases.default_task_type`'s. Output suffixes already follow the frame count."""
@@ -340,7 +362,7 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
             spec = TASKS[TaskType(inputs["task_type"])]
             print(f"note: no --task_type given: {spec.task.value} ({spec.description}).", file=sys.stderr)
         case_files.check_writable(output)  # as given: `--output /dev/null` or a folder is not swapped for a sibling
-        single = case_files.is_single_frame(inputs["task_type"], args.num_frames)
+        single = case_files.is_single_frame(inputs["task_type"], _output_frames(args, inputs))
         return [case_files.Case(1, inputs, case_files.output_path(output, single))]
 
     entries = case_files.read_batch_file(args.inputs)
@@ -366,7 +388,8 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
         inputs = {"prompt": values["prompt"], "task_type": task, "video": values.get("video"),
                   "image": values.get("image"), "images": values.get("images"),
                   "guidance_mode": args.guidance_mode}  # fmt: skip
-        single = case_files.is_single_frame(task, args.num_frames)
+        inputs.update({key: values[key] for key in case_files.CASE_SETTINGS if key in values})
+        single = case_files.is_single_frame(task, _output_frames(args, inputs))
         if values.get("output"):
             output = case_files.output_path(values["output"], single)
         else:

@@ -41,7 +41,7 @@ from .tasks import (
 GENERATION_PARAMETERS = (
     "negative_prompt", "system_prompt", "guidance_mode", "num_frames", "height", "width", "max_image_size", "fps",
     "num_inference_steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum",
-    "norm_threshold",
+    "norm_threshold", "context_frames", "context_overlap",
 )  # fmt: skip
 MEDIA_INPUTS = ("video", "insert_video", "image", "images")
 DEFAULT_TASK = TaskType.T2V
@@ -55,6 +55,7 @@ def default_values() -> dict[str, Any]:
 
     `negative_prompt=None` means the standard Wan negative prompt: the page shows that text. `system_prompt=None`
     means the task's prefix: the page leaves the box empty and shows the prefix as its placeholder.
+    `context_frames=None` means no context windows: the page shows 0.
     """
     parameters = inspect.signature(BerniniPipeline.__call__).parameters
     values = {name: parameters[name].default for name in GENERATION_PARAMETERS}
@@ -62,6 +63,7 @@ def default_values() -> dict[str, Any]:
     values["guidance_mode"] = TASKS[DEFAULT_TASK].default_guidance_mode.value
     values["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
     values["system_prompt"] = ""
+    values["context_frames"] = 0
     values["seed"] = DEFAULT_SEED
     return values
 
@@ -150,8 +152,8 @@ def build_call(
         images (`list[str]`, *optional*):
             Reference images.
         parameters:
-            The values of `GENERATION_PARAMETERS`. An empty `system_prompt` or `guidance_mode` means the task's own.
-            Image tasks always get `num_frames=1`.
+            The values of `GENERATION_PARAMETERS`. An empty `system_prompt` or `guidance_mode` means the task's own;
+            an empty or 0 `context_frames`, no context windows. Image tasks always get `num_frames=1`.
 
     Returns:
         `dict`: keyword arguments for `BerniniPipeline.__call__`.
@@ -190,6 +192,8 @@ def build_call(
         kwargs["system_prompt"] = None
     if not kwargs.get("guidance_mode"):
         kwargs["guidance_mode"] = None
+    if "context_frames" in kwargs and not kwargs["context_frames"]:
+        kwargs["context_frames"] = None  # a cleared field or 0: the windows are off
     if spec.is_image:
         kwargs["num_frames"] = 1
     return kwargs
@@ -352,7 +356,7 @@ def create_demo(
                 with gr.Row():
                     num_frames = gr.Number(
                         values["num_frames"], label="Frames", precision=0, minimum=1, interactive=not start.is_image,
-                        info="4k+1; with a source video, the cap", elem_id="num_frames",
+                        info="4k+1; with a source video, the cap (none with a context window)", elem_id="num_frames",
                     )
                     height = gr.Number(
                         values["height"], label="Height", precision=0, minimum=16,
@@ -401,6 +405,18 @@ def create_demo(
                             values["norm_threshold"], label="APG norm threshold", minimum=0, info="0 disables",
                             elem_id="norm_threshold",
                         )
+                    with gr.Row():
+                        context_frames = gr.Number(
+                            values["context_frames"], label="Context window (frames)", precision=0, minimum=0,
+                            info="4k+1, for clips past one window; a source video is then taken whole, not cut at "
+                            "Frames. 0 or empty: off",
+                            elem_id="context_frames",
+                        )
+                        context_overlap = gr.Number(
+                            values["context_overlap"], label="Context overlap (frames)", precision=0, minimum=0,
+                            info="shared by neighbouring windows; a multiple of 4 below the window",
+                            elem_id="context_overlap",
+                        )
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 result_video = gr.Video(
@@ -419,6 +435,7 @@ def create_demo(
             "max_image_size": max_image_size, "fps": fps, "num_inference_steps": num_inference_steps,
             "flow_shift": flow_shift, "omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt,
             "omega_scale": omega_scale, "eta": eta, "momentum": momentum, "norm_threshold": norm_threshold,
+            "context_frames": context_frames, "context_overlap": context_overlap,
         }  # fmt: skip
         names = {component: name for name, component in inputs.items()}
 

@@ -53,7 +53,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add the size flags, unset by default: `resolve_size_defaults` fills them once the model is known."""
     meanings = {
-        "num_frames": "output frames; for video inputs, the cap (4k+1)",
+        "num_frames": "output frames; for video inputs, the cap (4k+1) unless context windows are on",
         "height": "output height without a source video or image",
         "width": "output width without a source video or image",
         "max_image_size": "long-side limit of the input media",

@@ -209,6 +209,10 @@ def test_the_token_estimate_counts_one_window(monkeypatch, tmp_path, capsys):
     assert cli.main([*argv, "--context_frames", "17", "--context_overlap", "8"]) == 0
     (call,) = calls
     assert (call["num_frames"], call["context_frames"]) == (161, 17)
+    # Over the budget with windows on, the window is what to shorten.
+    assert cli.main([*argv, "--context_frames", "17", "--max_tokens", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "about 30 transformer tokens" in err and "lower --context_frames" in err and len(calls) == 1
 
 
 @pytest.mark.parametrize(

@@ -415,17 +415,19 @@ def call_arguments(args: argparse.Namespace, case: case_files.Case) -> dict[str,
 def _size_problem(args: argparse.Namespace, call: dict[str, Any], limit: int, rope: int | None) -> str | None:
     """Why the case is too large for the model (its rope table) or for the token budget; None if it fits."""
     tokens, grid = BerniniPipeline.estimate_tokens(**call)
+    # With context windows a forward sees one window: its length is what to lower.
+    frames = "`num_frames`" if call.get("context_frames") is None else "`context_frames`"
     if rope is not None and max(grid) > rope:
         return (
             f"a stream of this case spans {grid[0]}x{grid[1]}x{grid[2]} latent positions (frames/4+1 x H/16 x W/16), "
-            f"beyond the model's rope table of {rope} per axis (rope_max_seq_len): keep `num_frames` <= "
+            f"beyond the model's rope table of {rope} per axis (rope_max_seq_len): keep {frames} <= "
             f"{(rope - 1) * 4 + 1} and `height`, `width`, `max_image_size` <= {rope * 16}."
         )
     if tokens > limit:
         return (
             f"this case needs about {tokens:,} transformer tokens in its longest guidance branch (target and "
             f"conditions, frames/4+1 x H/16 x W/16 each; media of unknown size count as `max_image_size` squares), "
-            f"more than the limit of {limit:,}: lower `num_frames`, `height`/`width` or `max_image_size`, or raise "
+            f"more than the limit of {limit:,}: lower {frames}, `height`/`width` or `max_image_size`, or raise "
             f"the limit with --max_tokens N (or ${MAX_TOKENS_ENV}=N)."
         )
     return None

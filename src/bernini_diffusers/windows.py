@@ -48,7 +48,7 @@ def check_context(context_frames, context_overlap, max_window: int | None = None
             near = f" (the nearest are {below} and {below + TEMPORAL_FACTOR})"
         raise ValueError(
             f"`context_frames`={context_frames!r} is not on the latent grid: a window is 4k+1 frames >= "
-            f"{MIN_CONTEXT_FRAMES}{near}, e.g. 81; None turns the windows off."
+            f"{MIN_CONTEXT_FRAMES}{near}, e.g. 81; leave it unset (None) for no windows."
         )
     if max_window is not None and context_frames > max_window:
         raise ValueError(

@@ -364,7 +364,7 @@ def stub_media(pipe: BerniniPipeline, geometry: Geometry, seed: int) -> None:
     """Replace the pipeline's media reading and VAE encoding: each condition becomes a random normalised latent of the
     size the VAE would give (a video `[1, 16, 21, 60, 106]` at 480x848x81, a reference one latent frame)."""
 
-    def load_media(videos, image, images, max_image_size, fps, num_frames):
+    def load_media(videos, image, images, max_image_size, fps, num_frames, windowed=False):
         # Zero-stride placeholders: only their shapes are read (output geometry, then `encode_condition`).
         blank = torch.zeros(())
         video_pixels = [blank.expand(3, geometry.frames, geometry.height, geometry.width) for _ in videos]

@@ -14,7 +14,9 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbfor
 nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient (pip install nbclient ipykernel)")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
-MEDIA_VARIABLES = ("BERNINI_MODEL", "BERNINI_VIDEO", "BERNINI_INSERT_VIDEO", "BERNINI_IMAGE", "BERNINI_REFERENCES")
+MEDIA_VARIABLES = (
+    "BERNINI_MODEL", "BERNINI_VIDEO", "BERNINI_INSERT_VIDEO", "BERNINI_IMAGE", "BERNINI_REFERENCES", "BERNINI_LONG_VIDEO"
+)  # fmt: skip
 
 
 def code_cells(notebook) -> list:
@@ -49,9 +51,12 @@ def test_notebook_runs_every_task_on_the_tiny_model(tmp_path, monkeypatch):
         else:
             frames, fps = read_video(outputs / f"{task.value}.mp4")
             assert len(frames) >= 5 and fps == 16, task
-    # Every video was shown inline, and the last cell lists the eight results.
+    # The long-video section edits the whole 33-frame source in context windows, not its first `num_frames`.
+    frames, _ = read_video(outputs / "v2v_long.mp4")
+    assert len(frames) == 33
+    # Every video was shown inline (one per video task, and the long edit), and the last cell lists the results.
     html = [o.get("data", {}).get("text/html", "") for cell in code_cells(notebook) for o in cell.outputs]
     shown = [text for text in html if "<video" in text]
-    assert len(shown) == sum(not spec.is_image for spec in TASKS.values())
+    assert len(shown) == sum(not spec.is_image for spec in TASKS.values()) + 1
     listing = code_cells(notebook)[-1].outputs[0]["data"]["text/plain"]
     assert all(f"'{task.value}." in listing for task in TASKS)

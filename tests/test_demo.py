@@ -330,6 +330,27 @@ def test_demo_command_errors_name_the_flag(capsys):
     assert "--port=70000 must be in [1, 65535]" in capsys.readouterr().err
     assert cli.main(["demo"]) == 2
     assert "--model is not set" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", "tiny", "--context_frames", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "--context_frames=80 is not on the latent grid" in err and "random weights" not in err
+    assert cli.main(["demo", "--model", "tiny", "--context_frames", "17", "--context_overlap", "20"]) == 2
+    assert "--context_overlap=20 must be shorter than the window --context_frames=17" in capsys.readouterr().err
+
+
+def test_demo_command_sets_the_pages_initial_context_window(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the results folder, outputs/demo, is made here
+    built = {}
+    monkeypatch.setattr(demo.options, "load_pipeline", lambda args: "pipe")
+    monkeypatch.setattr(demo, "create_demo", lambda pipe, **kwargs: built.update(kwargs) or _NoLaunch())
+    assert cli.main(["demo", "--model", "tiny", "--context_frames", "33", "--context_overlap", "8"]) == 0
+    assert (built["defaults"]["context_frames"], built["defaults"]["context_overlap"]) == (33, 8)
+    assert cli.main(["demo", "--model", "tiny"]) == 0
+    assert (built["defaults"]["context_frames"], built["defaults"]["context_overlap"]) == (0, 16)
+
+
+class _NoLaunch:
+    def launch(self, **kwargs):
+        pass
 
 
 # --- the served page in headless Chromium ---------------------------------------------------------------

@@ -147,6 +147,11 @@ def test_bad_settings_name_the_argument(frames, overlap, message):
         check_context(frames, overlap)
 
 
+def test_numpy_integers_are_integers():
+    check_context(np.int64(17), np.int32(8))
+    assert context_windows(9, np.int64(17), np.int64(8)).spans == ((0, 5), (2, 7), (4, 9))
+
+
 def test_a_window_longer_than_the_rope_table_is_refused():
     with pytest.raises(ValueError, match=r"`context_frames`=129 is longer than the experts' RoPE table holds \(125"):
         check_context(129, 16, max_window=125)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import media, options
-from .constants import MAX_FPS, MIN_FPS
+from . import media, options, windows
+from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_FPS, MIN_FPS
 from .pipeline_bernini import BerniniPipeline
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -509,6 +509,13 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     server = parser.add_argument_group("demo")
     options.add_size_arguments(parser.add_argument_group("the page's initial sizes"))
     server.add_argument("--flow_shift", type=float, default=5.0, help="the page's initial flow shift")
+    server.add_argument(
+        "--context_frames", type=int, default=0, help="the page's initial context window in frames (4k+1; 0: off)"
+    )
+    server.add_argument(
+        "--context_overlap", type=int, default=DEFAULT_CONTEXT_OVERLAP,
+        help="the page's initial context overlap in frames (a multiple of 4)",
+    )  # fmt: skip
     server.add_argument("--ulysses", type=int, default=1, help="must be 1: the demo runs in one process")
     server.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 0.0.0.0 serves the whole network")
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
@@ -538,7 +545,11 @@ def serve(args: argparse.Namespace) -> None:
     for name in options.SIZE_DEFAULTS:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
-    defaults = {"flow_shift": args.flow_shift, **{name: getattr(args, name) for name in options.SIZE_DEFAULTS}}
+    windows.check_context(args.context_frames or None, args.context_overlap)  # before the model loads
+    defaults = {
+        "flow_shift": args.flow_shift, "context_frames": args.context_frames, "context_overlap": args.context_overlap,
+        **{name: getattr(args, name) for name in options.SIZE_DEFAULTS},
+    }  # fmt: skip
     options.check_environment(args)
     enhancer = options.load_prompt_enhancer(args)
     pipe = options.load_pipeline(args)

@@ -1289,6 +1289,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 f"{tuple(prompt_embeds.shape)}."
             )
         task = spec.task
+        context_frames = None if context_frames is None else int(context_frames)  # a numpy integer is fine too
+        context_overlap = int(context_overlap)
         omega_txt = omega_txt if guidance_scale is None else guidance_scale
         omegas = {"omega_vid": omega_vid, "omega_img": omega_img, "omega_txt": omega_txt}
         if spec.is_image:

@@ -9,6 +9,7 @@ arithmetic on frame counts and one weight table; the pipeline does the predictin
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +29,12 @@ def check_context(context_frames, context_overlap, max_window: int | None = None
     """Refuse window settings off the latent grid or that cannot tile a clip, naming the argument and the fix.
 
     `context_frames` is None (windows off) or an integer 4k+1 >= 5, at most `max_window` (the experts' RoPE table);
-    `context_overlap` a multiple of 4 in [0, context_frames). Booleans are not integers here.
+    `context_overlap` a multiple of 4 in [0, context_frames). Any integer type counts (a numpy one too); booleans
+    do not.
     """
 
     def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if not is_int(context_overlap) or context_overlap < 0 or context_overlap % TEMPORAL_FACTOR:
         raise ValueError(

@@ -306,6 +306,13 @@ def _count_video_frames(path: Path) -> int | None:
     return counted if isinstance(counted, int) and counted >= 1 else None
 
 
+def _count_agrees(counted: int, video_fps: float, duration: float) -> bool:
+    """Whether a frame count matches the duration the header declares (0: none), so a clip may be refused as too
+    long on the count alone. ffmpeg states the duration to 1/100 s: at high frame rates that alone is more than a
+    frame."""
+    return duration > 0 and abs(counted - video_fps * duration) <= 1 + video_fps / 100
+
+
 # Passes over a file before its frame count is taken as unstable (two suffice when ffmpeg is deterministic).
 _MAX_DECODE_PASSES = 3
 
@@ -334,8 +341,7 @@ def _load_video_file(
                     _clip_indices(counted, video_fps, fps, num_frames, max_frames, argument), max_image_size
                 )
             except ValueError:
-                # ffmpeg states the duration to 1/100 s: at high frame rates that alone is more than a frame.
-                if confirmed or (duration > 0 and abs(counted - video_fps * duration) <= 1 + video_fps / 100):
+                if confirmed or _count_agrees(counted, video_fps, duration):
                     reader.close()
                     raise
         # Without a count to trust, this pass only counts; the next one samples.
@@ -370,7 +376,7 @@ def check_video_length(
         return
     reader, video_fps, duration = _open_video(path, argument)
     reader.close()
-    if duration > 0 and abs(counted - video_fps * duration) <= 1 + video_fps / 100:
+    if _count_agrees(counted, video_fps, duration):
         _clip_indices(counted, video_fps, fps, num_frames, max_frames, argument)
 
 

@@ -6,6 +6,9 @@ per case, sequence lengths seen by the first block, forwards it ran, whether it 
 OUT/rank<r>.json; the test process makes the assertions. Run by hand:
 
     torchrun --standalone --nproc-per-node 4 tests/parallel_worker.py OUT [--device cuda --dtype bf16 --backend fa2]
+
+The phases with sharded weights (`shard_weights=True`) follow, each on a fresh pipeline; `--sharded_only` runs just
+the multi-node one (tests/test_parallel.py launches it as two torchrun "nodes").
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ SMALL = dict(num_frames=5, height=32, width=48, num_inference_steps=3, output_ty
 DECODED = {**SMALL, "num_inference_steps": 1, "output_type": "np"}
 # (ulysses_degree, branch_degree) of each phase; the data degree is what the world size leaves.
 PHASES = [(2, 1), (1, 2), (2, 2), (1, 1)]
+# Phases with the experts' weights sharded across each data group (a fresh pipeline each: sharding stays), and their
+# cases: r2v has 3 forwards per step, so on 2 branch groups one group pads with a gather-only pass, and on 4 groups
+# t2v leaves two groups with gather-only passes alone; rv2v's sequences are odd (Ulysses padding); rv2v_windows runs
+# 3 windows per step.
+SHARDED_CASES = ("t2v", "v2v", "r2v", "rv2v")
+SHARDED_PHASES = {
+    (2, 1): SHARDED_CASES,
+    (1, 2): SHARDED_CASES,
+    (2, 2): (*SHARDED_CASES, "rv2v_windows"),
+    (1, 4): ("t2v", "r2v"),
+}
+# What the multi-node launch (2 nodes x 2 processes) runs: Ulysses inside a node, branches and shards across nodes.
+MULTI_NODE_PHASES = {(2, 2): (*SHARDED_CASES, "rv2v_windows")}
 
 
 def _image(width: int, height: int, seed: int) -> PIL.Image.Image:
@@ -116,25 +132,80 @@ def layer_check(pipe) -> dict:
     }
 
 
+def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: dict, world: int) -> list[dict]:
+    """Each sharded layout the world allows on a fresh pipeline: parity with one process, forwards, local bytes."""
+    from bernini_diffusers.parallel import local_parameter_bytes
+
+    phases = []
+    for (ulysses, branch), names in (MULTI_NODE_PHASES if args.sharded_only else SHARDED_PHASES).items():
+        if world % (ulysses * branch):
+            continue
+        pipe = make_pipeline(args, device)
+        state = pipe.enable_parallelism(ulysses_degree=ulysses, branch_degree=branch, shard_weights=True)
+        probe = Probe(pipe)
+        phase = {
+            "ulysses_degree": ulysses,
+            "branch_degree": branch,
+            "shard_degree": state.shard_degree,
+            "branch_rank": state.branch_rank,
+            "local_bytes": {name: local_parameter_bytes(getattr(pipe, name)) for name in whole_bytes},
+            "cases": {},
+        }
+        for name in names:
+            probe.reset()
+            out = run(pipe, all_cases[name])
+            diff = (out - reference[name]).abs().max().item()
+            phase["cases"][name] = {"max_abs_diff": diff, "forwards": probe.forwards}
+        frames = run_decoded(pipe, all_cases["t2v"])
+        phase["decoded"] = frames is not None
+        try:
+            pipe.enable_parallelism(ulysses_degree=ulysses, branch_degree=branch, shard_weights=True)
+        except ValueError as err:
+            phase["enable_again"] = str(err)
+        phases.append(phase)
+    return phases
+
+
+def make_pipeline(args, device):
+    pipe = tiny_pipeline(torch_dtype=DTYPES[args.dtype]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if args.backend:
+        pipe.set_attention_backend(args.backend)
+    return pipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--backend", default=None, help="attention backend (sdpa, fa2, fa3)")
+    parser.add_argument("--sharded_only", action="store_true", help="only the sharded phases (the multi-node test)")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(args.device, int(os.environ["LOCAL_RANK"])) if args.device == "cuda" else torch.device("cpu")
 
-    pipe = tiny_pipeline(torch_dtype=DTYPES[args.dtype]).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if args.backend:
-        pipe.set_attention_backend(args.backend)
+    from bernini_diffusers.parallel import local_parameter_bytes
+
+    pipe = make_pipeline(args, device)
     all_cases = cases()
+    whole_bytes = {name: local_parameter_bytes(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    if args.sharded_only:
+        all_cases = {name: all_cases[name] for name in {n for names in MULTI_NODE_PHASES.values() for n in names}}
     reference = {name: run(pipe, case) for name, case in all_cases.items()}
+    report: dict = {
+        "rank": rank,
+        "world_size": world,
+        "phases": [],
+        "whole_bytes": whole_bytes,
+        "block_bytes": local_parameter_bytes(pipe.transformer.blocks[0]),
+    }
+    if args.sharded_only:
+        report["sharded_phases"] = sharded_phases(args, device, all_cases, reference, whole_bytes, world)
+        write_report(args.out, rank, report)
+        return
     reference_frames = run_decoded(pipe, all_cases["t2v"])
     probe = Probe(pipe)
-    report: dict = {"rank": rank, "world_size": world, "phases": []}
 
     for ulysses, branch in PHASES:
         if world % (ulysses * branch):
@@ -195,10 +266,15 @@ def main() -> None:
         "lengths": probe.lengths,
         "processors": processors(pipe),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / f".rank{rank}.json.tmp"
+    report["sharded_phases"] = sharded_phases(args, device, all_cases, reference, whole_bytes, world)
+    write_report(args.out, rank, report)
+
+
+def write_report(out: Path, rank: int, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".rank{rank}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
-    tmp.rename(args.out / f"rank{rank}.json")
+    tmp.rename(out / f"rank{rank}.json")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,18 @@ def test_one_process_is_its_own_writer_and_unchanged(tiny_pipe, monkeypatch):
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"shard_weights": True}, r"`shard_weights`=True shards .* ulysses_degree x branch_degree"),
+    ({"shard_weights": "yes", "ulysses_degree": 2}, r"`shard_weights`='yes' must be True or False"),
+])
+def test_shard_weights_needs_a_clip_of_several_ranks(tiny_pipe, monkeypatch, kwargs, match):
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe.enable_parallelism(**kwargs)
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())  # before any rendezvous
+
+
 def test_a_process_that_does_not_write_cannot_save(tmp_path):
     out = BerniniPipelineOutput(frames=None, fps=16, output_type="np")  # what a non-writing rank gets back
     with pytest.raises(ValueError, match="is_writer"):
@@ -318,6 +330,80 @@ def test_disable_parallelism_restores_single_process_runs(cpu_reports):
         assert after["max_abs_diff"] == 0.0
         assert after["processors"] == ["WanAttnProcessor"]
         assert all(local == full for local, full in after["lengths"])
+
+
+def _sharded(report: dict, ulysses: int, branch: int) -> dict:
+    return next(p for p in report["sharded_phases"] if (p["ulysses_degree"], p["branch_degree"]) == (ulysses, branch))
+
+
+def _check_sharded_reports(reports: list[dict], phases: dict) -> None:
+    """Sharded weights: every case equals one process, each branch group ran its round-robin share of the forwards
+    (the others padded with gather-only passes), each rank holds 1 / (U x B) of each expert, only the writer decodes."""
+    for report in reports:
+        assert {(p["ulysses_degree"], p["branch_degree"]) for p in report["sharded_phases"]} == set(phases)
+        for (ulysses, branch), cases in phases.items():
+            phase = _sharded(report, ulysses, branch)
+            degree = phase["shard_degree"]
+            assert degree == ulysses * branch
+            assert sorted(phase["cases"]) == sorted(cases)
+            for case, result in phase["cases"].items():
+                assert result["max_abs_diff"] <= ATOL, (report["rank"], ulysses, branch, case, result["max_abs_diff"])
+                mine = len(range(phase["branch_rank"], FORWARDS_PER_STEP[case], branch))
+                assert result["forwards"] == STEPS * WINDOWS.get(case, 1) * mine, (report["rank"], branch, case)
+            for name, whole in report["whole_bytes"].items():
+                local = phase["local_bytes"][name]
+                # FSDP2 splits every parameter on its first dimension: 1/N of the whole up to rounding, well under a
+                # block's worth.
+                assert abs(local - whole / degree) <= report["block_bytes"] / degree, (name, local, whole, degree)
+            is_writer = phase["branch_rank"] == 0 and report["rank"] % ulysses == 0
+            assert phase["decoded"] == is_writer
+            assert "load the pipeline again" in phase["enable_again"]
+
+
+@pytest.mark.multiprocess
+def test_sharded_weights_equal_single_process_and_split_the_bytes(cpu_reports):
+    from parallel_worker import SHARDED_PHASES
+
+    _check_sharded_reports(cpu_reports, SHARDED_PHASES)
+    # On 2 branch groups the 3 forwards of r2v leave group 1 with one forward and one gather-only pass per step;
+    # on 4 groups the 2 forwards of t2v leave groups 2 and 3 with gather-only passes alone.
+    assert [_sharded(r, 1, 4)["cases"]["t2v"]["forwards"] for r in cpu_reports] == [STEPS, STEPS, 0, 0]
+    assert [_sharded(r, 1, 2)["cases"]["r2v"]["forwards"] for r in cpu_reports] == [2 * STEPS, STEPS] * 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_sharded_weights_across_two_nodes(tmp_path):
+    """Two torchrun launchers side by side, each a "node" of 2 processes, meeting at a c10d rendezvous: Ulysses inside
+    a node, the branch groups and the weight shards across the nodes."""
+    from parallel_worker import MULTI_NODE_PHASES
+
+    port = _free_port()
+    launchers = [
+        _start([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+            "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "bernini-two-nodes", str(WORKER), str(tmp_path), "--sharded_only",
+        ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for node in (0, 1)
+    ]  # fmt: skip
+    try:
+        for launcher in launchers:
+            _finish(launcher, timeout=300)
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                _kill_tree(launcher)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
+    assert [r["world_size"] for r in reports] == [4] * 4
+    _check_sharded_reports(reports, MULTI_NODE_PHASES)
 
 
 @pytest.mark.multiprocess

@@ -24,6 +24,11 @@ rank 0 of branch group 0) writes that group's results.
   branch groups, computed at the same time and exchanged with an all-gather, so every process combines all of them
   with the same guidance code as a single process.
 - **Data**: `assign_cases(cases, data_rank, data_degree)` gives each data group `cases[data_rank::data_degree]`.
+- **Weight sharding** (`shard_weights=True`): every transformer block of both experts, and their other parameters,
+  are sharded with torch's FSDP2 (`fully_shard`) across the `ulysses_degree x branch_degree` ranks of a data group,
+  all-gathered just before they run and freed after. Branch groups that run fewer forwards in a step than the others
+  make up the difference with gather-only passes (`gather_pass`), so every rank issues the same all-gathers in the
+  same order.
 
 Every rank of a data group holds the same latents at every step: the initial noise is broadcast from the group's
 first rank, and the guidance and scheduler steps run identically everywhere.
@@ -349,6 +354,8 @@ class ParallelState:
             a single process.
         ulysses_group, branch_group, data_group (`torch.distributed.ProcessGroup`, *optional*):
             This rank's groups; `None` where the group would hold this rank alone.
+        shard_weights (`bool`, defaults to `False`):
+            Whether the experts are sharded across the data group (see [`shard_model`]).
     """
 
     layout: ParallelLayout
@@ -359,6 +366,7 @@ class ParallelState:
     ulysses_group: Any = None
     branch_group: Any = None
     data_group: Any = None
+    shard_weights: bool = False
 
     @property
     def world_size(self) -> int:
@@ -375,6 +383,11 @@ class ParallelState:
     @property
     def data_degree(self) -> int:
         return self.layout.data_degree
+
+    @property
+    def shard_degree(self) -> int:
+        """How many ranks share each expert's weights: `ulysses_degree x branch_degree` when sharded, else 1."""
+        return self.ulysses_degree * self.branch_degree if self.shard_weights else 1
 
     @property
     def data_rank(self) -> int:
@@ -417,18 +430,32 @@ class ParallelState:
         dist.broadcast_object_list(box, src=self.writer_rank, group=self.data_group)
         return box[0]
 
-    def run_branches(self, forwards: Sequence[Callable[[], torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
+    def run_branches(
+        self,
+        forwards: Sequence[Callable[[], torch.Tensor]],
+        like: torch.Tensor,
+        model: torch.nn.Module | None = None,
+    ) -> list[torch.Tensor]:
         """Run one step's distinct forwards and return all their outputs, in order, on every rank.
 
         With `branch_degree` B > 1, branch group b runs forwards b, b + B, b + 2B, ... (round-robin; with fewer
         forwards than groups some groups idle), then an all-gather across the branch group hands every rank the
-        others' outputs. `like` has the outputs' shape and dtype (what an idle group sends).
+        others' outputs. `like` has the outputs' shape and dtype (what an idle group sends). With sharded weights,
+        a group with fewer forwards than the busiest one runs a [`gather_pass`] of `model` (the expert the forwards
+        use) for each missing one, so that the whole data group issues the same all-gathers.
         """
         if self.branch_group is None:
             return [forward() for forward in forwards]
         degree, mine = self.branch_degree, self.branch_rank
         slots = -(-len(forwards) // degree)
         outputs = [forwards[i]() for i in range(mine, len(forwards), degree)]
+        if self.shard_weights and len(outputs) < slots:
+            if model is None or not is_sharded(model):
+                raise ValueError(
+                    "`model` must be the sharded expert the forwards use, to keep the data group's all-gathers in step."
+                )
+            for _ in range(slots - len(outputs)):
+                gather_pass(model)
         # Every group sends `slots` outputs so the all-gather has one shape; filler slots are never read.
         filler = outputs[0] if outputs else like
         outputs += [torch.zeros_like(filler)] * (slots - len(outputs))
@@ -436,6 +463,77 @@ class ParallelState:
         gathered = [torch.empty_like(stacked) for _ in range(degree)]
         dist.all_gather(gathered, stacked, group=self.branch_group)
         return [gathered[i % degree][i // degree] for i in range(len(forwards))]
+
+
+# ------------------------------------------------------------------------------------------------ weight sharding
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks` to shard.")
+    return list(blocks)
+
+
+def shard_model(
+    model: torch.nn.Module, group, device_type: str = "cpu", param_dtype: torch.dtype | None = None
+) -> None:
+    r"""
+    Shard `model`'s weights across `group` with torch's FSDP2: each transformer block is one unit (all-gathered in
+    its pre-forward, freed after it runs) and the root holds the rest (patch and condition embedders, output head),
+    also freed after each forward. Inference only: nothing keeps gradients or optimizer state.
+
+    Args:
+        model (`torch.nn.Module`):
+            An expert with `blocks`; its parameters may be on the meta device (then load them with
+            `torch.distributed.checkpoint.state_dict.set_model_state_dict` afterwards).
+        group (`torch.distributed.ProcessGroup`):
+            The ranks that share the weights. They must run the same forwards in the same order (see
+            [`gather_pass`]).
+        device_type (`str`, defaults to `"cpu"`):
+            The device type of the mesh: `"cuda"` or `"cpu"` (gloo).
+        param_dtype (`torch.dtype`, *optional*):
+            The dtype the shards are all-gathered and computed in, for weights stored in another one (fp8).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        raise ValueError(f"{type(model).__name__} is already sharded; load it again to shard it another way.")
+    mesh = DeviceMesh.from_group(group, device_type)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, cast_forward_inputs=False)
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    # An explicit reshard_after_forward=True frees the root's parameters after each forward too (FSDP2 keeps an
+    # automatic root's gathered for a backward that inference never runs).
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+
+
+def gather_pass(model: torch.nn.Module) -> None:
+    """Issue the all-gathers of one forward of the sharded `model`, in its order (root, then each block, each freed
+    right away), without computing anything: what a branch group with one forward fewer than the others runs so
+    that every rank of the sharding group takes part in the same collectives."""
+    model.unshard()
+    for block in _blocks(model):
+        block.unshard()
+        block.reshard()
+    model.reshard()
+
+
+def local_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters held by this process: its shards when sharded, everything otherwise."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _find_group(groups: list[list[int]], rank: int):
@@ -548,6 +646,18 @@ def _torch_groups(layout: ParallelLayout, rank: int) -> dict[str, Any]:
     return groups
 
 
+def check_shard_weights(shard_weights: Any, ulysses_degree: int, branch_degree: int) -> None:
+    """Raise a ValueError unless `shard_weights` is a bool that the degrees allow (a clip of more than one rank)."""
+    if not isinstance(shard_weights, bool):
+        raise ValueError(f"`shard_weights`={shard_weights!r} must be True or False.")
+    if shard_weights and ulysses_degree * branch_degree == 1:
+        raise ValueError(
+            "`shard_weights`=True shards the experts across the ulysses_degree x branch_degree ranks that run one "
+            "clip (the ranks that stay in step); with ulysses_degree=1 and branch_degree=1 every rank runs clips of "
+            "its own. Set ulysses_degree and/or branch_degree above 1 (e.g. ulysses_degree=2 on 2 processes)."
+        )
+
+
 def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
     """Join the torchrun world (initialising the process group if needed) and build this rank's groups."""
     _check_degree("ulysses_degree", ulysses_degree)
@@ -576,29 +686,49 @@ def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> Para
     return state
 
 
-def enable_parallelism(pipe, ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
-    """Check the degrees against the pipeline's experts, join the world, and split the experts' sequences.
+def enable_parallelism(
+    pipe, ulysses_degree: int = 1, branch_degree: int = 1, shard_weights: bool = False
+) -> ParallelState:
+    """Check the degrees against the pipeline's experts, join the world, split the experts' sequences and, with
+    `shard_weights`, shard their weights across each data group.
 
     Used by `BerniniPipeline.enable_parallelism`, which documents the arguments. Any parallelism enabled before is
-    undone first, so a script can switch degrees.
+    undone first, so a script can switch degrees; sharded experts stay sharded (FSDP2 cannot be undone in place), so
+    a pipeline whose experts are sharded cannot be enabled again.
     """
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("branch_degree", branch_degree)
+    check_shard_weights(shard_weights, ulysses_degree, branch_degree)
     experts = {name: getattr(pipe, name, None) for name in ("transformer", "transformer_2")}
     experts = {name: model for name, model in experts.items() if model is not None}
     for name, model in experts.items():
         check_ulysses_degree(model.config.num_attention_heads, ulysses_degree, f"`{name}`")
+    _check_not_sharded(experts)
     disable_parallelism(pipe)
     state = init_parallel_state(ulysses_degree, branch_degree)
     if state.ulysses_group is not None:
         sequence = UlyssesSequence(state.ulysses_group, ulysses_degree, state.ulysses_rank)
         for model in experts.values():
             parallelize_model(model, sequence)
+    if shard_weights:
+        for model in experts.values():
+            shard_model(model, state.data_group, state.device.type)
+        state.shard_weights = True
     return state
 
 
+def _check_not_sharded(experts: dict[str, torch.nn.Module]) -> None:
+    sharded = [name for name, model in experts.items() if is_sharded(model)]
+    if sharded:
+        raise ValueError(
+            f"{' and '.join(f'`{name}`' for name in sharded)} are sharded across the ranks of an earlier "
+            "`enable_parallelism(shard_weights=True)`; load the pipeline again to change the layout."
+        )
+
+
 def disable_parallelism(pipe) -> None:
-    """Give the pipeline's experts back their own processors and whole sequences; the process groups stay."""
+    """Give the pipeline's experts back their own processors and whole sequences; the process groups stay, and so
+    does any weight sharding (see `enable_parallelism`)."""
     for name in ("transformer", "transformer_2"):
         model = getattr(pipe, name, None)
         if model is not None:

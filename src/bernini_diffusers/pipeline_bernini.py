@@ -392,7 +392,9 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------------------------------------ parallelism
 
-    def enable_parallelism(self, ulysses_degree: int = 1, branch_degree: int = 1) -> ParallelState:
+    def enable_parallelism(
+        self, ulysses_degree: int = 1, branch_degree: int = 1, shard_weights: bool = False
+    ) -> ParallelState:
         r"""
         Run this pipeline across the processes of a `torchrun` launch: Ulysses sequence parallelism, branch
         parallelism, and data parallelism over case lists with the processes left over.
@@ -423,13 +425,21 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 Groups of `ulysses_degree` processes that compute a step's guidance branches at the same time (2 to 4
                 distinct forwards per step, dealt round-robin); the outputs are exchanged and combined as in one
                 process.
+            shard_weights (`bool`, defaults to `False`):
+                Shard every block of both experts, and their other weights, with torch's FSDP2 across the
+                `ulysses_degree x branch_degree` processes of each data group (needs that product above 1): each
+                process keeps 1 / (U x B) of each expert, on `state.device`, and all-gathers a block just before it
+                runs. The sharding stays for the pipeline's life: load it again to change the layout; every process
+                of a data group must keep making the same calls (docs/parallel.md).
 
         Returns:
             [`~parallel.ParallelState`]: this process's ranks (`data_rank`, `branch_rank`, `ulysses_rank`), degrees
             (`data_degree` = processes / (`ulysses_degree` x `branch_degree`)), `device`, `is_writer`, and
             `assign_cases(cases)` for this process's share of a case list.
         """
-        self._parallel_state = parallel.enable_parallelism(self, ulysses_degree=ulysses_degree, branch_degree=branch_degree)
+        self._parallel_state = parallel.enable_parallelism(
+            self, ulysses_degree=ulysses_degree, branch_degree=branch_degree, shard_weights=shard_weights
+        )
         return self._parallel_state
 
     def disable_parallelism(self) -> None:
@@ -1083,7 +1093,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if self._parallel_state is None:
             outputs = [forward() for forward in forwards.values()]
         else:
-            outputs = self._parallel_state.run_branches(list(forwards.values()), like=latents)
+            outputs = self._parallel_state.run_branches(list(forwards.values()), like=latents, model=model)
         by_key = dict(zip(forwards, outputs))
         return [by_key[key] for key in branch_keys]
 

@@ -7,6 +7,7 @@ files get the permissions a plain mkdir/open gives. The home folder and the work
 (`HOME`, `chdir`), never the real ones.
 """
 
+import json
 import os
 import re
 import shutil
@@ -229,7 +230,15 @@ def test_force_replaces_an_earlier_export_only_once_the_new_one_is_complete(sour
     assert "already exists; pass `--force` to replace this earlier export" in capsys.readouterr().err
     assert _snapshot(out) == before
 
-    assert cli_main(_argv(project, str(out))) == 0
+    # notes.txt is no file of an export: --force alone names it and deletes nothing
+    assert cli_main(_argv(project, str(out))) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"bernini: error: `--out`={str(out)!r} is an earlier export that holds 1 file(s) no export wrote: "
+        "'notes.txt'. `--force` would delete them; move them out, or add `--delete_extra` to delete them too."
+    )
+    assert _snapshot(out) == before and seen == []
+
+    assert cli_main([*_argv(project, str(out)), "--delete_extra"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert seen == [True, True]
     assert not (out / "notes.txt").exists() and is_export(out)
@@ -238,6 +247,50 @@ def test_force_replaces_an_earlier_export_only_once_the_new_one_is_complete(sour
     assert again == earlier  # the same export again, byte for byte
     assert _leftovers(tmp_path) == []
     assert MARKER not in dict(folder_files(out))  # local bookkeeping, never uploaded
+
+
+def test_force_lists_the_files_no_export_wrote_and_deletes_them_only_when_told(sources, tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path, sources)
+    out = shutil.copytree(sources / "export", tmp_path / "Bernini-R-Diffusers")
+    written = json.loads((out / MARKER).read_text())["files"]  # the marker lists what the export wrote
+    assert sorted(written) == sorted(path for path, _ in folder_files(out))
+    (out / "vae" / "my_finetune.safetensors").write_bytes(b"a user's weights")
+    for i in range(12):
+        (out / f"clip{i:02}.mp4").write_bytes(b"a user's video")
+    before = _snapshot(out)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(_argv(project, str(out))) == 2
+    err = capsys.readouterr().err
+    assert "holds 13 file(s) no export wrote: 'clip00.mp4', " in err and "'clip09.mp4' and 3 more." in err, err
+    assert "my_finetune" not in err and len(err.strip().splitlines()) == 1  # ten named, the rest counted
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match=r"holds 13 file\(s\) no export wrote.*`delete_extra=True`"):
+        export_pipeline(project / "Bernini-R", project / "Bernini-R", out, project / "base", force=True)
+    assert cli_main([*_argv(project, str(out), force=False), "--delete_extra"]) == 2  # only with --force
+    assert "add `--force`" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    # a marker without the list (an export of an earlier version, or one made by hand): the layout decides
+    (out / MARKER).write_text(json.dumps({"package": "bernini_diffusers"}))
+    (out / "vae" / "my_finetune.safetensors").unlink()
+    assert cli_main(_argv(project, str(out))) == 2
+    assert "holds 12 file(s) no export wrote: 'clip00.mp4'" in capsys.readouterr().err
+
+    assert cli_main([*_argv(project, str(out)), "--delete_extra"]) == 0
+    capsys.readouterr()
+    assert not list(out.glob("clip*")) and is_export(out) and _leftovers(tmp_path) == []
+    assert cli_main(_argv(project, str(out))) == 0  # an export over its own kind needs no more than --force
+
+
+def test_the_model_card_names_no_local_folder(sources, tmp_path, monkeypatch, capsys):
+    card = (sources / "export" / "README.md").read_text()
+    assert str(sources) not in card and "`Bernini-R`" in card
+    monkeypatch.chdir(tmp_path)
+    project = _project(tmp_path, sources)
+    assert cli_main(_argv(project, str(tmp_path / "out"), force=False)) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in card and "/tmp" not in card and os.sep + "Bernini-R" not in card
+    assert "- high-noise expert (`transformer`): `Bernini-R`" in card, card
 
 
 def _truncated_checkpoint(project: Path) -> Path:
@@ -356,6 +409,30 @@ def test_a_signal_mid_export_removes_the_partial_at_once(signum, sources, tmp_pa
     if signum == signal.SIGINT:
         assert "KeyboardInterrupt" in child.stderr.read()
     assert not (tmp_path / "exports").exists()  # neither the partial nor the parent the export made
+
+
+def test_an_interrupted_export_leaves_what_others_wrote_in_the_folder_it_made(sources, tmp_path):
+    """`exports/a` is interrupted after `exports/b` completed beside it: the cleanup of `a` removes only its partial
+    folder; `exports/` (which `a` created) stays, with `b` and a user's file in it."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    exports = tmp_path / "deep" / "exports"  # neither exists yet: the export of `a` makes both
+    child = subprocess.Popen(
+        [sys.executable, str(script), *_argv(sources, str(exports / "a"), force=False)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert child.stdout.readline() == "written\n", child.stderr.read()
+        b = export_pipeline(sources / "Bernini-R", sources / "Bernini-R", exports / "b", sources / "base")
+        (exports / "notes.txt").write_text("mine\n")
+        before = {path: data for path, data in _snapshot(exports).items() if not path.startswith(".a.")}
+        child.send_signal(signal.SIGTERM)
+        returncode = child.wait(timeout=60)
+    finally:
+        child.kill()
+    assert returncode == -signal.SIGTERM
+    assert sorted(p.name for p in exports.iterdir()) == ["b", "notes.txt"]  # no `a`, no partial of it
+    assert _snapshot(exports) == before and is_export(b)
 
 
 # ------------------------------------------------------------------------------------------------ permissions

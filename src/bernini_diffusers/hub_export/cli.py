@@ -57,7 +57,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     )
     output.add_argument(
         "--force", action="store_true",
-        help="replace an earlier export at --out (only an export; once the new one is complete)",
+        help="replace an earlier export at --out (only an export; once the new one is complete). Refused when it "
+        "holds files no export wrote (they are listed) unless --delete_extra is given too",
+    )
+    output.add_argument(
+        "--delete_extra", action="store_true",
+        help="with --force: also delete the files in the earlier export that no export wrote",
     )
     output.add_argument(
         "--max_shard_size", default="10GB", help="largest weight file, e.g. 10GB or 500MB (default: 10GB, as diffusers)"
@@ -77,6 +82,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> Path:
     """Export (unless only an upload of an existing --out is asked for), then push or list the upload."""
+    if args.delete_extra and not args.force:
+        raise ValueError("`--delete_extra` deletes files of an earlier export that `--force` replaces; add `--force`.")
     if args.dry_run and not args.push_to_hub:
         raise ValueError("`--dry_run` lists an upload; it needs `--push_to_hub REPO_ID`.")
     given = [name for name in ("high_noise_ckpt", "low_noise_ckpt") if getattr(args, name)]
@@ -93,6 +100,7 @@ def run_export(args: argparse.Namespace) -> Path:
             high_noise_ckpt=args.high_noise_ckpt,
             low_noise_ckpt=args.low_noise_ckpt,
             flags=True,
+            delete_extra=args.delete_extra,
         )
         hub = {"revision": args.revision, "cache_dir": args.cache_dir, "token": args.token}
         hub = {k: v for k, v in hub.items() if v is not None}
@@ -104,6 +112,7 @@ def run_export(args: argparse.Namespace) -> Path:
             out,
             base=args.base,
             force=args.force,
+            delete_extra=args.delete_extra,
             max_shard_size=args.max_shard_size,
             dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
             base_model=args.base_model,

@@ -5,7 +5,9 @@ plans and verifies everything (the base's components, both checkpoints' key sets
 transformer configs), then writes into a temporary folder beside `out` and renames it into place only when every shard
 has been read back and checked. An error, SIGTERM or SIGINT at any point leaves neither `out` nor the temporary folder
 behind; the temporary folder's name carries its process id and host, so a later export into the same folder removes
-what a killed one (SIGKILL) left. An export marks its folder (`MARKER`), and `force` replaces only a marked folder.
+what a killed one (SIGKILL) left. An export marks its folder (`MARKER`, which lists the files it wrote), and `force`
+replaces only a marked folder, and only when it holds nothing but those files unless `delete_extra` is set too. A
+failed export removes its own partial folder and then only the parent folders it created, and only when empty.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from .convert import (
     verify_written,
     write_expert_shards,
 )
-from .remote_code import add_remote_code
+from .remote_code import PIPELINE_MODULE, add_remote_code
 
 DEFAULT_BASE = WAN22_BASE  # the official `wan22_base`
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -70,6 +72,10 @@ MARKER = ".bernini_export.json"
 # `.<out name>.<pid>@<host>.<random>.partial` (being written) and `.old` (an earlier export set aside during the swap).
 _OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[0-9a-f]+\.(?P<kind>partial|old)$")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What an export writes at its top level, for a marker written before markers listed their files (or made by hand).
+_EXPORT_TOP = ("model_index.json", "README.md", f"{PIPELINE_MODULE}.py", *EXPERTS, *COPIED_COMPONENTS)
+# How many files a refusal of `force` names.
+_LISTED = 10
 
 logger = logging.get_logger(__name__)
 
@@ -88,8 +94,41 @@ def is_export(folder: str | os.PathLike) -> bool:
     return isinstance(marker, dict) and marker.get("package") == PACKAGE and (folder / "model_index.json").is_file()
 
 
-def _check_existing(out: Path, force: bool, flags: bool) -> None:
-    """Refuse an existing `out` unless `force` is set and it is an earlier export (checked again before the swap)."""
+def _written_files(folder: Path) -> set[str] | None:
+    """The files an export wrote into `folder` as its `MARKER` lists them (relative POSIX paths), `None` if it lists
+    none (an export made before markers listed their files, or a marker made by hand)."""
+    try:
+        files = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files)
+
+
+def extra_files(folder: str | os.PathLike) -> list[str]:
+    """Files (and links) under the earlier export `folder` that no export wrote: those its `MARKER` does not list, or
+    without such a list those outside an export's layout. Symbolic links are listed, never followed."""
+    folder = Path(folder)
+    written = _written_files(folder)
+    extra = []
+    for root, dirs, names in os.walk(folder):  # os.walk follows no symlinked folder by default
+        base = Path(root)
+        for name in names + [d for d in dirs if (base / d).is_symlink()]:
+            relative = (base / name).relative_to(folder).as_posix()
+            if relative == MARKER:
+                continue
+            if written is None:
+                if relative.split("/", 1)[0] not in _EXPORT_TOP or (base / name).is_symlink():
+                    extra.append(relative)
+            elif relative not in written:
+                extra.append(relative)
+    return sorted(extra)
+
+
+def _check_existing(out: Path, force: bool, flags: bool, delete_extra: bool = False) -> None:
+    """Refuse an existing `out` unless `force` is set and it is an earlier export holding only the files an export
+    wrote (or `delete_extra` is set too); checked again before the swap."""
     name, force_name = _argument("out", flags), "`--force`" if flags else "`force=True`"
     if not os.path.lexists(out):
         return
@@ -106,6 +145,17 @@ def _check_existing(out: Path, force: bool, flags: bool) -> None:
         )
     if not force:
         raise ValueError(f"{name}={str(out)!r} already exists; pass {force_name} to replace this earlier export.")
+    if delete_extra:
+        return
+    extra = extra_files(out)
+    if extra:
+        shown = ", ".join(repr(f) for f in extra[:_LISTED])
+        more = f" and {len(extra) - _LISTED} more" if len(extra) > _LISTED else ""
+        extra_name = "`--delete_extra`" if flags else "`delete_extra=True`"
+        raise ValueError(
+            f"{name}={str(out)!r} is an earlier export that holds {len(extra)} file(s) no export wrote: {shown}{more}. "
+            f"{force_name} would delete them; move them out, or add {extra_name} to delete them too."
+        )
 
 
 def check_export_target(
@@ -116,6 +166,7 @@ def check_export_target(
     high_noise_ckpt: str | os.PathLike | None = None,
     low_noise_ckpt: str | os.PathLike | None = None,
     flags: bool = False,
+    delete_extra: bool = False,
 ) -> Path:
     r"""
     Refuse an `out` that an export must never write or replace; it reads nothing but `out` itself.
@@ -123,7 +174,8 @@ def check_export_target(
     Refused: an empty name; the root of the file system; the home folder or a folder holding it; the working
     directory or a folder holding it; a folder that is, holds, or lies inside `base`, `high_noise_ckpt` or
     `low_noise_ckpt` (those that are local paths), all compared as resolved real paths (symlinks followed); a file or
-    a symbolic link; and an existing folder unless `force` is set and it is an earlier export (`is_export`).
+    a symbolic link; and an existing folder unless `force` is set and it is an earlier export (`is_export`) holding
+    only files an export wrote (`extra_files`), or `delete_extra` is set too.
 
     Args:
         out (`str` or `os.PathLike`):
@@ -134,6 +186,8 @@ def check_export_target(
             The export's sources; a repo id or Hub path (not an existing local path) is not compared.
         flags (`bool`, defaults to `False`):
             Name the command-line flags (`--out`, `--force`) in messages instead of the Python arguments.
+        delete_extra (`bool`, defaults to `False`):
+            With `force`, also delete files in the earlier export that no export wrote (refused otherwise).
 
     Returns:
         `Path`: `out`, made absolute (symlinks in it are kept as given).
@@ -172,7 +226,7 @@ def check_export_target(
             raise ValueError(f"{shown} holds {what}; the export would overwrite its own source. Name a new folder.")
         if source_path in real.parents:
             raise ValueError(f"{shown} lies inside {what}; write the export outside its sources.")
-    _check_existing(path, force, flags)
+    _check_existing(path, force, flags, delete_extra)
     _check_writable_parent(path, shown)
     return path
 
@@ -375,13 +429,34 @@ def _copy_file(source: Path, target: Path) -> None:
     shutil.copyfile(source, target)  # follows the cache's symlinks: the export holds the bytes
 
 
-def _first_missing_ancestor(path: Path) -> Path | None:
-    missing = None
+def _missing_ancestors(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first: the folders an export creates and may remove."""
+    missing = []
     for parent in [path, *path.parents]:
-        if parent.exists():
-            return missing
-        missing = parent
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
     return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this export created, deepest first, each only if empty (`os.rmdir`): whatever another
+    process wrote there meanwhile (another export beside this one, a user's file) stays, with its folders."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (or gone): its parents are not empty either
+
+
+def _local_name(source: Any) -> str:
+    """How the model card names a source: a local path by its base name (never the machine's folders), a repo id or
+    Hub path as given."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_absolute() or text.startswith(("~", ".")) or path.exists():
+        return path.resolve().name if path.name in ("", ".", "..") else path.name
+    return text
 
 
 def export_pipeline(
@@ -391,6 +466,7 @@ def export_pipeline(
     base: str | os.PathLike = DEFAULT_BASE,
     *,
     force: bool = False,
+    delete_extra: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
     base_model: str | None = None,
@@ -414,7 +490,10 @@ def export_pipeline(
             transformer configs define the experts, its VAE, text encoder, tokenizer and scheduler are copied.
         force (`bool`, defaults to `False`):
             Replace an existing `out` that is an earlier export of this package (it holds `MARKER` beside its
-            `model_index.json`; anything else is refused), only once the new folder is complete.
+            `model_index.json`; anything else is refused), only once the new folder is complete. It is refused too
+            when that export holds files no export wrote (see [`extra_files`]), unless `delete_extra` is set.
+        delete_extra (`bool`, defaults to `False`):
+            With `force`, also delete the files in the earlier export that no export wrote.
         max_shard_size (`int` or `str`, defaults to `"10GB"`):
             The largest weight file written, as in diffusers' `save_pretrained`.
         dtype (`torch.dtype`, *optional*):
@@ -439,7 +518,12 @@ def export_pipeline(
             f"export_pipeline got unexpected arguments {sorted(unknown)}; Hub arguments: {list(HUB_KWARGS)}."
         )
     out = check_export_target(
-        out, force=force, base=base, high_noise_ckpt=high_noise_ckpt, low_noise_ckpt=low_noise_ckpt
+        out,
+        force=force,
+        base=base,
+        high_noise_ckpt=high_noise_ckpt,
+        low_noise_ckpt=low_noise_ckpt,
+        delete_extra=delete_extra,
     )
     max_shard_size = _parse_size(max_shard_size)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -474,7 +558,7 @@ def export_pipeline(
     }
 
     # 2. Write beside `out`, so the final rename stays on one file system.
-    created = _first_missing_ancestor(out.parent)
+    created = _missing_ancestors(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)
     with _SignalGuard() as guard:
@@ -496,18 +580,18 @@ def export_pipeline(
                 base_model = (
                     str(base) if _is_repo_id(base) else (layout.base if _is_repo_id(layout.base) else DEFAULT_BASE)
                 )
-            sources = {e: str(checkpoints[e]) for e in EXPERTS}
+            sources = {e: _local_name(checkpoints[e]) for e in EXPERTS}
             (tmp / "README.md").write_text(_model_card(repo_id or out.name, base_model, sources))
+            _write_marker(tmp, written=True)  # now listing the files, so a later `force` can tell what is not its
             for expert, (plan, _) in experts.items():
                 verify_written(plan, tmp / expert, dtype)
             with guard.deferred():
-                _replace(tmp, out, force)
+                _replace(tmp, out, force, delete_extra)
         except BaseException:
             with guard.deferred():
                 if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                if created is not None:
-                    shutil.rmtree(created, ignore_errors=True)
+                    shutil.rmtree(tmp, ignore_errors=True)  # this export's own folder, named for this process
+                _remove_if_empty(created)  # never a tree: others may have written beside this export
             raise
     return out
 
@@ -532,15 +616,19 @@ def _write_model_index(folder: Path, layout: Layout) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_marker(folder: Path) -> None:
-    marker = {"package": PACKAGE, "version": __version__}
+def _write_marker(folder: Path, written: bool = False) -> None:
+    marker: dict[str, Any] = {"package": PACKAGE, "version": __version__}
+    if written:  # every file of the finished folder, so `force` later deletes only these without asking
+        marker["files"] = sorted(
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p != folder / MARKER
+        )
     (folder / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-def _replace(tmp: Path, out: Path, force: bool) -> None:
+def _replace(tmp: Path, out: Path, force: bool, delete_extra: bool = False) -> None:
     """Move the finished `tmp` to `out`; an existing `out` (an earlier export, `force`) is moved aside first and removed
     after, and moved back if the rename fails."""
-    _check_existing(out, force, flags=False)  # again: the folder may have changed while the export was written
+    _check_existing(out, force, False, delete_extra)  # again: the folder may have changed while the export was written
     old = None
     if os.path.lexists(out):
         old = _owned_folder(out, "old")

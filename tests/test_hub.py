@@ -312,7 +312,10 @@ def test_export_refuses_to_overwrite_without_force(work, tmp_path):
     with pytest.raises(ValueError, match="already exists.*force"):
         export_pipeline(work / "Bernini-R", work / "Bernini-R", out, base=work / "base")
     assert (out / "old.txt").exists()
-    export_pipeline(work / "Bernini-R", work / "Bernini-R", out, base=work / "base", force=True)
+    with pytest.raises(ValueError, match="holds 1 file.* no export wrote: 'old.txt'.*delete_extra=True"):
+        export_pipeline(work / "Bernini-R", work / "Bernini-R", out, base=work / "base", force=True)
+    assert (out / "old.txt").exists()
+    export_pipeline(work / "Bernini-R", work / "Bernini-R", out, base=work / "base", force=True, delete_extra=True)
     assert not (out / "old.txt").exists() and (out / "model_index.json").exists()
     assert _leftovers(tmp_path, "out") == ["out"]
 

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(subparsers)
     add_export_parser(subparsers)
     add_demo_parser(subparsers)
+    from .serve.cli import add_serve_parser  # standard library only; the server's packages load when it starts
+
+    add_serve_parser(subparsers)
     return parser
 
 

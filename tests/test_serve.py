@@ -1,0 +1,303 @@
+"""`bernini serve`: the server in a subprocess on 127.0.0.1 with the tiny model, driven by the official `openai` SDK
+unmodified and by plain HTTP (httpx) for the error cases; restarts after SIGKILL and a bounded load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-key-123"
+# The smallest job: 0.25 s at 16 fps is 5 frames (4k+1), 32x32, one denoising step.
+SMALL = {"seconds": "0.25", "size": "32x32"}
+FAST = {"num_inference_steps": 1}
+START_TIMEOUT = 300
+JOB_TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`bernini serve --model tiny` in a subprocess (its output in a log file), stopped with SIGKILL or SIGTERM."""
+
+    def __init__(self, jobs_dir: Path, *flags: str, api_key: str | None = None, port: int | None = None):
+        self.jobs_dir, self.flags, self.api_key = jobs_dir, flags, api_key
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = jobs_dir.parent / f"{jobs_dir.name}-server-{time.monotonic_ns()}.log"
+        self.proc = None
+
+    def start(self) -> Server:
+        command = [
+            sys.executable, "-m", "bernini_diffusers.cli", "serve", "--model", "tiny", "--port", str(self.port),
+            "--jobs_dir", str(self.jobs_dir), "--poll_after_ms", "100", "--lease_seconds", "20", *self.flags,
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env.pop("BERNINI_API_KEY", None)
+        if self.api_key:
+            command += ["--api_key", self.api_key]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, timeout=60)
+
+    def http(self, method: str, path: str, key: str | None = "default", **kwargs):
+        key = self.api_key if key == "default" else key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def events(self) -> list[dict]:
+        db = sqlite3.connect(self.jobs_dir / "jobs.sqlite3")
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in db.execute("SELECT * FROM events ORDER BY n")]
+        finally:
+            db.close()
+
+    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            video = self.http("GET", f"/v1/videos/{job_id}").json()
+            if video.get("status") in ("completed", "failed"):
+                return video
+            time.sleep(0.2)
+        raise AssertionError(f"{job_id} did not finish in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # max_queue 3: the 429 test fills it without a second server.
+    srv = Server(tmp_path_factory.mktemp("serve") / "jobs", "--max_queue", "3", api_key=KEY).start()
+    yield srv
+    srv.stop()
+
+
+def _read_video(data: bytes, tmp_path: Path, name: str = "out.mp4"):
+    import imageio.v3 as iio
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, iio.imread(path)
+
+
+def test_sdk_drives_every_route(server, tmp_path):
+    warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the videos API deprecated
+    client = server.client()
+    video = client.videos.create_and_poll(prompt="a red fox", **SMALL, extra_body={**FAST, "seed": 7})
+    assert video.status == "completed", video.error
+    assert (video.object, video.progress, video.model, video.size, video.seconds) == ("video", 100, "tiny", "32x32",
+                                                                                      "0.25")  # fmt: skip
+    assert video.completed_at >= video.created_at
+
+    data = client.videos.download_content(video.id).read()
+    path, frames = _read_video(data, tmp_path)
+    assert frames.shape[:3] == (5, 32, 32)  # 0.25 s at 16 fps: 5 frames, at the requested size
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").read()
+    assert thumbnail.startswith(b"\x89PNG")
+    assert client.videos.retrieve(video.id).status == "completed"
+
+    with open(path, "rb") as source:  # `edit` uploads a small video: v2v on it
+        edited = client.videos.edit(prompt="make it snow", video=source, extra_body=FAST)
+    assert edited.status in ("queued", "in_progress")
+    edited = client.videos.poll(edited.id, poll_interval_ms=100)
+    assert edited.status == "completed", edited.error
+    edited_frames = _read_video(client.videos.download_content(edited.id).read(), tmp_path, "edit.mp4")[1]
+    assert edited_frames.shape[:3] == (5, 32, 32)
+
+    remix = client.videos.remix(video.id, prompt="the same fox at night", extra_body=FAST)
+    assert remix.remixed_from_video_id == video.id
+    remix = client.videos.poll(remix.id, poll_interval_ms=100)
+    assert remix.status == "completed", remix.error
+
+    ids = [v.id for v in client.videos.list(order="asc")]
+    assert ids.index(video.id) < ids.index(edited.id) < ids.index(remix.id)
+    page = client.videos.list(limit=1, order="desc")
+    assert [v.id for v in page.data] == [ids[-1]] and page.has_more
+    assert [v.id for v in page.get_next_page().data] == [ids[-2]]
+    assert [v.id for v in client.videos.list(limit=1)][:3] == ids[::-1][:3]  # auto-paging follows `after`
+
+    deleted = client.videos.delete(video.id)
+    assert (deleted.id, deleted.deleted, deleted.object) == (video.id, True, "video.deleted")
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+    assert not list((server.jobs_dir / "outputs").glob(f"{video.id}*"))
+    assert client.videos.download_content(remix.id).read()  # a remix keeps its own copy of the source
+
+
+def _error(response, status: int, param: str | None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    return error
+
+
+def test_errors_over_plain_http(server, tmp_path):
+    create = "/v1/videos"
+    assert server.http("GET", "/health", key=None).status_code == 200
+    _error(server.http("GET", "/v1/videos", key=None), 401, None)
+    _error(server.http("POST", create, key="wrong", json={"prompt": "x"}), 401, None)
+    assert "WWW-Authenticate" in server.http("GET", "/v1/status", key=None).headers
+    _error(server.http("GET", "/v1/videos/video_" + "0" * 32), 404, "video_id")
+    _error(server.http("GET", "/v1/videos/nope/content"), 404, "video_id")
+    _error(server.http("DELETE", "/v1/videos/video_" + "1" * 32), 404, "video_id")
+
+    _error(server.http("POST", create, json={"prompt": "x", "size": "big"}), 400, "size")
+    _error(server.http("POST", create, json={"prompt": "x", "seconds": "-1"}), 400, "seconds")
+    _error(server.http("POST", create, json={"size": "32x32"}), 400, "prompt")
+    _error(server.http("POST", create, data={"prompt": "x", "num_inference_steps": "many"}), 400, "num_inference_steps")
+    _error(server.http("POST", create, json={"prompt": "x", "guidance_mode": "loud"}), 400, "guidance_mode")
+    _error(server.http("POST", create, json={"prompt": "x", "task_type": "v2v"}), 400, "video")  # validate_call
+    _error(server.http("POST", create, json={"prompt": "x", "size": "0x32"}), 400, "size")
+    _error(server.http("POST", create, json={"prompt": "x", "size": "4096x4096"}), 400, "size")  # the rope table
+    _error(server.http("POST", create, json={"prompt": "x", "seconds": "60"}), 400, "seconds")
+    _error(server.http("POST", create, json={"prompt": "x", "colour": "red"}), 400, "colour")
+    # No path reaches the server's file system: media are uploads or video ids only.
+    _error(server.http("POST", create, data={"prompt": "x", "images[]": "/etc/passwd"}), 400, "images")
+    _error(server.http("POST", create, json={"prompt": "x", "input_reference": {"image_url": "file:///etc/passwd"}}),
+           400, "input_reference")  # fmt: skip
+    _error(server.http("POST", "/v1/videos/edits", data={"prompt": "x", "video": "/etc/passwd"}), 400, "video")
+    _error(server.http("POST", "/v1/videos/edits", data={"prompt": "x", "video[id]": "../../etc"}), 400, "video")
+    _error(server.http("POST", "/v1/videos/edits", data={"prompt": "x"}), 400, "video")
+    bad = server.http("POST", create, data={"prompt": "x"}, files={"input_reference": ("a.png", b"not a png")})
+    _error(bad, 400, "input_reference")
+    _error(server.http("POST", create, data={"prompt": "x"}, files={"input_reference": ("a.sh", b"#!")}), 400,
+           "input_reference")  # fmt: skip
+    assert not any((server.jobs_dir / "uploads").iterdir())  # refused uploads are not kept
+    _error(server.http("GET", "/v1/videos", params={"limit": 0}), 400, "limit")
+    schema = server.http("GET", "/openapi.json").json()
+    assert {"/v1/videos", "/v1/videos/{video_id}/content", "/v1/status", "/health"} <= set(schema["paths"])
+
+
+def test_queue_full_and_cancel(server):
+    """--max_queue 3: a burst gets 429 with Retry-After; deleting a queued job removes it, deleting the running one
+    stops it within a step."""
+    slow = {"prompt": "x", **SMALL, "num_inference_steps": 200}
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while server.http("GET", "/v1/status").json()["status"] != "idle":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    answers = [server.http("POST", "/v1/videos", json=slow) for _ in range(6)]
+    accepted = [r.json()["id"] for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code == 429]
+    assert len(accepted) + len(refused) == 6 and refused and len(accepted) <= 4
+    error = _error(refused[0], 429, None)
+    assert error["code"] == "queue_full" and int(refused[0].headers["Retry-After"]) >= 1
+
+    running = accepted[0]
+    while server.http("GET", f"/v1/videos/{running}").json()["progress"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    status = server.http("GET", "/v1/status").json()
+    assert status["status"] == "busy" and status["running"] == [running] and status["queued"] == len(accepted) - 1
+    for job_id in reversed(accepted):  # the queued ones first, then the running one
+        assert server.http("DELETE", f"/v1/videos/{job_id}").json()["deleted"] is True
+        _error(server.http("GET", f"/v1/videos/{job_id}"), 404, "video_id")
+    while server.http("GET", "/v1/status").json()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    events = [e for e in server.events() if e["job"] == running]
+    assert [e["event"] for e in events][-2:] == ["cancel_requested", "deleted"]
+    assert server.http("GET", "/v1/status").json()["status"] == "idle"
+
+
+def _completions(events: list[dict]) -> Counter:
+    return Counter(e["job"] for e in events if e["event"] == "completed")
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_loses_nothing(tmp_path):
+    jobs = tmp_path / "jobs"
+    first = Server(jobs, "--max_queue", "10").start()
+    ids = [first.http("POST", "/v1/videos", json={"prompt": f"job {i}", **SMALL, "num_inference_steps": 3}).json()["id"]
+           for i in range(4)]  # fmt: skip
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while first.http("GET", f"/v1/videos/{ids[0]}").json()["progress"] < 1:  # the first is running, the rest queued
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    first.stop(signal.SIGKILL)
+
+    second = Server(jobs, "--max_queue", "10").start()
+    try:
+        videos = [second.wait(job_id) for job_id in ids]
+        assert [v["status"] for v in videos] == ["completed"] * 4
+        completions = _completions(second.events())
+        assert all(completions[job_id] == 1 for job_id in ids), completions  # each finished once
+        requeued = [e["job"] for e in second.events() if e["event"] == "requeued"]
+        assert requeued == [ids[0]]
+        for job_id in ids:
+            assert second.http("GET", f"/v1/videos/{job_id}/content").content[4:8] == b"ftyp"
+    finally:
+        second.stop()
+
+
+@pytest.mark.slow
+def test_bounded_load(tmp_path):
+    """50 concurrent creates against --max_queue 20: each accepted or 429; every accepted job completes once."""
+    srv = Server(tmp_path / "jobs", "--max_queue", "20").start()
+    try:
+        answers: list = [None] * 50
+
+        def send(i: int):
+            answers[i] = srv.http("POST", "/v1/videos", json={"prompt": f"load {i}", **SMALL, **FAST})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes = Counter(r.status_code for r in answers)
+        assert set(codes) <= {200, 429} and codes[200] >= 20, codes
+        accepted = [r.json()["id"] for r in answers if r.status_code == 200]
+        assert len(set(accepted)) == len(accepted)
+        assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
+        for job_id in accepted:
+            assert srv.wait(job_id)["status"] == "completed"
+        listed = {v["id"] for v in srv.http("GET", "/v1/videos", params={"limit": 100}).json()["data"]}
+        assert listed == set(accepted)
+        completions = _completions(srv.events())
+        assert set(completions) == set(accepted) and set(completions.values()) == {1}
+        print(f"load: {codes[200]} accepted, {codes[429]} refused (429), all accepted completed once")
+    finally:
+        srv.stop()

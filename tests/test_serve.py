@@ -175,6 +175,7 @@ def _error(response, status: int, param: str | None):
 
 def test_errors_over_plain_http(server, tmp_path):
     create = "/v1/videos"
+    uploads = sorted((server.jobs_dir / "uploads").iterdir())
     assert server.http("GET", "/health", key=None).status_code == 200
     _error(server.http("GET", "/v1/videos", key=None), 401, None)
     _error(server.http("POST", create, key="wrong", json={"prompt": "x"}), 401, None)
@@ -204,7 +205,7 @@ def test_errors_over_plain_http(server, tmp_path):
     _error(bad, 400, "input_reference")
     _error(server.http("POST", create, data={"prompt": "x"}, files={"input_reference": ("a.sh", b"#!")}), 400,
            "input_reference")  # fmt: skip
-    assert not any((server.jobs_dir / "uploads").iterdir())  # refused uploads are not kept
+    assert sorted((server.jobs_dir / "uploads").iterdir()) == uploads  # refused uploads are not kept
     _error(server.http("GET", "/v1/videos", params={"limit": 0}), 400, "limit")
     schema = server.http("GET", "/openapi.json").json()
     assert {"/v1/videos", "/v1/videos/{video_id}/content", "/v1/status", "/health"} <= set(schema["paths"])

@@ -42,7 +42,7 @@ SHARDED_PHASES = {
     (1, 4): ("t2v", "r2v"),
 }
 # What the multi-node launch (2 nodes x 2 processes) runs: Ulysses inside a node, branches and shards across nodes.
-MULTI_NODE_PHASES = {(2, 2): (*SHARDED_CASES, "rv2v_windows")}
+MULTI_NODE_PHASES = {(2, 2): SHARDED_CASES}
 
 
 def _image(width: int, height: int, seed: int) -> PIL.Image.Image:
@@ -166,6 +166,50 @@ def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: 
     return phases
 
 
+# Per-rank loading (`from_pretrained_sharded`): (expert files, dtype, ulysses, branch, case), each against
+# `from_pretrained` of the same files in one process.
+SHARDED_LOADS = [
+    ("diffusers", "fp32", 2, 2, "rv2v"),
+    ("original", "fp32", 2, 2, "t2v"),
+    ("diffusers", "bf16", 1, 2, "r2v"),
+]
+
+
+def sharded_loads(out: Path, all_cases: dict, rank: int) -> list[dict]:
+    """Each process reads only its shards of tiny experts saved in both layouts; outputs equal the whole load's."""
+    import torch.distributed as dist
+
+    from bernini_diffusers import BerniniPipeline
+    from bernini_diffusers.parallel import local_parameter_bytes
+    from bernini_diffusers.testing import save_tiny_original_checkpoints, save_tiny_pretrained
+
+    root = out / "models"
+    if rank == 0:
+        save_tiny_pretrained(root / "diffusers", layout="diffusers")
+        save_tiny_original_checkpoints(root / "original")
+    dist.barrier()
+    results = []
+    for files, dtype, ulysses, branch, case in SHARDED_LOADS:
+        kwargs = {"dtype": DTYPES[dtype]}
+        if files == "original":
+            kwargs.update(high_noise_ckpt=root / "original" / "bernini_renderer_high",
+                          low_noise_ckpt=root / "original" / "bernini_renderer_low")  # fmt: skip
+        whole = BerniniPipeline.from_pretrained(root / "diffusers", **kwargs)
+        whole.set_progress_bar_config(disable=True)
+        expected = run(whole, all_cases[case])
+        pipe = BerniniPipeline.from_pretrained_sharded(root / "diffusers", ulysses, branch, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        results.append({
+            "files": files, "dtype": dtype, "ulysses_degree": ulysses, "branch_degree": branch, "case": case,
+            "max_abs_diff": (run(pipe, all_cases[case]) - expected).abs().max().item(),
+            "local_bytes": local_parameter_bytes(pipe.transformer),
+            "whole_bytes": local_parameter_bytes(whole.transformer),
+            "dtypes": sorted({str(p.dtype) for p in pipe.transformer.parameters()}),
+            "expected_dtypes": sorted({str(p.dtype) for p in whole.transformer.parameters()}),
+        })  # fmt: skip
+    return results
+
+
 def make_pipeline(args, device):
     pipe = tiny_pipeline(torch_dtype=DTYPES[args.dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -267,6 +311,8 @@ def main() -> None:
         "processors": processors(pipe),
     }
     report["sharded_phases"] = sharded_phases(args, device, all_cases, reference, whole_bytes, world)
+    if args.device == "cpu" and world == 4:
+        report["sharded_loads"] = sharded_loads(args.out, all_cases, rank)
     write_report(args.out, rank, report)
 
 

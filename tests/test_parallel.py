@@ -371,6 +371,23 @@ def test_sharded_weights_equal_single_process_and_split_the_bytes(cpu_reports):
     assert [_sharded(r, 1, 2)["cases"]["r2v"]["forwards"] for r in cpu_reports] == [2 * STEPS, STEPS] * 2
 
 
+@pytest.mark.multiprocess
+def test_each_rank_loads_only_its_shards(cpu_reports):
+    """`from_pretrained_sharded` from the diffusers layout and from original checkpoints, fp32 and bf16: outputs equal
+    `from_pretrained` of the same files, each rank holds 1 / (U x B) of an expert, dtypes as the whole load's."""
+    from parallel_worker import SHARDED_LOADS
+
+    for report in cpu_reports:
+        loads = report["sharded_loads"]
+        assert [(r["files"], r["dtype"], r["case"]) for r in loads] == [(f, d, c) for f, d, _, _, c in SHARDED_LOADS]
+        for result in loads:
+            tolerance = ATOL if result["dtype"] == "fp32" else 0.0  # bf16 without Ulysses: the same operations
+            assert result["max_abs_diff"] <= tolerance, (report["rank"], result)
+            degree = result["ulysses_degree"] * result["branch_degree"]
+            assert abs(result["local_bytes"] - result["whole_bytes"] / degree) <= report["block_bytes"] / degree
+            assert result["dtypes"] == result["expected_dtypes"]
+
+
 def _free_port() -> int:
     import socket
 

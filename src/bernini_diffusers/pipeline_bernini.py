@@ -33,7 +33,7 @@ from .attention import set_attention_backend
 from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_WINDOWED_FRAMES, TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
-from .loading import finish_load, pipeline_index, prepare_load, upload_saved
+from .loading import component_dtypes, finish_load, pipeline_index, prepare_load, upload_saved
 from .parallel import ParallelState
 from .scheduling import (
     FlowMatchEulerScheduler,
@@ -512,6 +512,66 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
         finish_load(pipe, prepared, pretrained_model_name_or_path)
         return pipe
+
+    @classmethod
+    def from_pretrained_sharded(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        ulysses_degree: int = 1,
+        branch_degree: int = 1,
+        **kwargs,
+    ) -> BerniniPipeline:
+        r"""
+        Load Bernini-R with each process reading only its shards of the experts, and enable parallelism with
+        `shard_weights=True`: the experts are built on the meta device, sharded with FSDP2 across each data group's
+        `ulysses_degree x branch_degree` processes, and each process reads its rows of every tensor from the
+        memory-mapped safetensors. Host memory per process is about 1 / (U x B) of an expert instead of a whole one.
+        Call it on every process of a `torchrun` launch; the pipeline's parallel state is `pipe.parallel_state`.
+
+        ```py
+        # torchrun --nproc-per-node 4 script.py
+        pipe = BerniniPipeline.from_pretrained_sharded(
+            "ByteDance/Bernini-R-Diffusers", ulysses_degree=2, branch_degree=2, dtype=torch.bfloat16
+        )
+        pipe.to(pipe.parallel_state.device)  # the text encoder and the VAE; the shards are there already
+        ```
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                As in [`~BerniniPipeline.from_pretrained`]; the experts are read from its `transformer/` and
+                `transformer_2/` folders (diffusers layout) or from `high_noise_ckpt` / `low_noise_ckpt`.
+            ulysses_degree (`int`, defaults to 1), branch_degree (`int`, defaults to 1):
+                As in [`~BerniniPipeline.enable_parallelism`]; their product must be above 1.
+            kwargs:
+                The keywords of [`~BerniniPipeline.from_pretrained`] (`dtype`, `high_noise_ckpt`, ...); the
+                experts themselves cannot be passed.
+        """
+        from . import sharded_load
+
+        parallel.check_shard_weights(True, ulysses_degree, branch_degree)
+        for name in ("transformer", "transformer_2", "quantization_config", "device_map"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` cannot be given to from_pretrained_sharded: it reads and shards the experts.")
+        checkpoints = sharded_load.checkpoint_kwargs(kwargs)
+        plans = sharded_load.plan_experts(pretrained_model_name_or_path, checkpoints)
+        dtypes = component_dtypes(kwargs.get("dtype", kwargs.get("torch_dtype")))
+        experts = {
+            name: sharded_load.cast_skeleton(plan, model, dtypes.get(name, dtypes.get("default")))
+            for name, (plan, model) in plans.items()
+        }
+        pipe = cls.from_pretrained(pretrained_model_name_or_path, **kwargs, **experts)
+        state = pipe.enable_parallelism(ulysses_degree, branch_degree, shard_weights=True)
+        for name, (plan, _) in plans.items():
+            expert = getattr(pipe, name)
+            sharded_load.materialize_shards(plan, expert, state.data_group, state.device)
+            if checkpoints.get(name) is not None:
+                expert.register_to_config(_name_or_path=str(checkpoints[name]))
+        return pipe
+
+    @property
+    def parallel_state(self) -> ParallelState | None:
+        """This process's [`~parallel.ParallelState`] after `enable_parallelism`, else `None`."""
+        return self._parallel_state
 
     @classmethod
     def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +46,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.utils import logging
 
@@ -470,8 +473,6 @@ class ParallelState:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model` is sharded with FSDP2 (`fully_shard`)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -502,9 +503,6 @@ def shard_model(
         param_dtype (`torch.dtype`, *optional*):
             The dtype the shards are all-gathered and computed in, for weights stored in another one (fp8).
     """
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     if is_sharded(model):
         raise ValueError(f"{type(model).__name__} is already sharded; load it again to shard it another way.")
     mesh = DeviceMesh.from_group(group, device_type)
@@ -530,8 +528,6 @@ def _minority_dtype_params(unit: torch.nn.Module, managed: set) -> set:
     make a unit of two dtypes. They stay whole on every rank instead (about 0.4% of a 14B expert), and compute in
     float32 exactly as without sharding.
     """
-    from collections import Counter
-
     params = [p for p in unit.parameters() if p not in managed and not hasattr(p, "to_local")]
     if not params:
         return set()

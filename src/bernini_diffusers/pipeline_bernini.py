@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import acceleration, media, memory, parallel, windows
+from . import acceleration, media, memory, parallel, sharded_load, windows
 from .attention import set_attention_backend
 from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_WINDOWED_FRAMES, TEMPORAL_FACTOR
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
@@ -546,8 +546,6 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 The keywords of [`~BerniniPipeline.from_pretrained`] (`dtype`, `high_noise_ckpt`, ...); the
                 experts themselves cannot be passed.
         """
-        from . import sharded_load
-
         parallel.check_shard_weights(True, ulysses_degree, branch_degree)
         for name in ("transformer", "transformer_2", "quantization_config", "device_map"):
             if kwargs.get(name) is not None:

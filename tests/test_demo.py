@@ -109,6 +109,17 @@ def test_every_generation_parameter_is_an_input_of_generate(built_demo):
     assert built_demo._queue.default_concurrency_limit == 1
 
 
+def test_the_api_names_every_parameter(built_demo):
+    # What gradio_client's `view_api()` lists: the input names, in the order a client passes them.
+    (endpoint,) = [info for name, info in built_demo.get_api_info()["named_endpoints"].items() if "generate" in name]
+    names = [parameter["parameter_name"] for parameter in endpoint["parameters"]]
+    expected = ["task_type", "prompt", "seed", "video", "insert_video", "image", "images", "negative_prompt",
+                "system_prompt", "guidance_mode", "num_frames", "height", "width", "max_image_size", "fps",
+                "num_inference_steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta",
+                "momentum", "norm_threshold", "context_frames", "context_overlap"]  # fmt: skip
+    assert names == expected
+
+
 def test_create_demo_rejects_unknown_defaults(tiny_pipe):
     with pytest.raises(ValueError, match="unknown names \\['steps'\\]"):
         demo.create_demo(tiny_pipe, defaults={"steps": 3})
@@ -261,9 +272,8 @@ def test_the_page_shows_the_pipeline_error_for_bad_windows(built_demo):
     components = components_by_id(built_demo)
     (generate_fn,) = [fn for fn in built_demo.fns.values() if fn.name == "on_generate"]
     values = page_values({"task_type": "t2v", "prompt": "p", "context_frames": 17, "context_overlap": 20, **SMALL})
-    data = {components[name]: values[name] for name in values}
     with pytest.raises(gr.Error, match="`context_overlap`=20 must be shorter than the window `context_frames`=17"):
-        generate_fn.fn(data)
+        generate_fn.fn(*(values[component.elem_id] for component in generate_fn.inputs), gr.Progress())
 
 
 ENHANCED = "A shiny red car drives along a coastal road at sunset."

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bernini_diffusers import memory, options
+from bernini_diffusers import memory, options, tiny
 from bernini_diffusers.memory import (
     FP8_STORAGE_DTYPE,
     MEMORY_PROFILES,
@@ -175,7 +175,7 @@ def _args(*argv):
 
 @pytest.mark.parametrize("name", ["expert_offload", "group_offload", "fp8+expert_offload", "fp8+group_offload"])
 def test_cli_refuses_offload_on_the_cpu_before_loading(name, monkeypatch):
-    monkeypatch.setattr(options, "tiny_pipeline", lambda **kw: pytest.fail("the model must not load"))
+    monkeypatch.setattr(tiny, "tiny_pipeline", lambda **kw: pytest.fail("the model must not load"))
     args = _args("--memory_profile", name)
     with pytest.raises(ValueError, match=f"`memory_profile`='{re.escape(name)}'.*device is cpu.*--device cuda"):
         options.check_environment(args)

@@ -3,6 +3,9 @@
 The official run scripts' commands work with `bernini generate` in place of `python infer_single_gpu.py`, and with
 `torchrun ... -m bernini_diffusers.cli generate` in place of `torchrun ... infer_multi_gpu.py`. The model loads
 inside the command, after every case has been checked.
+
+Building the parser imports no torch, diffusers or pipeline module (`bernini --help` answers at once, see
+tests/test_cli_startup.py): the functions that run a command import them.
 """
 
 from __future__ import annotations
@@ -18,19 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's
-
 from . import cases as case_files
-from . import media
 from .constants import (
     DEFAULT_CONTEXT_OVERLAP,
     MAX_WINDOWED_FRAMES,
     TINY_MODEL,
+    written_as_path,
 )
 from .demo import add_demo_parser
 from .hub_export.cli import add_export_parser
-from .loading import written_as_path
 from .options import (
     DEBUG_ENV,
     HelpFormatter,
@@ -42,11 +41,11 @@ from .options import (
     known_rope_length,
     load_pipeline,
     load_prompt_enhancer,
+    note,
     resolve_model,
     resolve_size_defaults,
+    silence_import_noise,
 )
-from .pipeline_bernini import BerniniPipeline
-from .prompt_enhancer import printable
 from .tasks import (
     PLANNER_GUIDANCE_MODES,
     TASKS,
@@ -307,7 +306,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     filled = resolve_size_defaults(args)
     if model == TINY_MODEL and set(filled) - {"max_image_size"}:
         sizes = f"{args.num_frames} frames, {args.height}x{args.width}, {args.num_inference_steps} steps"
-        print(f"note: --model {TINY_MODEL} defaults to {sizes} (the size flags override them).", file=sys.stderr)
+        note(f"note: --model {TINY_MODEL} defaults to {sizes} (the size flags override them).")
     if args.guidance_mode is not None:
         parse_guidance_mode(args.guidance_mode)  # a full-Bernini mode gets its own explanation
     if args.case is None and args.inputs is None and args.prompt is None:
@@ -327,10 +326,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     changed = [f"--{name}" for name, default in PLANNER_FLAGS.items() if getattr(args, name) != default]
     if changed:
-        print(
-            f"note: {', '.join(changed)} only apply to the full Bernini planner model; the renderer ignores them.",
-            file=sys.stderr,
-        )
+        note(f"note: {', '.join(changed)} only apply to the full Bernini planner model; the renderer ignores them.")
 
 
 def _flag_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -363,7 +359,7 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
         if inputs["task_type"] is None:
             inputs["task_type"] = case_files.default_task_type(inputs)
             spec = TASKS[TaskType(inputs["task_type"])]
-            print(f"note: no --task_type given: {spec.task.value} ({spec.description}).", file=sys.stderr)
+            note(f"note: no --task_type given: {spec.task.value} ({spec.description}).")
         case_files.check_writable(output)  # as given: `--output /dev/null` or a folder is not swapped for a sibling
         single = case_files.is_single_frame(inputs["task_type"], _output_frames(args, inputs))
         return [case_files.Case(1, inputs, case_files.output_path(output, single))]
@@ -399,10 +395,9 @@ def collect_cases(args: argparse.Namespace) -> list[case_files.Case]:
             output = case_files.derived_output(directory, number, len(entries), task, single)
         cases.append(case_files.Case(number, inputs, output))
     if ignored_modes:
-        print(
+        note(
             f"warning: `guidance_mode` of case(s) {', '.join(map(str, ignored_modes))} in '{args.inputs}' is ignored: "
-            "in a batch the generation settings come from the command line (--guidance_mode), as upstream.",
-            file=sys.stderr,
+            "in a batch the generation settings come from the command line (--guidance_mode), as upstream."
         )
     return cases
 
@@ -417,6 +412,8 @@ def call_arguments(args: argparse.Namespace, case: case_files.Case) -> dict[str,
 
 def _size_problem(args: argparse.Namespace, call: dict[str, Any], limit: int, rope: int | None) -> str | None:
     """Why the case is too large for the model (its rope table) or for the token budget; None if it fits."""
+    from .pipeline_bernini import BerniniPipeline
+
     tokens, grid = BerniniPipeline.estimate_tokens(**call)
     # With context windows a forward sees one window: its length is what to lower.
     frames = "`num_frames`" if call.get("context_frames") is None else "`context_frames`"
@@ -440,6 +437,8 @@ def check_cases(args: argparse.Namespace, cases: list[case_files.Case]) -> None:
     """Validate every case's call (inputs, media files, values, size) without a model, and refuse two cases writing
     one file (compared by real path, so a symlinked folder is the same folder); the problems are recorded on the
     cases, in flag names (a case file's own keys keep theirs)."""
+    from .pipeline_bernini import BerniniPipeline
+
     keep = case_files.CASE_KEYS if args.case is not None or args.inputs is not None else ()
     limit, rope = _max_tokens(args), known_rope_length(resolve_model(args)[0])
     writers: dict[str, int] = {}
@@ -479,6 +478,8 @@ def check_outputs(cases: list[case_files.Case], keep: Sequence[str] = ()) -> Non
 
 def _status(message: str) -> None:
     """One status line on stderr, printed above a running progress bar rather than through it."""
+    from tqdm.auto import tqdm  # diffusers' progress bars are tqdm's
+
     tqdm.write(message, file=sys.stderr)
 
 
@@ -502,8 +503,13 @@ def enhance_on_writer(enhancer, call: dict[str, Any], state=None) -> str:
 def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=None, state=None) -> Path | None:
     """Generate one case and write it (writer rank only); returns the path written, None on other ranks.
 
-    The writer prints one status line when the last step ends (decoding) and one before the write.
+    The writer prints one status line when decoding starts and one before the write.
     """
+    import torch
+
+    from . import media
+    from .prompt_enhancer import printable
+
     writer = state is None or state.is_writer
     kwargs = call_arguments(args, case)
     if enhancer is not None:
@@ -511,17 +517,22 @@ def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=Non
         if writer and enhanced != kwargs["prompt"]:
             print(f"prompt: {printable(enhanced)}", file=sys.stderr)  # the endpoint's reply, escaped
         kwargs["prompt"] = enhanced
-    last_step = kwargs["num_inference_steps"] - 1
+    # Announced when the VAE's decoder first runs, once the denoising bar has closed: a line printed from the last
+    # step's callback lands inside the bar, before its last update.
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    announce = None
+    if writer and isinstance(decoder, torch.nn.Module):
 
-    def on_step_end(pipeline, step, timestep, callback_kwargs):
-        if writer and step == last_step:
+        def decoding(module, inputs):
+            announce.remove()
             _status("decoding...")
-        return callback_kwargs
 
-    out = pipe(
-        **kwargs, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np",
-        callback_on_step_end=on_step_end,
-    )  # fmt: skip
+        announce = decoder.register_forward_pre_hook(decoding)
+    try:
+        out = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
+    finally:
+        if announce is not None:
+            announce.remove()
     if not writer:
         return None
     _status(f"writing {case.output}")
@@ -531,6 +542,8 @@ def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=Non
 def _sweep_temporaries(output: Path) -> list[Path]:
     """Remove the temporaries a dead run left for `output` (media.write_output's naming); only called by the run
     that took over that run's stale lock, so no live writer's file is touched."""
+    from . import media
+
     removed = []
     for stale in media.temporaries(output):
         stale.unlink(missing_ok=True)
@@ -585,10 +598,11 @@ def _summary(cases: list[case_files.Case], outcomes: dict[int, _Outcome]) -> str
 
 def _complete_or_note(case: case_files.Case) -> bool:
     """Whether the existing output of `case` is complete; if not (empty, cut short, unreadable) it is redone, noted."""
+    from . import media
 
     if media.is_complete_output(case.output):
         return True
-    print(f"[{case.number}] {case.output} exists but is empty or unreadable: generating it again", file=sys.stderr)
+    note(f"[{case.number}] {case.output} exists but is empty or unreadable: generating it again")
     return False
 
 
@@ -700,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    if not debug:
+        silence_import_noise()  # before the command imports torch, diffusers and the pipeline
     try:
         result = args.func(args)
     except KeyboardInterrupt:

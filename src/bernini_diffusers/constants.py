@@ -5,6 +5,8 @@ This module imports only the standard library, so the command line can read it b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # The base the official `configs/bernini_renderer_wan22` names (`wan22_base`), used with separate checkpoints.
 WAN22_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 
@@ -41,3 +43,25 @@ PE_RETRIES = 2
 # What a request's timeout and the number of retries may be: (0, 3600] seconds, 0 to 100 retries.
 PE_MAX_TIMEOUT = 3600.0
 PE_MAX_RETRIES = 100
+
+# Torch-free copies of runtime tables the command line's parser needs (`bernini --help` answers before torch loads);
+# tests/test_cli_startup.py checks each against the table it copies, so they cannot drift apart.
+# The names of `memory.MEMORY_PROFILES`, in its order.
+MEMORY_PROFILE_NAMES: tuple[str, ...] = (
+    "resident", "expert_offload", "group_offload", "fp8", "fp8+expert_offload", "fp8+group_offload",
+)  # fmt: skip
+# The step-cache presets of `acceleration.CACHE_PRESETS` that need no calibration (the ones a flag can name).
+CACHE_PRESET_NAMES: tuple[str, ...] = ("fbc-safe", "fbc-fast", "taylorseer")
+# The official guidance defaults: `BerniniPipeline.__call__`'s defaults of the settings `acceleration.TURBO` replaces
+# (the step count aside).
+OFFICIAL_GUIDANCE: dict[str, float] = {
+    "flow_shift": 5.0, "omega_vid": 1.25, "omega_img": 4.5, "omega_txt": 4.0, "omega_scale": 0.8, "eta": 0.5,
+    "momentum": 0.0, "norm_threshold": 50.0,
+}  # fmt: skip
+
+
+def written_as_path(name: str) -> bool:
+    """Whether `name` is written as a filesystem path (absolute, `./`, `../`, `~`, `.`, `..`): never a Hub repo id,
+    so a typo in it is reported as a missing path instead of becoming a Hub request."""
+    name = str(name)
+    return Path(name).is_absolute() or name.startswith(("./", "../", "~")) or name in (".", "..")

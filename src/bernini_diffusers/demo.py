@@ -5,7 +5,8 @@
 guidance mode and shows only the media it takes. Requests map onto one `BerniniPipeline` call with `build_call`, the
 result is written with `media.write_output` into the save folder and shown inline.
 
-gradio, an optional part, is imported only when the page is built.
+gradio, an optional part, is imported only when the page is built; torch and the pipeline when the page is built or a
+request runs, so that `bernini demo --help` answers before torch loads.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import media, options, windows
+from . import options
 from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_FPS, MIN_FPS
-from .pipeline_bernini import BerniniPipeline
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     TASKS,
@@ -57,6 +55,8 @@ def default_values() -> dict[str, Any]:
     means the task's prefix: the page leaves the box empty and shows the prefix as its placeholder.
     `context_frames=None` means no context windows: the page shows 0.
     """
+    from .pipeline_bernini import BerniniPipeline
+
     parameters = inspect.signature(BerniniPipeline.__call__).parameters
     values = {name: parameters[name].default for name in GENERATION_PARAMETERS}
     values["task_type"] = DEFAULT_TASK.value
@@ -235,6 +235,10 @@ def generate(
     Raises:
         `ValueError` or `FileNotFoundError` for bad input, before any model work.
     """
+    import torch
+
+    from . import media
+
     def report(*args, **kwargs):
         if progress is not None:
             progress(*args, **kwargs)
@@ -437,7 +441,6 @@ def create_demo(
             "omega_scale": omega_scale, "eta": eta, "momentum": momentum, "norm_threshold": norm_threshold,
             "context_frames": context_frames, "context_overlap": context_overlap,
         }  # fmt: skip
-        names = {component: name for name, component in inputs.items()}
 
         def on_task(task_type: str):
             spec = TASKS[parse_task_type(task_type)]
@@ -465,8 +468,9 @@ def create_demo(
             queue=False,  # a layout change must not wait behind a running generation
         )
 
-        def on_generate(data: dict, progress=gr.Progress()):
-            request = {names[component]: value for component, value in data.items()}
+        def on_generate(*values):
+            *values, progress = values  # gradio passes the progress tracker last (see the signature below)
+            request = dict(zip(inputs, values))
             try:
                 path, used = generate(
                     pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress
@@ -483,9 +487,15 @@ def create_demo(
                 used,
             )
 
+        # gradio names the API's parameters after the handler's (gradio_client's `view_api`, the API page): the input
+        # names, as `bernini generate`'s flags, rather than param_0 ... param_25.
+        on_generate.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in inputs]
+            + [inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
+        )
         run.click(
             on_generate,
-            inputs=set(inputs.values()),
+            inputs=list(inputs.values()),
             outputs=[result_video, result_image, download, prompt_used],
             concurrency_limit=1,
             concurrency_id="generate",
@@ -545,6 +555,8 @@ def serve(args: argparse.Namespace) -> None:
     for name in options.SIZE_DEFAULTS:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
+    from . import windows
+
     windows.check_context(args.context_frames or None, args.context_overlap)  # before the model loads
     defaults = {
         "flow_shift": args.flow_shift, "context_frames": args.context_frames, "context_overlap": args.context_overlap,

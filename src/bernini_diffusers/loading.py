@@ -42,7 +42,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .constants import TINY_MODEL
+from .constants import TINY_MODEL, written_as_path
 from .hub_export.convert import (
     EXPERTS,
     ConversionPlan,
@@ -126,13 +126,6 @@ def _walk(root: Path, depth: int = 2) -> set[str]:
         elif path.is_dir() and depth > 1:
             found.update(f"{path.name}/{name}" for name in _walk(path, depth - 1))
     return found
-
-
-def written_as_path(name: str) -> bool:
-    """Whether `name` is written as a filesystem path (absolute, `./`, `../`, `~`, `.`, `..`): never a Hub repo id,
-    so a typo in it is reported as a missing path instead of becoming a Hub request."""
-    name = str(name)
-    return Path(name).is_absolute() or name.startswith(("./", "../", "~")) or name in (".", "..")
 
 
 def is_repo_id(name: str | os.PathLike) -> bool:

@@ -1,24 +1,28 @@
 """The flags and loaders `bernini generate` and `bernini demo` share: the model (weights, dtype, device, attention
 kernel, offload, the official switches), the sizes with their model-dependent defaults, the prompt enhancer and
 `--debug`; and the checks of the device and kernel that run before any weight is read.
+
+Building the parser imports nothing but the standard library and `constants` (`bernini --help` answers before torch
+loads): torch, diffusers and the pipeline are imported inside the functions that run a command.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import acceleration, attention
 from .constants import (
     ATTENTION_BACKENDS,
+    CACHE_PRESET_NAMES,
     DTYPES,
+    MEMORY_PROFILE_NAMES,
+    OFFICIAL_GUIDANCE,
     PE_MAX_RETRIES,
     PE_MAX_TIMEOUT,
     PE_RETRIES,
@@ -27,12 +31,8 @@ from .constants import (
     PE_TIMEOUT_ENV,
     TINY_MODEL,
     WAN22_BASE,
+    written_as_path,
 )
-from .loading import written_as_path
-from .memory import MEMORY_PROFILES, get_memory_profile
-from .pipeline_bernini import BerniniPipeline
-from .prompt_enhancer import PromptEnhancer
-from .tiny import TINY_TRANSFORMER_CONFIG, tiny_pipeline
 
 # Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
 # tiny random model (the official 81 frames at 480x848 and 40 steps take tens of minutes on a CPU, for noise).
@@ -79,20 +79,17 @@ def resolve_size_defaults(args: argparse.Namespace) -> dict[str, int]:
     return filled
 
 
-# The official guidance defaults (the pipeline call's, which the generate flags share): with --turbo_lora a flag still
-# at its default is taken as not given and gets the recipe's value (argparse cannot tell a typed default apart).
-OFFICIAL_GUIDANCE = {
-    name: parameter.default
-    for name, parameter in inspect.signature(BerniniPipeline.__call__).parameters.items()
-    if name in acceleration.TURBO and name != "num_inference_steps"
-}
-
-
 def resolve_turbo_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """With `--turbo_lora`, fill the step count and guidance flags the user left unset with `acceleration.TURBO`'s
-    values (4 steps, guidance weights 1); returns what was filled. Without it, nothing changes."""
+    values (4 steps, guidance weights 1); returns what was filled. Without it, nothing changes.
+
+    A guidance flag still at its official default (`constants.OFFICIAL_GUIDANCE`, the pipeline call's, which the
+    generate flags share) is taken as not given: argparse cannot tell a typed default apart.
+    """
     if not getattr(args, "turbo_lora", None):
         return {}
+    from . import acceleration
+
     filled = {}
     for name, value in acceleration.TURBO.items():
         if not hasattr(args, name):  # a front end without that flag (the demo has no guidance flags)
@@ -117,6 +114,42 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
         "--debug", action="store_true", default=argparse.SUPPRESS,
         help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)",
     )
+
+
+def note(message: str) -> None:
+    """Print one note line on stderr, once per run: under torchrun only the first rank (the writer of the first data
+    group) prints, since every rank checks the same flags and cases and would print the same lines."""
+    if os.environ.get("RANK", "0").strip() in ("", "0"):
+        print(message, file=sys.stderr)
+
+
+# Known third-party noise, printed on import by every command on a machine without the packages' native parts (torchao
+# 0.18 on a CPU machine: its CUDA kernels fail to load, it registers enums torch now deprecates registering, then
+# diffusers cannot import torchao's tensor types). Each entry is one message of one logger; every other message of
+# those loggers still shows, and `--debug` shows them all.
+IMPORT_NOISE = {
+    "torchao": re.compile(r"Failed to load .*\.so\b"),
+    "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+    "diffusers.quantizers.torchao.torchao_quantizer": re.compile(r"Unable to import `torchao` Tensor objects"),
+}
+
+
+class _KnownNoise(logging.Filter):
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def silence_import_noise() -> None:
+    """Drop the known third-party import messages of `IMPORT_NOISE` (the command line and the demo call this unless
+    `--debug` is given). Idempotent; real warnings of the same loggers still show."""
+    for name, pattern in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+            logger.addFilter(_KnownNoise(pattern))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -147,14 +180,13 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         help="keep idle components on the CPU (the same as --memory_profile expert_offload)",
     )
     parser.add_argument(
-        "--memory_profile", choices=tuple(MEMORY_PROFILES), metavar="NAME",
-        help=f"where the weights live during a call, one of {', '.join(MEMORY_PROFILES)} (see the README's "
+        "--memory_profile", choices=MEMORY_PROFILE_NAMES, metavar="NAME",
+        help=f"where the weights live during a call, one of {', '.join(MEMORY_PROFILE_NAMES)} (see the README's "
              "'Speed and memory'; default: every component on the device)",
     )  # fmt: skip
     parser.add_argument("--vae_tiling", action="store_true", help="decode with VAE tiling (720p and up)")
-    calibration_free = [name for name, preset in acceleration.CACHE_PRESETS.items() if not preset.needs_calibration]
     parser.add_argument(
-        "--cache_preset", choices=calibration_free,
+        "--cache_preset", choices=CACHE_PRESET_NAMES,
         help="step cache on both experts (changes the output; see README, Step caches); 'magcache' needs a "
              "calibration and is used from Python",
     )  # fmt: skip
@@ -229,6 +261,8 @@ def load_prompt_enhancer(args: argparse.Namespace):
     """
     if not args.use_pe:
         return None
+    from .prompt_enhancer import PromptEnhancer
+
     return PromptEnhancer(model=args.pe_model, timeout=args.pe_timeout, max_retries=args.pe_retries)
 
 
@@ -254,6 +288,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
 
 def _device(name: str | None):
     """The torch device `--device` names, checked to exist here (a missing GPU fails now, not after the load)."""
+    import torch
+
     local_rank = os.environ.get("LOCAL_RANK")
     given = name
     if name is None:
@@ -285,6 +321,8 @@ def _device(name: str | None):
 
 
 def _dtype(args: argparse.Namespace, device):
+    import torch
+
     return getattr(torch, DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")])
 
 
@@ -294,6 +332,8 @@ def _attention_backend(args: argparse.Namespace, device, dtype) -> str | None:
     An explicit choice (`--attention_backend` or the environment variable) that cannot run here is a `ValueError`
     naming it; `auto` off a CUDA device is sdpa, since the flash kernels run on CUDA only.
     """
+    from . import attention
+
     name = args.attention_backend
     source = "`attention_backend`" if name is not None else f"${attention.ENV_VAR}"
     requested = name if name is not None else os.environ.get(attention.ENV_VAR, "").strip() or "auto"
@@ -331,6 +371,8 @@ def _memory_profile(args: argparse.Namespace, device) -> str | None:
         return "expert_offload"
     if name is None:
         return None
+    from .memory import get_memory_profile
+
     if get_memory_profile(name).offloads and device.type == "cpu":
         raise ValueError(
             f"`memory_profile`={name!r} moves weights between the CPU and an accelerator, but the device is cpu; "
@@ -357,6 +399,8 @@ def known_rope_length(model: str) -> int | None:
     """The experts' `rope_max_seq_len` when it is known without loading: the tiny model's, or a local folder's
     `transformer/config.json`; None otherwise (a Hub repo is checked against its config only once loaded)."""
     if model == TINY_MODEL:
+        from .tiny import TINY_TRANSFORMER_CONFIG
+
         return TINY_TRANSFORMER_CONFIG["rope_max_seq_len"]
     config = Path(model) / "transformer" / "config.json"
     try:
@@ -368,6 +412,9 @@ def known_rope_length(model: str) -> int | None:
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
+    from . import tiny
+    from .pipeline_bernini import BerniniPipeline
+
     model, checkpoints = resolve_model(args)
     device = _device(args.device)
     dtype = _dtype(args, device)
@@ -377,8 +424,8 @@ def load_pipeline(args: argparse.Namespace):
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
     if model == TINY_MODEL:
-        pipe = tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
-        print(f"note: --model {TINY_MODEL} has random weights; its output is noise.", file=sys.stderr)
+        pipe = tiny.tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
+        note(f"note: --model {TINY_MODEL} has random weights; its output is noise.")
     else:
         pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
     # The official flags win over the loaded config, as the official loader passes them as overrides.

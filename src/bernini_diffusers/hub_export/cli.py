@@ -7,10 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..constants import DTYPES, WAN22_BASE
-from .export import check_export_target, export_pipeline, push_folder
 
 DEFAULT_BASE = WAN22_BASE
 
@@ -82,6 +79,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> Path:
     """Export (unless only an upload of an existing --out is asked for), then push or list the upload."""
+    import torch  # after parse_args: `bernini export --help` answers before torch loads
+
+    from .export import check_export_target, export_pipeline, push_folder
+
     if args.delete_extra and not args.force:
         raise ValueError("`--delete_extra` deletes files of an earlier export that `--force` replaces; add `--force`.")
     if args.dry_run and not args.push_to_hub:

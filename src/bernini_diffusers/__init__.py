@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BerniniPipeline": "pipeline_bernini",
     "BerniniPipelineOutput": "pipeline_bernini",
-    "BerniniTransformer3DModel": "transformer_bernini",
+    "BerniniTransformer3DModel": "formats",  # the class, with `from_single_file` wired by formats
     "GuidanceMode": "tasks",
     "TASKS": "tasks",
     "TaskType": "tasks",

@@ -65,3 +65,16 @@ def written_as_path(name: str) -> bool:
     so a typo in it is reported as a missing path instead of becoming a Hub request."""
     name = str(name)
     return Path(name).is_absolute() or name.startswith(("./", "../", "~")) or name in (".", "..")
+
+# The transformer configs a single-file checkpoint is recognised by (formats.py) when no `config` is given, as
+# diffusers' `WanTransformer3DModel` takes them: one Wan2.2-T2V-A14B expert (Wan-AI/Wan2.2-T2V-A14B-Diffusers,
+# transformer/config.json; 14.3B parameters) and Wan2.1-T2V-1.3B (the base of Bernini-R 1.3B; 1.4B parameters).
+WAN22_A14B_TRANSFORMER_CONFIG = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None, "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}  # fmt: skip
+WAN21_T2V_1_3B_TRANSFORMER_CONFIG = {
+    **WAN22_A14B_TRANSFORMER_CONFIG, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30,
+}  # fmt: skip

@@ -43,6 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .constants import TINY_MODEL, written_as_path
+from .formats import load_transformer
 from .hub_export.convert import (
     EXPERTS,
     ConversionPlan,
@@ -352,10 +353,10 @@ def _checkpoint_file(path: Path, where: str) -> CheckpointFiles:
         raise pickle_error([path.name], where)
     if path.name.endswith(".json"):
         return CheckpointFiles(str(path), *index_shards(path))
-    if path.name.endswith(".safetensors"):
+    if path.name.endswith((".safetensors", ".gguf")):
         return CheckpointFiles(str(path), [path])
     raise ValueError(
-        f"{where} is not a checkpoint: pass a folder, a .safetensors file or a .safetensors.index.json file."
+        f"{where} is not a checkpoint: pass a folder, a .safetensors or .gguf file, or a .safetensors.index.json file."
     )
 
 
@@ -407,11 +408,11 @@ def resolve_checkpoint(
             raise pickle_error([inner], where)
         # The first download takes only indexes (the one named, or those of the folder and the expert's subfolder).
         patterns = [inner]
-        if not inner.endswith(".json"):
+        if not inner.endswith((".json", ".gguf")):
             folders = [inner, f"{inner}/{CHECKPOINT_FOLDERS[expert]}".strip("/")]
             patterns = [f"{folder}/*.safetensors.index.json".lstrip("/") for folder in folders]
         repo = ModelFiles.open(repo_id, hub, argument, patterns=patterns)
-    if inner.endswith((".json", ".safetensors")):
+    if inner.endswith((".json", ".safetensors", ".gguf")):
         if inner not in repo.files:
             raise FileNotFoundError(f"{where}: the repo {repo} has no file {inner!r}.")
         folder, _, name = inner.rpartition("/")
@@ -463,8 +464,14 @@ def load_checkpoint_expert(
     """A `BerniniTransformer3DModel` of `config` holding the weights of an original checkpoint.
 
     The checkpoint's keys are converted (EMA copies preferred) and verified by `plan_checkpoint`, then its tensors are
-    assigned to the expert; the base's own transformer weights are never read.
+    assigned to the expert; the base's own transformer weights are never read. A checkpoint that is one file is read
+    by `formats.load_transformer`, whatever its format (official, Wan, ComfyUI, float8, scaled float8, GGUF).
     """
+    checkpoint = resolve_checkpoint(spec, expert, hub)
+    if len(checkpoint.files) == 1 and checkpoint.weight_map is None:
+        return load_transformer(
+            checkpoint.files[0], config, expert=expert, dtype=torch_dtype, argument=CHECKPOINT_ARGUMENTS[expert]
+        )
     plan, model = plan_checkpoint(spec, expert, config, hub)
     model = load_expert_weights(plan, model, torch_dtype)
     model.register_to_config(_name_or_path=str(spec))
@@ -620,12 +627,10 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
     dtype_argument = "torch_dtype" if "torch_dtype" in kwargs else "dtype"
     dtypes = kwargs[dtype_argument] = component_dtypes(kwargs.get(dtype_argument), dtype_argument)
     checkpoints = {expert: kwargs.pop(argument, None) for expert, argument in CHECKPOINT_ARGUMENTS.items()}
-    if (checkpoints["transformer"] is None) != (checkpoints["transformer_2"] is None):
-        given = "transformer" if checkpoints["transformer"] is not None else "transformer_2"
-        missing = "transformer_2" if given == "transformer" else "transformer"
+    if checkpoints["transformer"] is None and checkpoints["transformer_2"] is not None:
         raise ValueError(
-            f"`{CHECKPOINT_ARGUMENTS[given]}`={checkpoints[given]!r} was given without "
-            f"`{CHECKPOINT_ARGUMENTS[missing]}`; the two original expert checkpoints go together."
+            f"`low_noise_ckpt`={checkpoints['transformer_2']!r} was given without `high_noise_ckpt`; the two expert "
+            "checkpoints go together (a one-expert model such as the 1.3B takes `high_noise_ckpt` alone)."
         )
     from_checkpoints = checkpoints["transformer"] is not None
     if from_checkpoints:
@@ -644,9 +649,16 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
             f"{str(name)!r} holds component folders of its own and names a base in `wan22_base`; keep the components "
             "in one folder (the base, or a diffusers folder without `wan22_base`)."
         )
-    if from_checkpoints and "transformer_2" not in layout.components:
+    two_experts = "transformer_2" in layout.components
+    if from_checkpoints and two_experts and checkpoints["transformer_2"] is None:
         raise ValueError(
-            f"`high_noise_ckpt`/`low_noise_ckpt` need a two-expert base, but {str(name)!r} has no `transformer_2`."
+            f"`high_noise_ckpt` and `low_noise_ckpt` must be given together for {str(name)!r}, which has two "
+            f"experts; got only `high_noise_ckpt`={checkpoints['transformer']!r}."
+        )
+    if from_checkpoints and not two_experts and checkpoints["transformer_2"] is not None:
+        raise ValueError(
+            f"`low_noise_ckpt`={checkpoints['transformer_2']!r}: {str(name)!r} has one expert (no `transformer_2`); "
+            "pass its checkpoint as `high_noise_ckpt` alone."
         )
     present = (*layout.components, *kwargs)
     # One expert may be absent: a saved `transformer=None` pipeline (the low-noise expert for every step) has only
@@ -669,7 +681,7 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
     if not roots:
         raise ValueError(f"{str(name)!r} has no component folders for diffusers to read; pass a diffusers folder.")
     (model,) = roots.values()
-    for expert in EXPERTS if from_checkpoints else ():
+    for expert in [e for e in EXPERTS if checkpoints[e] is not None]:
         expert_dtype = dtypes.get(expert, dtypes.get("default", torch.float32))  # diffusers' rule
         config = BerniniTransformer3DModel.load_config(model.root / expert)
         kwargs[expert] = load_checkpoint_expert(checkpoints[expert], expert, config, expert_dtype, hub)

@@ -163,7 +163,10 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
              f"--high_noise_ckpt and no --model: {WAN22_BASE}; '{TINY_MODEL}': a random tiny model (noise, for tests)",
     )  # fmt: skip
     parser.add_argument(
-        "--high_noise_ckpt", metavar="PATH|REPO", help="separate high-noise expert weights (with --low_noise_ckpt)"
+        "--high_noise_ckpt", metavar="PATH|REPO",
+        help="separate high-noise expert weights (with --low_noise_ckpt; alone for a one-expert model such as the "
+        "1.3B): the official shard folder or index, or one .safetensors/.gguf file (Wan, ComfyUI, fp8, scaled fp8, "
+        "GGUF: docs/checkpoints.md)",
     )
     parser.add_argument(
         "--low_noise_ckpt", metavar="PATH|REPO", help="separate low-noise expert weights (with --high_noise_ckpt)"
@@ -269,10 +272,10 @@ def load_prompt_enhancer(args: argparse.Namespace):
 def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     """The model path or repo to load and the separate-checkpoint arguments of `from_pretrained`."""
     high, low = args.high_noise_ckpt, args.low_noise_ckpt
-    if (high is None) != (low is None):
-        given = "high_noise_ckpt" if high is not None else "low_noise_ckpt"
-        raise ValueError(f"`high_noise_ckpt` and `low_noise_ckpt` must be given together; got only `{given}`.")
-    checkpoints = {} if high is None else {"high_noise_ckpt": high, "low_noise_ckpt": low}
+    if high is None and low is not None:
+        raise ValueError("`high_noise_ckpt` and `low_noise_ckpt` must be given together; got only `low_noise_ckpt`.")
+    # `high_noise_ckpt` alone is the one expert of a one-expert model (the 1.3B); a two-expert base refuses it.
+    checkpoints = {} if high is None else {"high_noise_ckpt": high, **({"low_noise_ckpt": low} if low else {})}
     model = args.model
     if model is None:
         if not checkpoints:

@@ -72,6 +72,53 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
     # `enable_parallelism` refuses context parallelism; sequence parallelism is `BerniniPipeline.enable_parallelism`.
     _cp_plan = None
 
+    # Set by `bernini_diffusers.formats` (the loading floor), which reads every single-file format; see
+    # `from_single_file`. diffusers' own single-file loader is never used for these files: it drops the scales of
+    # scaled-fp8 files without a word and cannot read the renderer's layout.
+    _single_file_loader: Any = None
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs):
+        r"""
+        Load one expert from a single checkpoint file, with diffusers' signature; the format is read from the file.
+
+        Accepted (docs/checkpoints.md): the official renderer checkpoint (`ema.diff_dec.transformer.*`: one file, an
+        index or a folder of shards), Wan's original keys with or without ComfyUI's `model.diffusion_model.` prefix,
+        diffusers' layout, in float32/float16/bfloat16, plain float8 (e4m3fn, e5m2), ComfyUI's scaled float8 (both
+        formats; the scales are applied exactly) and GGUF (kept quantized through diffusers'
+        `GGUFQuantizationConfig`). Pickles and quantizations this package does not implement are refused.
+
+        Args:
+            pretrained_model_link_or_path_or_dict (`str` or `os.PathLike`):
+                A local `.safetensors`/`.gguf` file (or index, or shard folder), or a Hub file
+                (`https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>` or `owner/repo[@revision]/<file>`).
+            config (`str`, `os.PathLike` or `dict`, *optional*):
+                A diffusers folder or repo id holding the transformer config (in `subfolder`, by default
+                `transformer`), or the config dict. Without it the Wan2.2-A14B expert and Wan2.1-1.3B configs are
+                recognised from the weights' shapes; any other shape needs it.
+            subfolder (`str`, *optional*):
+                The config's subfolder; `"transformer"`/`"transformer_2"` also picks the expert of an official file
+                that holds both.
+            dtype (`torch.dtype`, *optional*):
+                The weights' dtype (`torch_dtype` is diffusers' older name); float32 by default. Scaled float8 is
+                dequantized to it exactly (`float32(weight) * scale`, rounded once); GGUF computes in it.
+            quantization_config (*optional*):
+                A diffusers quantization config; a GGUF file gets a `GGUFQuantizationConfig(compute_dtype=dtype)`
+                without one.
+            device, revision, cache_dir, local_files_only, token, force_download, proxies:
+                As in diffusers.
+
+        Raises:
+            ValueError: a pickle, a quantization this package does not load (naming the format and a layer), missing
+                or unexpected keys (named), or shapes that need `config`.
+        """
+        if cls._single_file_loader is None:
+            raise ValueError(
+                "Single-file loading is provided by `bernini_diffusers.formats`; import `BerniniTransformer3DModel` "
+                "from `bernini_diffusers` (which loads it) or import `bernini_diffusers.formats` first."
+            )
+        return cls._single_file_loader(pretrained_model_link_or_path_or_dict, **kwargs)
+
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""
         diffusers' model parallelism, without context parallelism: the packed sequence has no context-parallel plan.

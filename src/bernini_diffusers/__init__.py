@@ -14,6 +14,7 @@ _EXPORTS = {
     "BerniniPipeline": "pipeline_bernini",
     "BerniniPipelineOutput": "pipeline_bernini",
     "BerniniTransformer3DModel": "formats",  # the class, with `from_single_file` wired by formats
+    "NonFiniteOutputError": "pipeline_bernini",
     "GuidanceMode": "tasks",
     "TASKS": "tasks",
     "TaskType": "tasks",
@@ -21,7 +22,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .pipeline_bernini import BerniniPipeline, BerniniPipelineOutput
+    from .pipeline_bernini import BerniniPipeline, BerniniPipelineOutput, NonFiniteOutputError
     from .tasks import TASKS, GuidanceMode, TaskType
     from .transformer_bernini import BerniniTransformer3DModel
 

@@ -78,3 +78,23 @@ WAN22_A14B_TRANSFORMER_CONFIG = {
 WAN21_T2V_1_3B_TRANSFORMER_CONFIG = {
     **WAN22_A14B_TRANSFORMER_CONFIG, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30,
 }  # fmt: skip
+
+# The accepted range of each guidance and sampling setting, both ends included. Generous for any real use (the official
+# defaults: omegas 1.25 to 4.5, omega_scale 0.8, eta 0.5, momentum 0, norm_threshold 50, flow_shift 5; turbo LoRAs use
+# omegas of 1), and tight enough that no accepted value overflows float32 in the guidance or the sigma shift: today's
+# `omega_scale=1e308` or `flow_shift=1e-300` would turn every latent into inf/NaN.
+GUIDANCE_RANGES: dict[str, tuple[float, float]] = {
+    "omega_vid": (0.0, 100.0),
+    "omega_img": (0.0, 100.0),
+    "omega_txt": (0.0, 100.0),
+    "guidance_scale": (0.0, 100.0),
+    "omega_scale": (0.0, 10.0),
+    "eta": (0.0, 10.0),
+    "momentum": (-1.0, 1.0),
+    "norm_threshold": (0.0, 10000.0),
+    "flow_shift": (0.01, 100.0),
+}
+
+# The most videos one call renders (`len(prompt) * num_videos_per_prompt`): each holds its own latents and branch
+# activations, so a larger batch is a typo rather than a plan; render more with several calls or a case list.
+MAX_BATCH_SIZE = 16

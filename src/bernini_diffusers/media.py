@@ -768,6 +768,6 @@ def split_videos(video: Any) -> list[Any]:
             return [list(video)]  # the frames of one video
         return list(video)
     raise ValueError(
-        f"`video`={video!r} is not supported; pass a path, a list of paths, or decoded frames "
+        f"`video` of type {type(video).__name__} is not supported; pass a path, a list of paths, or decoded frames "
         "(a list of PIL images or a uint8 array [T, H, W, 3])."
     )

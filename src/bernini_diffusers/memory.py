@@ -142,6 +142,8 @@ def apply_memory_profile(pipe, name: str, device: str | torch.device | None = No
         device = default_device() if device is None else torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"`device`={device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
+    if device.type == "meta":  # no storage: the weights placed there would be gone
+        raise ValueError("`device`='meta' is not allowed: the meta device holds no data; use cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device`={str(device)!r}: no CUDA device is available here; use device='cpu'.")
     if device.type == "cuda" and device.index is None:

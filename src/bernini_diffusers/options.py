@@ -307,6 +307,8 @@ def _device(name: str | None):
         ) from None
     if device.type == "cpu":
         return device
+    if device.type == "meta":  # no storage: the weights would be gone
+        raise ValueError(f"`device`={given!r} is not allowed: the meta device holds no data; use cpu or cuda.")
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
     if device.type == "mps":

@@ -30,7 +30,13 @@ from diffusers.video_processor import VideoProcessor
 
 from . import acceleration, media, memory, parallel, sharded_load, windows
 from .attention import set_attention_backend
-from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_WINDOWED_FRAMES, TEMPORAL_FACTOR
+from .constants import (
+    DEFAULT_CONTEXT_OVERLAP,
+    GUIDANCE_RANGES,
+    MAX_BATCH_SIZE,
+    MAX_WINDOWED_FRAMES,
+    TEMPORAL_FACTOR,
+)
 from .guidance import GUIDANCE_SPECS, Branch, Combo, Guidance
 from .hub_export.remote_code import add_remote_code
 from .loading import component_dtypes, finish_load, pipeline_index, prepare_load, upload_saved
@@ -99,6 +105,25 @@ class BerniniPipelineOutput(BaseOutput):
         if self.output_type == "pt":
             frames = frames.permute(0, 2, 3, 1).float().cpu().numpy()  # (T, C, H, W) -> (T, H, W, C)
         return media.write_output(frames, path, self.fps)
+
+
+class NonFiniteOutputError(RuntimeError):
+    r"""
+    The denoising loop produced NaN or inf latents: nothing was decoded, nothing is written.
+
+    A `RuntimeError`, not a `ValueError`: every argument passed its checks (non-finite `prompt_embeds`,
+    `negative_prompt_embeds` or `latents` are refused up front as a `ValueError`); the run itself went wrong (a LoRA
+    with non-finite weights, a guidance setting that overflows the experts' dtype), so the command line exits 1 and a
+    batch records the case as failed and goes on.
+
+    Args:
+        message (`str`): what went wrong, the step and the likely causes.
+        step (`int`): the 0-based index of the first step whose latents were not finite.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -220,6 +245,13 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._parallel_state: ParallelState | None = None  # set by enable_parallelism
         self.set_attention_backend()
+
+    def to(self, *args, **kwargs):
+        """diffusers' [`~DiffusionPipeline.to`], except that the `"meta"` device is refused: moving there drops every
+        weight (the pipeline could not run again)."""
+        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        check_device(device)
+        return super().to(*args, **kwargs)
 
     def set_attention_backend(self, name: str | None = None) -> str:
         """Choose the experts' attention kernel: `"auto"`, `"sdpa"`, `"fa2"`, `"fa3"` or `"sage"` (SageAttention:
@@ -634,6 +666,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         context_frames=None,
         context_overlap=DEFAULT_CONTEXT_OVERLAP,
+        attention_kwargs=None,
+        callback_on_step_end=None,
     ):
         """Validate every argument before any model work; each error names the argument, the value and what is allowed.
 
@@ -667,7 +701,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 maximum is not None and value > maximum
             ):
                 bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-                raise ValueError(f"`{name}`={value!r} must be an integer {bound}.")
+                raise ValueError(f"`{name}`={_short(value)} must be an integer {bound}.")
 
         # The experts' RoPE table bounds only the sizes a call uses: image tasks make one frame whatever
         # `num_frames` says, and a source video or image sets the output size instead of `height`/`width`.
@@ -686,27 +720,37 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         # A cap on the media's long side, not a size: above what the experts hold it is clamped (see `__call__`).
         integer("max_image_size", max_image_size, 16)
         integer("num_inference_steps", num_inference_steps, 1, 1000)
-        integer("num_videos_per_prompt", num_videos_per_prompt, 1)
+        integer("num_videos_per_prompt", num_videos_per_prompt, 1, MAX_BATCH_SIZE)
         integer("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
         media.check_fps(fps)  # the range the writer and the frame sampling accept, so no output is lost to it
-        if not _is_real(flow_shift) or flow_shift <= 0:
-            raise ValueError(f"`flow_shift`={flow_shift!r} must be a positive number.")
+        _check_range("flow_shift", flow_shift)
         for name, value in scalars.items():
-            if not _is_real(value):
-                raise ValueError(f"`{name}`={value!r} must be a finite number.")
+            _check_range(name, value)
         thresholds = [norm_threshold] if not isinstance(norm_threshold, (list, tuple)) else list(norm_threshold)
-        if not thresholds or not all(_is_real(v) and v >= 0 for v in thresholds):
-            raise ValueError(
-                f"`norm_threshold`={norm_threshold!r} must be a number >= 0 or a non-empty list of them (0 disables)."
-            )
+        if not thresholds:
+            raise ValueError("`norm_threshold`=[] must be a number or a non-empty list of them (0 disables).")
+        for value in thresholds:
+            _check_range("norm_threshold", value, ", or a list of them (0 disables)")
         batch_size = num_prompts * num_videos_per_prompt
+        if batch_size > MAX_BATCH_SIZE:
+            raise ValueError(
+                f"`num_videos_per_prompt`={num_videos_per_prompt} with {num_prompts} prompt(s) makes a batch of "
+                f"{batch_size} videos; one call renders at most {MAX_BATCH_SIZE}: split the prompts over several calls."
+            )
         generators = generator if isinstance(generator, (list, tuple)) else [generator]
         if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators; it must hold one per video: {num_prompts} "
                 f"prompt(s) x num_videos_per_prompt={num_videos_per_prompt} = {batch_size}."
             )
-        for g in generators:
+        for i, g in enumerate(generators):
+            where = f"`generator[{i}]`" if isinstance(generator, (list, tuple)) else "`generator`"
+            if isinstance(generator, (list, tuple)) and not isinstance(g, torch.Generator):
+                # `randn_tensor` would fail mid-call on a None in a list: each video needs its own generator.
+                raise ValueError(
+                    f"{where} is {type(g).__name__}; a list of generators must hold one torch.Generator per video "
+                    "(or pass one generator, or None, for the whole batch)."
+                )
             if g is not None and not isinstance(g, torch.Generator):
                 raise ValueError(
                     f"`generator` must be a torch.Generator, a list of them (one per video) or None, got "
@@ -719,8 +763,23 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 )
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise ValueError(f"`latents` must be a torch.Tensor or None, got {type(latents).__name__}.")
+        for name, tensor in (
+            ("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds), ("latents", latents)
+        ):
+            # One host sync per given tensor, before any model work: a NaN given here would only surface as a
+            # non-finite result after the whole denoising loop.
+            if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"`{name}` holds non-finite values (NaN or inf); pass finite values.")
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise ValueError(f"`attention_kwargs` must be a dict or None, got {_describe(attention_kwargs)}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                f"`callback_on_step_end` must be callable (pipe, step, timestep, callback_kwargs) -> dict, or None, "
+                f"got {_describe(callback_on_step_end)}."
+            )
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type`={output_type!r} is not supported; choose one of: {', '.join(OUTPUT_TYPES)}.")
+            choices = ", ".join(OUTPUT_TYPES)
+            raise ValueError(f"`output_type`={_short(output_type)} is not supported; choose one of: {choices}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in cls._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -777,8 +836,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"`system_prompt` must be a string or None, got {type(system_prompt).__name__}.")
         if guidance_scale is not None:
-            if not _is_real(guidance_scale):
-                raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number or None.")
+            _check_range("guidance_scale", guidance_scale, " or None")
             omega_txt, default = scalars["omega_txt"], inspect.signature(cls.__call__).parameters["omega_txt"].default
             if omega_txt != default and omega_txt != guidance_scale:
                 raise ValueError(
@@ -875,7 +933,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
             num_videos_per_prompt=args["num_videos_per_prompt"], guidance_scale=args["guidance_scale"],
             max_sequence_length=args["max_sequence_length"], context_frames=args["context_frames"],
-            context_overlap=args["context_overlap"],
+            context_overlap=args["context_overlap"], attention_kwargs=args["attention_kwargs"],
+            callback_on_step_end=args["callback_on_step_end"],
         )
         return spec, mode, videos
 
@@ -1192,6 +1251,23 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def attention_kwargs(self) -> dict[str, Any] | None:
         return self._attention_kwargs
 
+    def _non_finite_message(self, step: int, num_steps: int, plan, given: list[str]) -> str:
+        """The one-line message of a `NonFiniteOutputError`: where the latents went bad and what likely caused it."""
+        names = ("transformer", "transformer_2")
+        expert = names[plan[step][0]]
+        experts = (self.transformer, self.transformer_2)
+        adapters = sorted({a for e in experts for a in (getattr(e, "peft_config", None) or {})})
+        causes = [f"a LoRA ({', '.join(adapters)}): try the call without it" for _ in adapters[:1]]
+        causes += [f"the given {', '.join(given)}"] if given else []
+        causes.append(
+            "a guidance setting (omega_*, omega_scale, eta, momentum, norm_threshold, flow_shift) too large for the "
+            f"experts' dtype ({self._first_expert().dtype}), or non-finite expert weights"
+        )
+        return (
+            f"The denoising produced non-finite latents (NaN or inf) at step {step + 1} of {num_steps} ({expert}); "
+            f"nothing was decoded or written. Likely cause: {'; or '.join(causes)}."
+        )
+
     def _first_expert(self, required: bool = True) -> BerniniTransformer3DModel | None:
         """The high-noise expert, else the low-noise one (they share their config); `required` raises without one."""
         expert = self.transformer if self.transformer is not None else self.transformer_2
@@ -1346,6 +1422,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs and read the media, before any model work.
+        given_embeds = prompt_embeds is not None or negative_prompt_embeds is not None
+        given_latents = latents is not None
         expert = self._first_expert()
         _check_experts(self.transformer, self.transformer_2, self.config.boundary_ratio)
         rope_len = expert.config.rope_max_seq_len
@@ -1479,6 +1557,10 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         # videos never mix. Cache hooks start clean even when an earlier call stopped on an error before its reset.
         for expert in (e for e in experts if e is not None):
             expert._reset_stateful_cache()
+        # The first step whose latents hold a NaN/inf, kept on the device (no host sync per step) and read once after
+        # the loop; `len(timesteps)` while all are finite (docs/design.md#non-finite-results).
+        first_bad = torch.full((), len(timesteps), dtype=torch.long, device=latents.device)
+        replaced_latents = False
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -1518,11 +1600,21 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     }
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
+                    returned = callback_outputs.pop("latents", latents)
+                    replaced_latents |= returned is not latents
+                    latents = returned
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(latents).all(), len(timesteps), i))
                 progress_bar.update()
         self._current_timestep = None
+        bad_step = int(first_bad)  # the check's one host sync, after the loop
+        if bad_step < len(timesteps):
+            self.maybe_free_model_hooks()
+            given = [name for name, value in (("prompt_embeds", given_embeds), ("latents", given_latents)) if value]
+            if replaced_latents:
+                given.append("the latents returned by callback_on_step_end")
+            raise NonFiniteOutputError(self._non_finite_message(bad_step, len(timesteps), plan, given), bad_step)
 
         # 8. Decode, in one process per data group (docs/design.md#parallel-layout): the others hold the same latents
         # and write nothing.
@@ -1537,6 +1629,19 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return (result,)
         return BerniniPipelineOutput(frames=result, fps=fps, output_type=output_type)
+
+
+def check_device(device: Any, name: str = "device") -> None:
+    """Refuse the meta device (no storage: weights moved there are gone); other names are left to torch."""
+    try:
+        kind = None if device is None else torch.device(device).type
+    except (RuntimeError, TypeError):
+        return
+    if kind == "meta":
+        raise ValueError(
+            f"`{name}`={str(device)!r} is not allowed: the meta device holds no data, so moving the weights there "
+            "would destroy them; use cpu, cuda or cuda:N."
+        )
 
 
 def _check_experts(transformer, transformer_2, boundary_ratio) -> None:
@@ -1555,11 +1660,24 @@ def _max_pixels(limits: tuple[int, int, int]) -> int:
     return rope_len * spatial * 2
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut at `limit` characters: a message never carries a 20 MB argument."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _check_range(name: str, value: Any, alternative: str = "") -> None:
+    """`value` is a finite real in `GUIDANCE_RANGES[name]` (both ends included), else a ValueError with the range."""
+    low, high = GUIDANCE_RANGES[name]
+    if not _is_real(value) or not low <= value <= high:
+        raise ValueError(f"`{name}`={_short(value)} must be a number in [{low:g}, {high:g}]{alternative}.")
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of {len(value)}: {value!r:.200}"
+        return f"a {type(value).__name__} of {len(value)}: {_short(value, 200)}"
     return type(value).__name__
 
 

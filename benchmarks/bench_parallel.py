@@ -10,6 +10,16 @@ max |U=N - U=1| of the outputs.
 
 Run:  torchrun --nproc-per-node 8 benchmarks/bench_parallel.py [--streams 2] [--layers 4] [--repeats 5]
 Without CUDA GPUs (or without torchrun) it says what it needs and exits.
+
+Weight sharding (`shard_weights`, FSDP2), on the CPU with gloo:
+
+    python benchmarks/bench_parallel.py --shard 2 [--shard_layers 8] [--repeats 3]
+
+writes a medium expert (the 1.3B model's width, 1536 x 12 heads, ffn 8960, `--shard_layers` blocks, bf16: about
+0.75 GB at 8 blocks) in the diffusers layout, then launches `torchrun --nproc-per-node N` twice on it: every rank
+loading the whole expert (`from_pretrained`, the unsharded layout) and every rank reading only its shards (the
+`from_pretrained_sharded` path). Each run reports per rank its parameter bytes, its peak RSS (and the RSS the load
+added) and the time of one forward under Ulysses N; the script prints sharded / whole ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention_backend", default="auto", choices=["auto", "sdpa", "fa2", "fa3"])
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards of each contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards of each contender first")
+    parser.add_argument("--shard", type=int, default=0, metavar="N",
+                        help="measure weight sharding on the CPU with N processes instead (see above)")
+    parser.add_argument("--shard_layers", type=int, default=8, help="blocks of the --shard expert")
+    parser.add_argument("--shard_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shard_mode", choices=("whole", "sharded"), default="whole", help=argparse.SUPPRESS)
+    parser.add_argument("--shard_out", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -85,8 +101,117 @@ def timed(fn, repeats: int, warmup: int, together: bool = True) -> tuple[list[fl
     return times, out
 
 
+SHARD_WIDTH = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
+
+
+def shard_driver(args: argparse.Namespace) -> int:
+    """Write the medium expert, run the whole and the sharded load under torchrun, print the ratios."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from bernini_diffusers import BerniniTransformer3DModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "transformer"
+        torch.manual_seed(0)
+        model = BerniniTransformer3DModel(
+            in_channels=16, out_channels=16, num_layers=args.shard_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", **SHARD_WIDTH,
+        ).to(torch.bfloat16)  # fmt: skip
+        model.save_pretrained(folder)
+        del model
+        results = {}
+        for mode in ("whole", "sharded"):
+            out = Path(tmp) / f"{mode}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.shard}",
+                       __file__, "--shard_worker", str(folder), "--shard_mode", mode, "--shard_out", str(out),
+                       "--repeats", str(args.repeats), "--warmup", str(args.warmup)]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            subprocess.run(command, check=True, env=env)
+            results[mode] = json.loads(out.read_text())
+    whole, sharded = results["whole"], results["sharded"]
+    print(f"CPU, gloo, {args.shard} processes, Ulysses {args.shard}; expert of {args.shard_layers} blocks at the 1.3B "
+          f"width, bf16, {whole['total_bytes'] / 1e9:.2f} GB; {whole['tokens']} tokens per forward")
+    print("| per rank (max over ranks) | whole expert per rank | sharded (FSDP2) | sharded / whole |")
+    print("|---|---|---|---|")
+    rows = [("parameter bytes", "param_bytes", 1e9, "GB"), ("peak RSS", "peak_rss", 1e9, "GB"),
+            ("RSS added by the load", "load_rss", 1e9, "GB"), ("time per forward", "forward_s", 1, "s")]  # fmt: skip
+    for label, key, scale, unit in rows:
+        a, b = max(whole[key]), max(sharded[key])
+        print(f"| {label} | {a / scale:.3f} {unit} | {b / scale:.3f} {unit} | {b / a:.3f} |")
+    print(f"max |sharded - whole| of the forward output: {abs(sharded['checksum'] - whole['checksum']):.3e} (sum)")
+    return 0
+
+
+def shard_worker(args: argparse.Namespace) -> int:
+    """One rank: load the expert whole or by shards, measure bytes, RSS and the forward time, rank 0 writes JSON."""
+    import json
+    import resource
+    from pathlib import Path
+
+    import psutil
+    import torch.distributed as dist
+
+    from bernini_diffusers import BerniniTransformer3DModel
+    from bernini_diffusers.parallel import (
+        UlyssesSequence,
+        init_parallel_state,
+        local_parameter_bytes,
+        parallelize_model,
+        shard_model,
+    )
+    from bernini_diffusers.sharded_load import _folder_plan, cast_skeleton, materialize_shards
+
+    torch.set_num_threads(1)
+    state = init_parallel_state(ulysses_degree=int(os.environ["WORLD_SIZE"]))
+    before = psutil.Process().memory_info().rss
+    folder = Path(args.shard_worker)
+    if args.shard_mode == "whole":
+        model = BerniniTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    else:
+        plan, model = _folder_plan(folder, "transformer")
+        model = cast_skeleton(plan, model, torch.bfloat16)
+        shard_model(model, state.data_group, "cpu")
+        materialize_shards(plan, model, state.data_group, state.device)
+    loaded = psutil.Process().memory_info().rss
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes, DTensor or not
+    parallelize_model(model, UlyssesSequence(state.ulysses_group, state.ulysses_degree, state.ulysses_rank))
+    g = torch.Generator("cpu").manual_seed(1)
+    latent = torch.randn(1, 16, 2, 16, 16, generator=g).to(torch.bfloat16)  # 128 tokens per stream
+    inputs = dict(hidden_states=latent, timestep=torch.tensor([900]), condition_latents=[latent.clone()],
+                  condition_source_ids=[1.0], return_dict=False,
+                  encoder_hidden_states=torch.randn(1, 64, 4096, generator=g).to(torch.bfloat16))  # fmt: skip
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            model(**inputs)
+        times = []
+        for _ in range(args.repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            out = model(**inputs)[0]
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    mine = [local_parameter_bytes(model), peak, loaded - before, statistics.median(times)]
+    gathered = [None] * state.world_size
+    dist.all_gather_object(gathered, mine)
+    if state.rank == 0:
+        keys = ("param_bytes", "peak_rss", "load_rss", "forward_s")
+        report = {key: [rank[i] for rank in gathered] for i, key in enumerate(keys)}
+        report.update(total_bytes=total, tokens=2 * 128, checksum=out.float().sum().item())
+        Path(args.shard_out).write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.shard_worker:
+        return shard_worker(args)
+    if args.shard:
+        return shard_driver(args)
     if not torch.cuda.is_available():
         print("bench_parallel.py measures Ulysses on CUDA GPUs (one per process, at least 2); this machine has none.")
         return 0

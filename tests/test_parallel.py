@@ -150,6 +150,16 @@ def test_shard_weights_needs_a_clip_of_several_ranks(tiny_pipe, monkeypatch, kwa
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())  # before any rendezvous
 
 
+def test_cli_shard_weights_needs_a_clip_of_several_ranks(tmp_path, capsys, monkeypatch):
+    from bernini_diffusers import cli
+
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    code = cli.main(["generate", "--model", "tiny", "--prompt", "x", "--shard_weights", "--output", str(tmp_path / "x.mp4")])
+    assert code == 2 and "--shard_weights" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_process_that_does_not_write_cannot_save(tmp_path):
     out = BerniniPipelineOutput(frames=None, fps=16, output_type="np")  # what a non-writing rank gets back
     with pytest.raises(ValueError, match="is_writer"):
@@ -452,7 +462,8 @@ def test_cli_batch_on_two_data_groups_killed_then_resumed_with_ulysses(tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
     assert 1 <= len(before) < len(names), before  # killed part-way
 
-    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, "--ulysses", "2"),
+    # The restart also shards the experts across the two ranks (--shard_weights).
+    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, "--ulysses", "2", "--shard_weights"),
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     output = _finish(resumed, timeout=300)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}

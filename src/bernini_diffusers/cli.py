@@ -198,6 +198,11 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parallel.add_argument(
         "--branch_parallel", type=int, default=1, help="rank groups computing a step's guidance branches at once"
     )
+    parallel.add_argument(
+        "--shard_weights", action="store_true",
+        help="shard both experts (FSDP2) across the --ulysses x --branch_parallel ranks of a clip; each rank reads "
+        "only its shards (docs/parallel.md)",
+    )  # fmt: skip
     add_debug_argument(parser)
     parser.set_defaults(func=generate)
     return parser
@@ -228,6 +233,8 @@ def enable_parallelism(pipe, args: argparse.Namespace):
     The state gives `data_rank`, `data_degree` (cases are dealt `pending[data_rank::data_degree]`) and `is_writer`
     (the one rank of a data group that writes and prints).
     """
+    if pipe.parallel_state is not None:  # loaded with --shard_weights: already enabled
+        return pipe.parallel_state
     if args.ulysses == 1 and args.branch_parallel == 1 and _world_size() == 1:
         return None
     return pipe.enable_parallelism(ulysses_degree=args.ulysses, branch_degree=args.branch_parallel)
@@ -319,6 +326,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
     group, world = args.ulysses * args.branch_parallel, _world_size()
+    if args.shard_weights and group == 1:
+        raise ValueError(
+            "`shard_weights` shards the experts across the --ulysses x --branch_parallel ranks of a clip, but both "
+            "are 1; add e.g. --ulysses 2 (with torchrun --nproc-per-node 2)."
+        )
     if world % group:
         raise ValueError(
             f"`ulysses`={args.ulysses} x `branch_parallel`={args.branch_parallel} needs a multiple of {group} "

@@ -428,9 +428,23 @@ def load_pipeline(args: argparse.Namespace):
     if not isinstance(max_src_id, int) or max_src_id < 1:
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
+    shard = bool(getattr(args, "shard_weights", False))
+    if shard and profile not in (None, "resident"):
+        raise ValueError(
+            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (FSDP2 places the shards); "
+            "use --memory_profile resident, or drop --shard_weights."
+        )
+    if shard and getattr(args, "compile", False):
+        raise ValueError("`compile` cannot be combined with `shard_weights` yet; drop one of them.")
     if model == TINY_MODEL:
         pipe = tiny.tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
         note(f"note: --model {TINY_MODEL} has random weights; its output is noise.")
+        if shard:
+            pipe.enable_parallelism(args.ulysses, args.branch_parallel, shard_weights=True)
+    elif shard:
+        # Each rank reads only its shards of the experts (docs/parallel.md); the other components load whole.
+        pipe = BerniniPipeline.from_pretrained_sharded(model, args.ulysses, args.branch_parallel, dtype=dtype,
+                                                       **checkpoints)  # fmt: skip
     else:
         pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
     # The official flags win over the loaded config, as the official loader passes them as overrides.

@@ -22,6 +22,7 @@ from diffusers.hooks import (
 )
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
+from torch.distributed.fsdp import FSDPModule
 
 
 def assign_source_ids(num_sources: int, max_trained_src_id: int = 5, interpolate: bool = True) -> list[float]:
@@ -221,6 +222,13 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             raise ValueError(
                 "FirstBlockCache cannot run under Ulysses sequence parallelism (each process would decide on its own "
                 "tokens); call `disable_cache()` on the experts or use `branch_degree` instead of `ulysses_degree`."
+            )
+        if isinstance(self, FSDPModule) and isinstance(self._cache_config, FirstBlockCacheConfig):
+            # Branch groups would skip blocks on their own branch's judgement, and a skipped block issues no
+            # all-gather: the data group's collectives would part ways.
+            raise ValueError(
+                "FirstBlockCache cannot run with sharded weights (`shard_weights=True`): a block one rank skips "
+                "issues no all-gather; call `disable_cache()` on the experts or use MagCache or TaylorSeer."
             )
 
         batch_size, _, num_frames, height, width = hidden_states.shape

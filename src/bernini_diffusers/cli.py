@@ -233,8 +233,9 @@ def enable_parallelism(pipe, args: argparse.Namespace):
     The state gives `data_rank`, `data_degree` (cases are dealt `pending[data_rank::data_degree]`) and `is_writer`
     (the one rank of a data group that writes and prints).
     """
-    if pipe.parallel_state is not None:  # loaded with --shard_weights: already enabled
-        return pipe.parallel_state
+    state = getattr(pipe, "parallel_state", None)
+    if state is not None:  # loaded with --shard_weights: already enabled
+        return state
     if args.ulysses == 1 and args.branch_parallel == 1 and _world_size() == 1:
         return None
     return pipe.enable_parallelism(ulysses_degree=args.ulysses, branch_degree=args.branch_parallel)

@@ -19,16 +19,18 @@ FLOORS = {
     "pipeline_bernini": 4,
     "hub_export.export": 5, "hub_export": 5,
     "tiny": 6, "options": 7, "testing": 7, "hub_export.cli": 7, "demo": 8, "cli": 9,
+    "serve.store": 7, "serve.calls": 7, "serve.worker": 7, "serve.app": 7, "serve.cli": 8, "serve": 8,
     "__init__": 10,
 }  # fmt: skip
-RIM = {"tiny", "options", "testing", "hub_export.cli", "demo", "cli"}
+RIM = {"tiny", "options", "testing", "hub_export.cli", "demo", "cli", "serve.store", "serve.calls", "serve.worker",
+       "serve.app", "serve.cli", "serve"}  # fmt: skip
 RUNTIME = {name for name, floor in FLOORS.items() if floor <= 5}
 # Imported inside the function that needs them: optional parts, or what the lazy package namespace exposes.
 OPTIONAL = {"gradio", "openai", "xfuser", "yunchang", "torchao", "peft", "flash_attn", "flash_attn_interface",
-            "sageattention"}  # fmt: skip
+            "sageattention", "fastapi", "starlette", "anyio", "uvicorn", "multipart"}  # fmt: skip
 # The command line's deferred imports: the modules that build the `bernini` parser import torch, diffusers and the
 # package's runtime floors inside the functions that run a command, after parse_args (tests/test_cli_startup.py).
-COMMAND_LINE = {"cli", "options", "demo", "hub_export.cli"}
+COMMAND_LINE = {"cli", "options", "demo", "hub_export.cli", "serve.cli"}
 
 
 def _modules() -> dict[str, Path]:

@@ -24,6 +24,8 @@ from typing import Any
 from . import cases as case_files
 from .constants import (
     DEFAULT_CONTEXT_OVERLAP,
+    DEFAULT_MAX_TOKENS,
+    MAX_TOKENS_ENV,
     MAX_WINDOWED_FRAMES,
     TINY_MODEL,
     written_as_path,
@@ -46,6 +48,7 @@ from .options import (
     resolve_size_defaults,
     silence_import_noise,
 )
+from .serve.cli import add_serve_parser
 from .tasks import (
     PLANNER_GUIDANCE_MODES,
     TASKS,
@@ -70,11 +73,6 @@ GENERATION_ARGUMENTS = tuple(name for name in CALL_ARGUMENTS if name not in CASE
 PLANNER_FLAGS = {"omega_tgt": 0.5, "planning_step": 25, "vit_txt_cfg": 1.2, "vit_img_cfg": 1.0, "vit_denoising_step": 5}
 # `torch.Generator.manual_seed` takes any integer in [-2**63, 2**64 - 1] (a negative seed wraps modulo 2**64).
 SEED_RANGE = (-(2**63), 2**64 - 1)
-# The longest guidance branch allowed by default, in transformer tokens: 2.5 times the official 720p 121-frame rv2v
-# example at its upper-bound estimate (409,600), and three orders of magnitude below what the rope table of the
-# released models would accept (1024 positions per axis, 1024**3 tokens).
-DEFAULT_MAX_TOKENS = 2**20
-MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
 
 
 def _describe_task(spec: TaskSpec) -> str:
@@ -218,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(subparsers)
     add_export_parser(subparsers)
     add_demo_parser(subparsers)
-    from .serve.cli import add_serve_parser  # standard library only; the server's packages load when it starts
-
     add_serve_parser(subparsers)
     return parser
 

@@ -33,6 +33,13 @@ TEMPORAL_FACTOR = 4
 DEFAULT_CONTEXT_OVERLAP = 16
 MAX_WINDOWED_FRAMES = 961
 
+# The longest guidance branch allowed by default, in transformer tokens (`bernini generate --max_tokens`, `bernini
+# serve --max_tokens`, or this variable): 2.5 times the official 720p 121-frame rv2v example at its upper-bound
+# estimate (409,600), and three orders of magnitude below what the rope table of the released models would accept
+# (1024 positions per axis, 1024**3 tokens).
+DEFAULT_MAX_TOKENS = 2**20
+MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
+
 # The prompt enhancer's patience (`--pe_timeout`, `--pe_retries`, these variables, or `PromptEnhancer`'s arguments):
 # seconds one request may take and further tries after a failed one. With the waits between tries (1 s, 2 s) a prompt
 # costs at most 20 x 3 + 3 = 63 s; an endpoint that fails that budget is not asked again by the same enhancer.

@@ -2,11 +2,12 @@
 
 Requests are checked (`calls.build_job`: the pipeline's own `validate_call` and the size budget) and queued in the
 job store; workers (`worker.Worker`) run them. Responses are OpenAI's `video` object, list page, deletion object and
-error object, so the official `openai` SDK parses every one of them.
+error object, so the official `openai` SDK parses every one of them. FastAPI (the `[serve]` extra) is imported when the
+app is built.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (`request: Request`) as objects, and
+# `Request` is imported inside `create_app`, where a string annotation could not be resolved.
 import functools
 import hmac
 import math
@@ -19,13 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import anyio
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .calls import MEDIA_FIELDS, RequestError, build_job
 from .store import COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull, new_job_id
@@ -86,12 +80,18 @@ def _not_found(job_id: str) -> RequestError:
     return RequestError(f"No video found with id '{job_id}'.", "video_id", status=404, code="not_found")
 
 
-def _error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def create_app(store: JobStore, settings: Settings) -> FastAPI:
+def create_app(store: JobStore, settings: Settings):
     """The FastAPI app of a server whose jobs live in `store` (see `Settings`)."""
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def _error_response(err: RequestError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     app = FastAPI(
         title="Bernini-R video API",
         description="OpenAI-compatible videos API (`client.videos.*` of the openai SDK) over one Bernini-R pipeline.",
@@ -128,7 +128,7 @@ def create_app(store: JobStore, settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------------------------------ reading a body
 
-    async def read_body(request: Request) -> tuple[dict[str, Any], dict[str, list[UploadFile]]]:
+    async def read_body(request: Request) -> tuple[dict[str, Any], dict[str, list]]:
         """The fields and the uploaded files of a JSON or multipart body (form keys `x[]` and `x[id]` unnested)."""
         content_type = request.headers.get("content-type", "")
         length = request.headers.get("content-length")
@@ -152,7 +152,7 @@ def create_app(store: JobStore, settings: Settings) -> FastAPI:
             raise RequestError(f"Unsupported content type {content_type!r}: send JSON or multipart/form-data.", None)
         form = await request.form(max_files=16, max_fields=200)
         fields: dict[str, Any] = {}
-        files: dict[str, list[UploadFile]] = {}
+        files: dict[str, list] = {}
         for key, value in form.multi_items():
             match = _FORM_KEY.match(key)
             if match is None:
@@ -168,7 +168,7 @@ def create_app(store: JobStore, settings: Settings) -> FastAPI:
                 fields[name] = value
         return fields, files
 
-    def save_upload(upload: UploadFile, name: str, suffixes: tuple[str, ...]) -> str:
+    def save_upload(upload, name: str, suffixes: tuple[str, ...]) -> str:
         """Store an upload under `uploads/` with a generated name; returns its path relative to the jobs folder."""
         suffix = Path(upload.filename or "").suffix.lower()
         if suffix not in suffixes:
@@ -216,7 +216,7 @@ def create_app(store: JobStore, settings: Settings) -> FastAPI:
             shutil.copyfile(store.root / job.output, target)
         return str(target.relative_to(store.root))
 
-    def create(fields: dict[str, Any], files: dict[str, list[UploadFile]], *, video_from: str | None = None,
+    def create(fields: dict[str, Any], files: dict[str, list], *, video_from: str | None = None,
                needs_video: bool = False, remixed_from: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Store the media, check the request and queue it (runs in a worker thread: media are probed)."""
         saved: list[str] = []

@@ -1,4 +1,9 @@
-"""The `bernini serve` command: its flags (standard library only at import) and its run function."""
+"""The `bernini serve` command: its flags and its run function.
+
+Like the other modules that build the `bernini` parser, this one imports only the standard library and torch-free
+modules at module level; torch, the pipeline and the server's packages (FastAPI, uvicorn: the `[serve]` extra) load
+inside `run_serve`, after the command line is parsed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import argparse
 import os
 import sys
 import threading
+
+from .. import options
+from ..constants import DEFAULT_MAX_TOKENS, MAX_TOKENS_ENV
 
 API_KEY_ENV = "BERNINI_API_KEY"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -25,8 +33,6 @@ Many GPUs: `torchrun --nproc-per-node 8 -m bernini_diffusers.cli serve --model M
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bernini serve`: the model flags of `bernini generate`, the size defaults of a request, and the
     server's own flags."""
-    from .. import options  # the shared model flags
-
     parser = subparsers.add_parser(
         "serve", help="serve an OpenAI-compatible videos API (needs the [serve] extra)",
         formatter_class=options.HelpFormatter, epilog=_EPILOG,
@@ -47,7 +53,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     server.add_argument("--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload, per file")
     server.add_argument(
         "--max_tokens", type=int,
-        help="refuse a request whose longest guidance branch exceeds this many tokens (default: as bernini generate)",
+        help=f"refuse a request whose longest guidance branch exceeds this many transformer tokens (default: "
+             f"${MAX_TOKENS_ENV}, else {DEFAULT_MAX_TOKENS})",
     )
     server.add_argument(
         "--on_interrupted", choices=("requeue", "fail"), default="requeue",
@@ -99,6 +106,24 @@ def _check(args: argparse.Namespace) -> None:
         )
 
 
+def _max_tokens(args: argparse.Namespace) -> int:
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise ValueError(f"`max_tokens`={args.max_tokens} must be >= 1.")
+        return args.max_tokens
+    raw = os.environ.get(MAX_TOKENS_ENV, "").strip()
+    if raw and (not raw.isdigit() or int(raw) < 1):
+        raise ValueError(f"${MAX_TOKENS_ENV}={raw!r} must be an integer >= 1.")
+    return int(raw) if raw else DEFAULT_MAX_TOKENS
+
+
+def _enable_parallelism(pipe, args: argparse.Namespace):
+    """This rank's parallel state (as `bernini generate`), None for one process."""
+    if args.ulysses == 1 and args.branch_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    return pipe.enable_parallelism(ulysses_degree=args.ulysses, branch_degree=args.branch_parallel)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Check the flags, load the pipeline once, and serve until interrupted (rank 0 answers HTTP; every rank works)."""
     try:
@@ -106,8 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
         import multipart  # noqa: F401  (python-multipart, for uploads)
         import uvicorn
     except ImportError as err:
-        raise ImportError(f"`bernini serve` needs the [serve] extra: pip install 'bernini_diffusers[serve]' ({err})")
-    from .. import cli, options
+        raise ImportError(
+            f"`bernini serve` needs the [serve] extra: pip install 'bernini_diffusers[serve]' ({err})"
+        ) from None
     from .app import Settings, create_app
     from .store import JobStore
     from .worker import Worker
@@ -119,7 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in options.SIZE_DEFAULTS:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
-    max_tokens = cli._max_tokens(args)
+    max_tokens = _max_tokens(args)
     options.check_environment(args)
     store = JobStore(args.jobs_dir, lease_seconds=args.lease_seconds)
     rank = int(os.environ.get("RANK", "0"))
@@ -130,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
 
     pipe = options.load_pipeline(args)
-    state = cli.enable_parallelism(pipe, args)
+    state = _enable_parallelism(pipe, args)
     worker = Worker(pipe, store, state, on_interrupted=args.on_interrupted)
     if not worker.writer:
         pipe.set_progress_bar_config(disable=True)

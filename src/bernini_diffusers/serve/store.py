@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cases import process_alive
+
 # The statuses the API shows; `deleted` is internal (a cancelled job whose worker has not let go of it yet).
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, DELETED = "queued", "in_progress", "completed", "failed", "deleted"
 ON_INTERRUPTED = ("requeue", "fail")
@@ -79,8 +81,6 @@ def worker_name(group: int = 0) -> str:
 
 def _holder_gone(worker: str | None) -> bool:
     """Whether the lease holder was a process of this host that no longer runs (its lease need not be waited out)."""
-    from ..cases import process_alive  # ground floor, standard library only
-
     if not worker:
         return True
     pid, _, rest = worker.partition("@")
@@ -241,8 +241,11 @@ class JobStore:
         return {row[0]: row[1] for row in rows}
 
     def running(self) -> list[Job]:
+        """The jobs a worker holds: running ones, and deleted ones whose worker has not stopped yet."""
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (IN_PROGRESS,)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq", (IN_PROGRESS, DELETED)
+            ).fetchall()
         return [Job.from_row(row) for row in rows]
 
     def mean_duration(self, last: int = 20) -> float | None:

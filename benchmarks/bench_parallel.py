@@ -136,8 +136,9 @@ def shard_driver(args: argparse.Namespace) -> int:
           f"width, bf16, {whole['total_bytes'] / 1e9:.2f} GB; {whole['tokens']} tokens per forward")
     print("| per rank (max over ranks) | whole expert per rank | sharded (FSDP2) | sharded / whole |")
     print("|---|---|---|---|")
-    rows = [("parameter bytes", "param_bytes", 1e9, "GB"), ("peak RSS", "peak_rss", 1e9, "GB"),
-            ("RSS added by the load", "load_rss", 1e9, "GB"), ("time per forward", "forward_s", 1, "s")]  # fmt: skip
+    rows = [("parameter bytes", "param_bytes", 1e9, "GB"), ("peak RSS after the load", "load_peak_rss", 1e9, "GB"),
+            ("RSS added by the load", "load_rss", 1e9, "GB"), ("peak RSS after the forwards", "peak_rss", 1e9, "GB"),
+            ("time per forward", "forward_s", 1, "s")]  # fmt: skip
     for label, key, scale, unit in rows:
         a, b = max(whole[key]), max(sharded[key])
         print(f"| {label} | {a / scale:.3f} {unit} | {b / scale:.3f} {unit} | {b / a:.3f} |")
@@ -176,6 +177,7 @@ def shard_worker(args: argparse.Namespace) -> int:
         shard_model(model, state.data_group, "cpu")
         materialize_shards(plan, model, state.data_group, state.device)
     loaded = psutil.Process().memory_info().rss
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes, DTensor or not
     parallelize_model(model, UlyssesSequence(state.ulysses_group, state.ulysses_degree, state.ulysses_rank))
     g = torch.Generator("cpu").manual_seed(1)
@@ -193,11 +195,11 @@ def shard_worker(args: argparse.Namespace) -> int:
             out = model(**inputs)[0]
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    mine = [local_parameter_bytes(model), peak, loaded - before, statistics.median(times)]
+    mine = [local_parameter_bytes(model), load_peak, peak, loaded - before, statistics.median(times)]
     gathered = [None] * state.world_size
     dist.all_gather_object(gathered, mine)
     if state.rank == 0:
-        keys = ("param_bytes", "peak_rss", "load_rss", "forward_s")
+        keys = ("param_bytes", "load_peak_rss", "peak_rss", "load_rss", "forward_s")
         report = {key: [rank[i] for rank in gathered] for i, key in enumerate(keys)}
         report.update(total_bytes=total, tokens=2 * 128, checksum=out.float().sum().item())
         Path(args.shard_out).write_text(json.dumps(report))

@@ -160,6 +160,15 @@ def test_cli_shard_weights_needs_a_clip_of_several_ranks(tmp_path, capsys, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_sharded_weight_bytes_for_the_memory_plan():
+    from bernini_diffusers.parallel import sharded_weight_bytes
+
+    assert sharded_weight_bytes(1000) == sharded_weight_bytes(1000, 1, kept_bytes=10, gathered_bytes=50) == 1000
+    assert sharded_weight_bytes(1000, 4, kept_bytes=10, gathered_bytes=50) == 248 + 10 + 50  # ceil(990 / 4)
+    with pytest.raises(ValueError, match="shard_degree"):
+        sharded_weight_bytes(1000, 0)
+
+
 def test_a_process_that_does_not_write_cannot_save(tmp_path):
     out = BerniniPipelineOutput(frames=None, fps=16, output_type="np")  # what a non-writing rank gets back
     with pytest.raises(ValueError, match="is_writer"):

@@ -549,6 +549,19 @@ def gather_pass(model: torch.nn.Module) -> None:
     model.reshard()
 
 
+def sharded_weight_bytes(
+    expert_bytes: int, shard_degree: int = 1, *, kept_bytes: int = 0, gathered_bytes: int = 0
+) -> int:
+    """Peak bytes of one expert's weights on one rank, for a memory plan: the whole expert without sharding; with
+    `shard_degree` N > 1, its sharded part / N (rounded up), plus `kept_bytes` held whole on every rank (float32-kept
+    parameters of a bf16 load) and `gathered_bytes` gathered at once while it runs (the largest block plus the root:
+    about 1.1 GiB for a 14B expert in bf16)."""
+    _check_degree("shard_degree", shard_degree)
+    if shard_degree == 1:
+        return expert_bytes
+    return -(-(expert_bytes - kept_bytes) // shard_degree) + kept_bytes + gathered_bytes
+
+
 def local_parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of `model`'s parameters held by this process: its shards when sharded, everything otherwise."""
     total = 0

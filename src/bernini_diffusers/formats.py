@@ -399,12 +399,12 @@ def _classify_safetensors(path: str, entries: dict[str, TensorEntry], metadata: 
 def _layout(path: str, keys: list[str]) -> str:
     if any(_OFFICIAL_RE.match(k) for k in keys):
         return "official"
-    if keys and all(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
+    prefixed = bool(keys) and all(k.startswith(COMFY_PREFIX) for k in keys)
     if any(m in k for k in keys for m in _WAN_MARKERS):
-        return "wan"
-    if any(m in k or k.startswith(m) for k in keys for m in _DIFFUSERS_MARKERS):
-        return "diffusers"
+        return "comfyui" if prefixed else "wan"
+    stripped = [k.removeprefix(COMFY_PREFIX) for k in keys]
+    if any(m in k or k.startswith(m) for k in stripped for m in _DIFFUSERS_MARKERS):
+        return "diffusers"  # with ComfyUI's prefix or without: it is stripped
     raise ValueError(
         f"{path!r} holds no Wan/Bernini transformer keys (e.g. {sample_names(keys)}): neither the official "
         "renderer's, Wan's original, ComfyUI's nor diffusers' layout."
@@ -516,7 +516,7 @@ def model_keys(fmt: CheckpointFormat, expert: str = "transformer", expected=None
         plan = plan_conversion(source, expert, expected, checkpoint=fmt.path)
         return {model_key: info.key for model_key, info in plan.tensors.items()}
     if fmt.layout == "diffusers":
-        return {k: k for k in fmt.weights}
+        return {k.removeprefix(COMFY_PREFIX): k for k in fmt.weights}
     # diffusers' converter renames a dict's keys; given each key as its own value, it returns new key -> old key.
     converted = convert_wan_transformer_to_diffusers({k: k for k in fmt.weights})
     return dict(converted)

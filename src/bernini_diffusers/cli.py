@@ -23,9 +23,11 @@ from typing import Any
 
 from . import cases as case_files
 from .constants import (
+    CHECKPOINT_FORMATS,
     DEFAULT_CONTEXT_OVERLAP,
     DEFAULT_MAX_TOKENS,
     MAX_TOKENS_ENV,
+    DTYPES,
     MAX_WINDOWED_FRAMES,
     TINY_MODEL,
     written_as_path,
@@ -201,6 +203,18 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="shard both experts (FSDP2) across the --ulysses x --branch_parallel ranks of a clip; each rank reads "
         "only its shards (docs/parallel.md)",
     )  # fmt: skip
+    plan = parser.add_argument_group("memory plan")
+    plan.add_argument(
+        "--plan", action="store_true",
+        help="print each case's peak GPU memory and host RAM under the chosen --memory_profile, and whether they "
+             "fit, then exit without loading any weight",
+    )  # fmt: skip
+    plan.add_argument(
+        "--checkpoint_format", choices=CHECKPOINT_FORMATS,
+        help="with --plan: the experts' weights format (default: the --dtype's)",
+    )
+    plan.add_argument("--gpu_memory", type=float, metavar="GB", help="with --plan: GPU memory (default: detected)")
+    plan.add_argument("--ram", type=float, metavar="GB", help="with --plan: host RAM (default: detected)")
     add_debug_argument(parser)
     parser.set_defaults(func=generate)
     return parser
@@ -627,12 +641,15 @@ def generate(args: argparse.Namespace) -> int:
     """
     started = time.time()
     _check_flags(args)
-    check_environment(args)
+    if not args.plan:  # a plan may be made for a device this machine lacks
+        check_environment(args)
     batch = args.inputs is not None
     cases = collect_cases(args)
     check_cases(args, cases)
     if not batch and cases[0].problem is not None:
         raise UsageError(cases[0].problem)
+    if args.plan:
+        return print_plans(args, cases)
 
     outcomes: dict[int, _Outcome] = {}
     pending = []
@@ -695,6 +712,55 @@ def generate(args: argparse.Namespace) -> int:
     if batch and (state is None or state.is_writer):
         print(_summary(cases, outcomes), file=sys.stderr)
     return 1 if any(o.status == "failed" for o in outcomes.values()) else 0
+
+
+def _media_sizes(call: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(width, height) of each media file of a call, read cheaply (a video's header and first frame)."""
+    from . import media
+
+    videos = media.split_videos(call.get("video"))
+    named = [("video" if len(videos) == 1 else f"video[{i}]", v, media.probe_video) for i, v in enumerate(videos)]
+    named += [("image", call.get("image"), media.probe_image)]
+    named += [(f"images[{i}]", v, media.probe_image) for i, v in enumerate(call.get("images") or [])]
+    sizes = {}
+    for name, value, probe in named:
+        if isinstance(value, (str, os.PathLike)):
+            found = probe(value, name)
+            sizes[name] = found.size if name.startswith("video") else found
+    return sizes
+
+
+def print_plans(args: argparse.Namespace, cases: list[case_files.Case]) -> int:
+    """`--plan`: print each valid case's memory plan (`BerniniPipeline.estimate_memory`) without loading weights;
+    exit status 0 whether or not it fits (the plan says so), 2 for a case that is not valid."""
+    import torch
+
+    from .memory import default_device
+    from .pipeline_bernini import BerniniPipeline
+    from .tiny import tiny_model_configs
+
+    model, _ = resolve_model(args)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device`={args.device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")])
+    profile = args.memory_profile or ("expert_offload" if args.enable_model_cpu_offload else "resident")
+    if model == TINY_MODEL:
+        model = tiny_model_configs()
+    status = 0
+    for case in cases:
+        if case.problem is not None:
+            print(f"[{case.number}/{len(cases)}] {case.problem}", file=sys.stderr)
+            status = 2
+            continue
+        call = call_arguments(args, case)
+        plan = BerniniPipeline.estimate_memory(
+            model, profile, args.checkpoint_format, device=device, dtype=dtype, gpu_memory=args.gpu_memory,
+            ram=args.ram, media_sizes=_media_sizes(call), **call,
+        )
+        print(f"[{case.number}/{len(cases)}] {case.inputs['task_type']} -> {case.output}\n{plan}", flush=True)
+    return status
 
 
 # Exceptions of these packages are the network or the Hub failing, whatever their base class: exit status 1.

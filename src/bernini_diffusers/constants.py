@@ -55,7 +55,7 @@ PE_MAX_RETRIES = 100
 # tests/test_cli_startup.py checks each against the table it copies, so they cannot drift apart.
 # The names of `memory.MEMORY_PROFILES`, in its order.
 MEMORY_PROFILE_NAMES: tuple[str, ...] = (
-    "resident", "expert_offload", "group_offload", "fp8", "fp8+expert_offload", "fp8+group_offload",
+    "resident", "expert_offload", "group_offload", "fp8", "fp8+expert_offload", "fp8+group_offload", "low_ram",
 )  # fmt: skip
 # The step-cache presets of `acceleration.CACHE_PRESETS` that need no calibration (the ones a flag can name).
 CACHE_PRESET_NAMES: tuple[str, ...] = ("fbc-safe", "fbc-fast", "taylorseer")
@@ -105,3 +105,21 @@ GUIDANCE_RANGES: dict[str, tuple[float, float]] = {
 # The most videos one call renders (`len(prompt) * num_videos_per_prompt`): each holds its own latents and branch
 # activations, so a larger batch is a typo rather than a plan; render more with several calls or a case list.
 MAX_BATCH_SIZE = 16
+
+# The released models' other component configs, so that a memory plan (`memory_plan.estimate_memory`) needs no
+# weights and no network: their UMT5-XXL text encoder (encoder only) and the Wan2.1 VAE (AutoencoderKLWan's defaults);
+# the experts' are the two above. A local model folder's own config.json files take precedence over these.
+UMT5_XXL_CONFIG = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+)  # fmt: skip
+WAN_VAE_CONFIG: dict = {}  # AutoencoderKLWan's defaults are the Wan2.1 VAE (base_dim 96, z_dim 16)
+# Model names a plan knows without files: "A14B" (two experts) and "1.3B" (one).
+KNOWN_MODELS = {"A14B": (WAN22_A14B_TRANSFORMER_CONFIG, 2), "1.3B": (WAN21_T2V_1_3B_TRANSFORMER_CONFIG, 1)}
+
+# Checkpoint formats a memory plan prices (the experts' weights as they sit in memory): plain dtypes, float8 weights,
+# and GGUF quantizations as (block size in weights, bytes per block), ggml's block layouts.
+PLAIN_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
+GGUF_BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q4_0": (32, 18)}
+CHECKPOINT_FORMATS: tuple[str, ...] = (*PLAIN_FORMATS, "fp8", *GGUF_BLOCKS)

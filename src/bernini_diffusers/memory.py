@@ -42,14 +42,19 @@ class MemoryProfile:
     """One named recipe: where the weights live during a call, and whether the experts store them in float8."""
 
     name: str
-    placement: str  # "resident", "expert_offload" or "group_offload"
+    placement: str  # "resident", "expert_offload", "group_offload" or "low_ram"
     fp8: bool
     description: str
 
     @property
     def offloads(self) -> bool:
         """Whether the profile moves weights between the CPU and the device (so it needs an accelerator to help)."""
-        return self.placement != "resident"
+        return self.placement in ("expert_offload", "group_offload")
+
+    @property
+    def at_load(self) -> bool:
+        """Whether the profile decides what is loaded at all, so it is chosen by `from_pretrained` (`low_ram`)."""
+        return self.placement == "low_ram"
 
 
 _PLACEMENTS = {
@@ -60,6 +65,10 @@ _PLACEMENTS = {
         "they run (diffusers' group offload)"
     ),
 }
+_LOW_RAM = (
+    "chosen at load (`from_pretrained(..., memory_profile='low_ram')`): host RAM holds one component at a time, each "
+    "expert read from its file for its own steps and released before the other one is read"
+)
 _FP8 = "experts stored in float8_e4m3fn, computed in their dtype (diffusers' layerwise casting)"
 
 MEMORY_PROFILES: dict[str, MemoryProfile] = {
@@ -73,6 +82,7 @@ MEMORY_PROFILES: dict[str, MemoryProfile] = {
     "fp8+group_offload": MemoryProfile(
         "fp8+group_offload", "group_offload", True, f"{_FP8}; {_PLACEMENTS['group_offload']}"
     ),
+    "low_ram": MemoryProfile("low_ram", "low_ram", False, _LOW_RAM),
 }
 MEMORY_PROFILE_NAMES = tuple(MEMORY_PROFILES)
 
@@ -89,6 +99,22 @@ def get_memory_profile(name: str) -> MemoryProfile:
 def default_device() -> torch.device:
     """CUDA when it is available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch device that exists here (CUDA's current index when none is given); the default device
+    when None; a `ValueError` naming it otherwise."""
+    try:
+        device = default_device() if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device`={device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
+    if device.type == "meta":  # no storage: the weights placed there would be gone
+        raise ValueError("`device`='meta' is not allowed: the meta device holds no data; use cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device`={str(device)!r}: no CUDA device is available here; use device='cpu'.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def full_precision_parameters(expert: torch.nn.Module) -> list[str]:
@@ -136,18 +162,15 @@ def _foreign_hooks(pipe) -> list[str]:
 def apply_memory_profile(pipe, name: str, device: str | torch.device | None = None, *, vae_tiling: bool = False):
     """Apply the memory profile `name` to `pipe` (see `BerniniPipeline.enable_memory_profile`); returns it."""
     profile = get_memory_profile(name)
+    if profile.at_load:
+        raise ValueError(
+            f"`memory_profile`={profile.name!r} decides what is loaded at all, so it is chosen at load: pass "
+            f"`BerniniPipeline.from_pretrained(..., memory_profile={profile.name!r})` (or `--memory_profile "
+            f"{profile.name}`) instead of `enable_memory_profile`."
+        )
     if not isinstance(vae_tiling, bool):
         raise ValueError(f"`vae_tiling`={vae_tiling!r} must be True or False.")
-    try:
-        device = default_device() if device is None else torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"`device`={device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
-    if device.type == "meta":  # no storage: the weights placed there would be gone
-        raise ValueError("`device`='meta' is not allowed: the meta device holds no data; use cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device`={str(device)!r}: no CUDA device is available here; use device='cpu'.")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = checked_device(device)
 
     applied = getattr(pipe, "_memory_profile", None)
     if applied is not None:

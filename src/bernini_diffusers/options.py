@@ -378,6 +378,11 @@ def _memory_profile(args: argparse.Namespace, device) -> str | None:
         return None
     from .memory import get_memory_profile
 
+    if get_memory_profile(name).at_load and getattr(args, "model", None) == TINY_MODEL:
+        raise ValueError(
+            f"`memory_profile`={name!r} reads the experts from their files, and --model {TINY_MODEL} is built in code: "
+            "save it first (`tiny_pipeline().save_pretrained(DIR)`) and pass --model DIR."
+        )
     if get_memory_profile(name).offloads and device.type == "cpu":
         raise ValueError(
             f"`memory_profile`={name!r} moves weights between the CPU and an accelerator, but the device is cpu; "
@@ -418,6 +423,7 @@ def known_rope_length(model: str) -> int | None:
 def load_pipeline(args: argparse.Namespace):
     """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
     from . import tiny
+    from .memory import get_memory_profile
     from .pipeline_bernini import BerniniPipeline
 
     model, checkpoints = resolve_model(args)
@@ -436,11 +442,14 @@ def load_pipeline(args: argparse.Namespace):
         )
     if shard and getattr(args, "compile", False):
         raise ValueError("`compile` cannot be combined with `shard_weights` yet; drop one of them.")
+    at_load = profile is not None and get_memory_profile(profile).at_load
     if model == TINY_MODEL:
         pipe = tiny.tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
         note(f"note: --model {TINY_MODEL} has random weights; its output is noise.")
         if shard:
             pipe.enable_parallelism(args.ulysses, args.branch_parallel, shard_weights=True)
+    elif at_load:  # low_ram decides what is loaded at all
+        pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, memory_profile=profile, device=device, **checkpoints)
     elif shard:
         # Each rank reads only its shards of the experts (docs/parallel.md); the other components load whole.
         pipe = BerniniPipeline.from_pretrained_sharded(model, args.ulysses, args.branch_parallel, dtype=dtype,
@@ -467,7 +476,10 @@ def load_pipeline(args: argparse.Namespace):
         pipe.load_turbo_lora(*turbo)
     if getattr(args, "cache_preset", None) is not None:
         pipe.enable_cache_preset(args.cache_preset)
-    if profile is not None:
+    if at_load:
+        if getattr(args, "vae_tiling", False):
+            pipe.vae.enable_tiling()
+    elif profile is not None:
         pipe.enable_memory_profile(profile, device, vae_tiling=bool(getattr(args, "vae_tiling", False)))
     else:
         pipe.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -28,7 +29,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from . import acceleration, media, memory, parallel, sharded_load, windows
+from . import acceleration, low_ram, media, memory, memory_plan, parallel, sharded_load, windows
 from .attention import set_attention_backend
 from .constants import (
     DEFAULT_CONTEXT_OVERLAP,
@@ -422,6 +423,74 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         return memory.apply_memory_profile(self, name, device, vae_tiling=vae_tiling)
 
+    @classmethod
+    def estimate_memory(
+        cls,
+        model: str | os.PathLike = "A14B",
+        memory_profile: str = "resident",
+        checkpoint_format: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        shard_degree: int = 1,
+        gpu_memory: float | None = None,
+        ram: float | None = None,
+        media_sizes: dict[str, tuple[int, int]] | None = None,
+        **call_kwargs,
+    ) -> memory_plan.MemoryPlan:
+        r"""
+        The peak GPU memory and peak host RAM of a call, and whether they fit, without loading any weight: computed
+        from the model's configs and the call's real shapes (see [`~memory_plan.estimate_memory`] and
+        docs/memory.md).
+
+        ```py
+        plan = BerniniPipeline.estimate_memory("A14B", "low_ram", "fp8", task_type="t2v", height=480, width=848)
+        print(plan)  # peak GPU memory: ... fits / does NOT fit
+        ```
+
+        Args:
+            model (`str` or `os.PathLike`, defaults to `"A14B"`):
+                `"A14B"`, `"1.3B"`, a local model folder (its config.json files), or a released repo id.
+            memory_profile (`str`, defaults to `"resident"`):
+                A memory profile name, `low_ram` included.
+            checkpoint_format (`str`, *optional*):
+                The experts' weights: `fp32`, `bf16`, `fp16`, `fp8`, `Q8_0`, `Q6_K`, `Q5_K`, `Q4_K`, `Q4_0`; defaults
+                to the dtype's.
+            device (`str` or `torch.device`, *optional*):
+                Where the call computes; CUDA when available, else the CPU (then every byte is host RAM).
+            dtype (`torch.dtype`, *optional*):
+                The compute dtype; bf16 on an accelerator, fp32 on the CPU, as `bernini generate` defaults.
+            shard_degree (`int`, defaults to 1):
+                FSDP ranks sharing each expert's weights.
+            gpu_memory, ram (`float`, *optional*):
+                The memory available in GB; detected (`torch.cuda.mem_get_info`, `psutil`) when not given.
+            media_sizes (`dict`, *optional*):
+                (width, height) of the call's input media, as [`~BerniniPipeline.estimate_tokens`] takes them.
+            call_kwargs:
+                The call's arguments (`task_type`, `num_frames`, `height`, `width`, `max_image_size`, `prompt`, ...).
+
+        Returns:
+            [`~memory_plan.MemoryPlan`]: `gpu_bytes`, `ram_bytes`, `fits_gpu`, `fits_ram`, `parts`; `str()` prints it.
+        """
+        device = memory.default_device() if device is None else device
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device`={device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        if checkpoint_format is None:
+            checkpoint_format = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+        tokens, grid = cls.estimate_tokens(media_sizes, **call_kwargs)
+        prompt, per_prompt = call_kwargs.get("prompt"), call_kwargs.get("num_videos_per_prompt", 1)
+        batch = (len(prompt) if isinstance(prompt, (list, tuple)) else 1) * per_prompt
+        latent_grid = (grid[0], 2 * grid[1], 2 * grid[2])  # the widest stream, in latent pixels (patch 2x2)
+        return memory_plan.estimate_memory(
+            model, tokens=tokens, latent_grid=latent_grid, batch=batch, memory_profile=memory_profile,
+            checkpoint_format=checkpoint_format, dtype=dtype, device=device, shard_degree=shard_degree,
+            gpu_memory=gpu_memory, ram=ram,
+        )
+
     # ------------------------------------------------------------------------------------------------ parallelism
 
     def enable_parallelism(
@@ -538,11 +607,21 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         Only safetensors are read; a pickle file where weights are expected is an error naming it.
         """
+        profile, device = kwargs.pop("memory_profile", None), kwargs.pop("device", None)
+        profile = None if profile is None else memory.get_memory_profile(profile)
+        if device is not None and profile is None:
+            raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
         prepared = prepare_load(cls, pretrained_model_name_or_path, kwargs)
         if not prepared.has_scheduler:
             prepared.kwargs["scheduler"] = default_scheduler()
-        pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
+        if profile is not None and profile.at_load:  # low_ram: what is loaded at all is the profile's to decide
+            load = functools.partial(super().from_pretrained, prepared.folder)
+            pipe = low_ram.from_pretrained(load, prepared, memory.checked_device(device))
+        else:
+            pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
         finish_load(pipe, prepared, pretrained_model_name_or_path)
+        if profile is not None and not profile.at_load:
+            pipe.enable_memory_profile(profile.name, device)
         return pipe
 
     @classmethod

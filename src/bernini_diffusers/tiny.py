@@ -23,6 +23,8 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from .constants import TINY_MODEL
+from .memory_plan import ModelConfigs
 from .pipeline_bernini import BerniniPipeline
 from .scheduling import default_scheduler
 from .tasks import DEFAULT_NEGATIVE_PROMPT
@@ -76,28 +78,30 @@ def tiny_tokenizer():
     return tokenizer
 
 
+TINY_TEXT_ENCODER_CONFIG = dict(
+    d_model=TINY_TEXT_DIM,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+)
+TINY_VAE_CONFIG = dict(
+    base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
+
+
 def tiny_text_encoder(vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TINY_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-    )
-    return UMT5EncoderModel(config).eval()
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TINY_TEXT_ENCODER_CONFIG)).eval()
 
 
 def tiny_vae(seed: int = 0):
     torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
+    return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
 
 
 TINY_TRANSFORMER_CONFIG = dict(
@@ -132,6 +136,12 @@ def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype | None)
         if tensor.is_floating_point() and not keep.intersection(name.split(".")):
             tensor.data = tensor.data.to(dtype)
     return model
+
+
+def tiny_model_configs() -> ModelConfigs:
+    """The tiny model's configs, for a memory plan (`BerniniPipeline.estimate_memory`) without building it."""
+    text_encoder = dict(TINY_TEXT_ENCODER_CONFIG, vocab_size=len(_vocabulary()))
+    return ModelConfigs(dict(TINY_TRANSFORMER_CONFIG), 2, text_encoder, dict(TINY_VAE_CONFIG), name=TINY_MODEL)
 
 
 def tiny_scheduler():

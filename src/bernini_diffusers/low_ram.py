@@ -1,0 +1,198 @@
+"""The `low_ram` memory profile: host RAM holds one large component at a time, each read from its file when it runs.
+
+`BerniniPipeline.from_pretrained(..., memory_profile="low_ram")` loads through here (docs/memory.md, docs/design.md):
+
+- the text encoder and the VAE load as usual; each expert is loaded once by diffusers' own `from_pretrained` (so its
+  dtypes, `_keep_in_fp32_modules` and checks are diffusers'), then **released**: every parameter and buffer its files
+  hold is replaced by an empty tensor of the same dtype on the same device, so the module keeps its config, dtype,
+  device and hooks but no weights;
+- a forward pre-hook on each expert **loads** it before its first forward of a phase: the text encoder and the other
+  expert are released first, then the expert's tensors are read back from its safetensors files (memory-mapped,
+  straight to the compute device) and cast to the dtypes recorded at load: the same values diffusers' load gives;
+- a pre-hook on the text encoder loads it back (releasing the experts) when the next call encodes, and one on the
+  VAE's decoder releases the experts before decoding. The VAE (0.5 GB at full size) stays loaded: it also encodes
+  the source media before the first expert runs.
+
+So a call reads each expert once (high-noise steps, then low-noise steps), and host RAM peaks at the larger of the
+text encoder and one expert, plus the VAE. Nothing in the denoising loop changes; the output equals the resident
+run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .loading import select_weights
+from .transformer_bernini import BerniniTransformer3DModel
+
+logger = logging.getLogger(__name__)
+
+LOW_RAM = "low_ram"
+
+
+@dataclass
+class _Stored:
+    """One component whose weights live in files: where, and the dtype of every tensor the files fill."""
+
+    name: str
+    module: torch.nn.Module
+    files: list[Path]
+    # file key -> (the module's tensor names it fills (tied weights: several), dtype, shape)
+    tensors: dict[str, tuple[list[str], torch.dtype, torch.Size]] = field(default_factory=dict)
+    loaded: bool = True
+
+
+class LowRamStore:
+    """The components a `low_ram` pipeline reads from their files, and which of them is in memory now."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.components: dict[str, _Stored] = {}
+        self.loads = {}  # component name -> times read from its files (for tests and logs)
+
+    def add(self, name: str, module: torch.nn.Module, files: list[Path], release: bool) -> None:
+        """Manage `module` (already loaded from `files`): record its tensors' dtypes, hook it, release it if asked."""
+        keys = set()
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        names: dict[int, list[str]] = {}
+        owners: dict[int, torch.Tensor] = {}
+        for tensor_name, tensor in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]:
+            names.setdefault(id(tensor), []).append(tensor_name)
+            owners[id(tensor)] = tensor
+        stored = _Stored(name, module, list(files))
+        for key_id, tensor_names in names.items():
+            in_file = [n for n in tensor_names if n in keys]
+            if in_file:  # non-persistent buffers (RoPE tables) are not in the files: they stay
+                tensor = owners[key_id]
+                stored.tensors[in_file[0]] = (tensor_names, tensor.dtype, tensor.shape)
+        self.components[name] = stored
+        self.loads[name] = 1
+        if release:
+            self.release(name)
+
+    def release(self, name: str) -> None:
+        stored = self.components.get(name)
+        if stored is None or not stored.loaded:
+            return
+        for tensor_names, dtype, _ in stored.tensors.values():
+            tensor = stored.module.get_parameter(tensor_names[0]) if _is_parameter(stored.module, tensor_names[0]) \
+                else stored.module.get_buffer(tensor_names[0])
+            # An empty tensor of the same dtype and device: the module keeps what `.dtype` and `.device` read.
+            tensor.data = torch.empty(0, dtype=dtype, device=tensor.device)
+        stored.loaded = False
+        logger.info("low_ram: released %s", name)
+
+    def load(self, name: str) -> None:
+        stored = self.components[name]
+        if stored.loaded:
+            return
+        wanted = stored.tensors
+        for path in stored.files:
+            device = str(self.device) if self.device.type != "cpu" else "cpu"
+            with safe_open(str(path), framework="pt", device=device) as f:
+                for key in f.keys():
+                    if key not in wanted:
+                        continue
+                    tensor_names, dtype, shape = wanted[key]
+                    value = f.get_tensor(key).to(dtype)
+                    if value.shape != shape:
+                        raise ValueError(
+                            f"low_ram: {name}'s file {path.name} holds {key} of shape {tuple(value.shape)}, but the "
+                            f"model loaded from it had {tuple(shape)}; the files changed since the load."
+                        )
+                    module = stored.module
+                    target = module.get_parameter(tensor_names[0]) if _is_parameter(module, tensor_names[0]) \
+                        else module.get_buffer(tensor_names[0])
+                    target.data = value
+        stored.loaded = True
+        self.loads[name] += 1
+        logger.info("low_ram: read %s from its files", name)
+
+    def only(self, name: str) -> None:
+        """Make `name` the one large component in memory: release the others (but the VAE), then load it."""
+        for other in self.components:
+            if other != name:
+                self.release(other)
+        self.load(name)
+
+    def loaded(self) -> list[str]:
+        return [name for name, stored in self.components.items() if stored.loaded]
+
+
+def _is_parameter(module: torch.nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files of one component folder, as diffusers picks them (`loading.select_weights`)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    chosen, _ = select_weights(names, variant, str(folder))
+    return [folder / n for n in chosen if n.endswith(".safetensors")]
+
+
+def from_pretrained(load, prepared, device: torch.device):
+    """Load a pipeline under `low_ram` (see the module docstring). `load(**kwargs)` is diffusers' pipeline
+    `from_pretrained` on `prepared.folder`; `prepared` is `loading.prepare_load`'s result."""
+    kwargs = dict(prepared.kwargs)
+    for argument in ("quantization_config", "device_map"):
+        if kwargs.get(argument) is not None:
+            raise ValueError(
+                f"`memory_profile`='low_ram' reads the experts back from their files during the call, so it takes no "
+                f"`{argument}`={kwargs[argument]!r}; load without it."
+            )
+    ready = [e for e in ("transformer", "transformer_2") if kwargs.get(e) is not None]
+    if ready:
+        raise ValueError(
+            f"`memory_profile`='low_ram' reads each expert from its files, but {', '.join(ready)} was given ready-made "
+            "(or built from `high_noise_ckpt`/`low_noise_ckpt`): export the checkpoints first (`bernini export`) and "
+            "load the export."
+        )
+    experts = [e for e in ("transformer", "transformer_2") if e not in kwargs]
+    text_encoder_from_files = "text_encoder" not in kwargs
+    dtypes = kwargs.get("torch_dtype", kwargs.get("dtype")) or {}
+    variant = kwargs.get("variant")
+    pipe = load(**{**kwargs, **{e: None for e in experts}})  # everything but the experts
+    pipe.to(device)
+    store = LowRamStore(device)
+    if text_encoder_from_files and pipe.text_encoder is not None:
+        store.add("text_encoder", pipe.text_encoder, weight_files(prepared.folder / "text_encoder", variant), True)
+    for name in experts:
+        folder = prepared.folder / name
+        if not (folder / "config.json").is_file():
+            continue
+        dtype = dtypes.get(name, dtypes.get("default"))
+        expert = BerniniTransformer3DModel.from_pretrained(
+            prepared.folder, subfolder=name, torch_dtype=dtype, variant=variant, use_safetensors=True
+        ).to(device)
+        store.add(name, expert, weight_files(folder, variant), release=True)  # one expert in memory at a time
+        pipe.register_modules(**{name: expert})
+    install(pipe, store)
+    return pipe
+
+
+def install(pipe, store: LowRamStore) -> None:
+    """Hook `pipe`'s components so that each large one is read when it runs and the others are released first."""
+    for name in ("transformer", "transformer_2", "text_encoder"):
+        if name in store.components:
+            module = store.components[name].module
+            module.register_forward_pre_hook(lambda _module, _args, name=name: store.only(name))
+
+    def before_decode(_module, _args):
+        for name in ("transformer", "transformer_2"):
+            store.release(name)
+
+    if pipe.vae is not None:
+        pipe.vae.decoder.register_forward_pre_hook(before_decode)
+    pipe._low_ram = store
+    pipe._memory_profile = (LOW_RAM, store.device)

@@ -1,0 +1,80 @@
+"""The `low_ram` profile (`from_pretrained(..., memory_profile="low_ram")`, `--memory_profile low_ram`): host RAM
+holds one large component at a time (the text encoder, then each expert read from its file for its own steps), and
+the output equals the resident run's bit for bit. Peak RSS at a medium size is `benchmarks/bench_low_ram.py`'s."""
+
+import numpy as np
+import pytest
+import torch
+
+from bernini_diffusers import BerniniPipeline, cli
+from bernini_diffusers.testing import save_tiny_pretrained
+
+# Two steps: the first on the high-noise expert, the second on the low-noise one (boundary 0.875).
+CALL = dict(prompt="a red car", task_type="v2v", num_frames=5, height=32, width=48, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_pretrained(tmp_path_factory.mktemp("low_ram") / "tiny", layout="diffusers")
+
+
+def _call(pipe, media_dir, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    video = str(media_dir / "source.mp4")
+    return pipe(**CALL, video=video, generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+
+def _runs(seen):
+    """`seen` with repeats in a row collapsed."""
+    return [state for i, state in enumerate(seen) if i == 0 or seen[i - 1] != state]
+
+
+def _weights(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_low_ram_equals_resident_and_holds_one_expert(folder, media_dir):
+    resident = BerniniPipeline.from_pretrained(folder)
+    low = BerniniPipeline.from_pretrained(folder, memory_profile="low_ram", device="cpu")
+    store = low._low_ram
+    # after the load nothing large is in memory: the experts and the text encoder were read once and released
+    assert store.loaded() == [] and store.loads == {"text_encoder": 1, "transformer": 1, "transformer_2": 1}
+    assert _weights(low.transformer) == _weights(low.transformer_2) == 0
+    assert low.transformer.dtype == resident.transformer.dtype and low._execution_device == torch.device("cpu")
+    seen = []
+    for expert in (low.transformer, low.transformer_2):
+        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
+    reference = _call(resident, media_dir, output_type="latent")
+    assert torch.equal(_call(low, media_dir, output_type="latent"), reference)
+    # every forward (one per guidance branch) ran with its expert alone in memory: never both, never the text encoder
+    assert _runs(seen) == [("transformer",), ("transformer_2",)]
+    assert store.loads == {"text_encoder": 2, "transformer": 2, "transformer_2": 2}
+    # a second call reads the text encoder and each expert again, once; the experts are released before the decode
+    seen.clear()
+    frames = _call(low, media_dir)
+    assert np.array_equal(frames, resident.decode_latents(reference, "np"))
+    assert _runs(seen) == [("transformer",), ("transformer_2",)] and store.loaded() == []
+    assert store.loads == {"text_encoder": 3, "transformer": 3, "transformer_2": 3}
+
+
+def test_low_ram_is_chosen_at_load(folder):
+    pipe = BerniniPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"chosen at load.*from_pretrained\(\.\.\., memory_profile='low_ram'\)"):
+        pipe.enable_memory_profile("low_ram")
+    offloaded = BerniniPipeline.from_pretrained(folder, memory_profile="expert_offload", device="cpu")
+    assert offloaded._memory_profile == ("expert_offload", torch.device("cpu"))
+    with pytest.raises(ValueError, match="`device`='cpu' goes with `memory_profile`"):
+        BerniniPipeline.from_pretrained(folder, device="cpu")
+    with pytest.raises(ValueError, match="`memory_profile`='tiny'"):
+        BerniniPipeline.from_pretrained(folder, memory_profile="tiny")
+
+
+def test_cli_low_ram(folder, tmp_path, capsys):
+    out = tmp_path / "low.mp4"
+    argv = ["generate", "--prompt", "a cat", "--task_type", "t2v", "--num_frames", "5", "--height", "32",
+            "--width", "48", "--num_inference_steps", "2", "--memory_profile", "low_ram", "--device", "cpu"]  # fmt: skip
+    assert cli.main([*argv, "--model", str(folder), "--output", str(out)]) == 0
+    assert out.is_file()
+    # the tiny model is built in code: nothing to read back, refused before any model work
+    assert cli.main([*argv, "--model", "tiny", "--output", str(tmp_path / "tiny.mp4")]) == 2
+    assert "--model tiny is built in code" in capsys.readouterr().err

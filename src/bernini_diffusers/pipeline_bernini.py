@@ -592,10 +592,12 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 diffusers' deprecated name). With one dtype the VAE loads in float32, as upstream; a dict is taken as
                 given (its `"default"` covers the VAE too).
             high_noise_ckpt (`str` or `os.PathLike`, *optional*):
-                An original high-noise expert checkpoint (`ByteDance/Bernini-R` layout) that replaces the base's
-                `transformer` weights: a folder, an index or `.safetensors` file, or a Hub path
-                `owner/name[@revision][/folder]`. Must come with `low_noise_ckpt`. Its expert takes `dtype` and a
-                single-device `device_map`; to quantize it, export the checkpoints first (`bernini export`).
+                A high-noise expert checkpoint that replaces the base's `transformer` weights: an official
+                (`ByteDance/Bernini-R`) folder or index, one `.safetensors` or `.gguf` file in any format of
+                docs/checkpoints.md (official, Wan, ComfyUI, fp16/bf16, fp8, scaled fp8, GGUF), or a Hub path
+                `owner/name[@revision][/folder or file]`. Must come with `low_noise_ckpt`, except on a one-expert
+                base (the 1.3B), where it is the only expert. Its expert takes `dtype` and a single-device
+                `device_map`; a GGUF file stays quantized; to quantize others, export them first (`bernini export`).
             low_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 The low-noise expert's original checkpoint (for `transformer_2`), in the same forms.
             revision, cache_dir, local_files_only, token, force_download:

@@ -39,16 +39,20 @@ def _free_port() -> int:
 class Server:
     """`bernini serve --model tiny` in a subprocess (its output in a log file), stopped with SIGKILL or SIGTERM."""
 
-    def __init__(self, jobs_dir: Path, *flags: str, api_key: str | None = None, port: int | None = None):
+    def __init__(self, jobs_dir: Path, *flags: str, api_key: str | None = None, processes: int = 1):
         self.jobs_dir, self.flags, self.api_key = jobs_dir, flags, api_key
-        self.port = port or _free_port()
+        self.launcher = [sys.executable, "-m", "bernini_diffusers.cli"]
+        if processes > 1:  # torchrun (gloo on the CPU), rank 0 answering HTTP
+            self.launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                             "--master_port", str(_free_port()), "-m", "bernini_diffusers.cli"]  # fmt: skip
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = jobs_dir.parent / f"{jobs_dir.name}-server-{time.monotonic_ns()}.log"
         self.proc = None
 
     def start(self) -> Server:
         command = [
-            sys.executable, "-m", "bernini_diffusers.cli", "serve", "--model", "tiny", "--port", str(self.port),
+            *self.launcher, "serve", "--model", "tiny", "--port", str(self.port),
             "--jobs_dir", str(self.jobs_dir), "--poll_after_ms", "100", "--lease_seconds", "20", *self.flags,
         ]  # fmt: skip
         env = dict(os.environ)
@@ -302,3 +306,23 @@ def test_bounded_load(tmp_path):
         print(f"load: {codes[200]} accepted, {codes[429]} refused (429), all accepted completed once")
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_data_parallel_groups_share_the_store(tmp_path):
+    """torchrun with 2 processes and --data_parallel 2: each group claims its own jobs from the one store, rank 0
+    answers HTTP, and every job completes once."""
+    srv = Server(tmp_path / "jobs", "--data_parallel", "2", processes=2).start()
+    try:
+        assert srv.http("GET", "/v1/status").json()["workers"] == 2
+        job = {**SMALL, "num_inference_steps": 2}
+        ids = [srv.http("POST", "/v1/videos", json={"prompt": f"dp {i}", **job}).json()["id"] for i in range(4)]
+        assert [srv.wait(job_id)["status"] for job_id in ids] == ["completed"] * 4
+        events = srv.events()
+        assert set(_completions(events).values()) == {1} and set(_completions(events)) == set(ids)
+        groups = {e["worker"].rsplit("/", 1)[1] for e in events if e["event"] == "claimed"}
+        assert groups == {"0", "1"}, events
+    finally:
+        srv.stop()
+

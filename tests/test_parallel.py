@@ -160,6 +160,18 @@ def test_cli_shard_weights_needs_a_clip_of_several_ranks(tmp_path, capsys, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_shard_weights_refuses_a_memory_profile(monkeypatch):
+    from bernini_diffusers.testing import tiny_pipeline
+
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    pipe = tiny_pipeline()
+    pipe.enable_memory_profile("fp8", "cpu")
+    with pytest.raises(ValueError, match="memory profile 'fp8'"):
+        pipe.enable_parallelism(ulysses_degree=2, shard_weights=True)
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 def test_sharded_weight_bytes_for_the_memory_plan():
     from bernini_diffusers.parallel import sharded_weight_bytes
 

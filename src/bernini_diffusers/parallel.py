@@ -739,6 +739,12 @@ def enable_parallelism(
     for name, model in experts.items():
         check_ulysses_degree(model.config.num_attention_heads, ulysses_degree, f"`{name}`")
     _check_not_sharded(experts)
+    profile = (getattr(pipe, "_memory_profile", None) or ("resident",))[0]
+    if shard_weights and (profile != "resident" or getattr(pipe, "_all_hooks", None)):
+        raise ValueError(
+            f"`shard_weights`=True cannot be combined with the memory profile {profile!r} (its hooks move whole "
+            "experts, FSDP2 places the shards); load the pipeline again without it, or use the 'resident' profile."
+        )
     disable_parallelism(pipe)
     state = init_parallel_state(ulysses_degree, branch_degree)
     if state.ulysses_group is not None:

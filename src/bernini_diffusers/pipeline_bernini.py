@@ -421,6 +421,12 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Returns:
             `MemoryProfile`: the profile applied (`name`, `placement`, `fp8`, `description`).
         """
+        if any(parallel.is_sharded(e) for e in (self.transformer, self.transformer_2) if e is not None):
+            if name != "resident":
+                raise ValueError(
+                    f"`name`={name!r}: the experts are sharded (`shard_weights=True`), and FSDP2 places the shards; "
+                    "only 'resident' applies to a sharded pipeline."
+                )
         return memory.apply_memory_profile(self, name, device, vae_tiling=vae_tiling)
 
     @classmethod

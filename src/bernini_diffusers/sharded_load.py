@@ -78,7 +78,8 @@ def plan_experts(
         else:
             plans[expert] = _folder_plan(files.root / expert, expert)
     if not plans:
-        raise ValueError(f"`pretrained_model_name_or_path`={str(pretrained_model_name_or_path)!r} has no expert folder.")
+        name = str(pretrained_model_name_or_path)
+        raise ValueError(f"`pretrained_model_name_or_path`={name!r} has no expert folder (`transformer/`).")
     return plans
 
 

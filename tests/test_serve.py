@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from bernini_diffusers.testing import make_test_image
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -148,6 +150,14 @@ def test_sdk_drives_every_route(server, tmp_path):
     assert edited.status == "completed", edited.error
     edited_frames = _read_video(client.videos.download_content(edited.id).read(), tmp_path, "edit.mp4")[1]
     assert edited_frames.shape[:3] == (5, 32, 32)
+
+    reference = tmp_path / "reference.png"
+    make_test_image(reference, width=32, height=32, seed=1)
+    with open(reference, "rb") as image:  # `input_reference`: the one reference image of r2v
+        r2v = client.videos.create(prompt="the fox in this style", input_reference=image, **SMALL, extra_body=FAST)
+    r2v = client.videos.poll(r2v.id, poll_interval_ms=100)
+    assert r2v.status == "completed", r2v.error
+    assert _read_video(client.videos.download_content(r2v.id).read(), tmp_path, "r2v.mp4")[1].shape[:3] == (5, 32, 32)
 
     remix = client.videos.remix(video.id, prompt="the same fox at night", extra_body=FAST)
     assert remix.remixed_from_video_id == video.id

@@ -6,20 +6,28 @@ download), in bf16. The media I/O and the VAE are replaced by random condition l
 480x848x81, and the text by random embeddings (1, 512, 4096): what is timed is `BerniniPipeline.__call__`'s denoising
 loop, each step being the guidance mode's distinct transformer forwards, as the pipeline packs them.
 
-Rows (each in one run, a few steps each, so the default run stays under 8 minutes on one H100/H200; `--plan` prints
-the estimate without running anything):
+Rows (each in one run, a few steps each; `--plan` prints the estimate without running anything):
   modes     t2v, v2v_apg and rv2v with the default attention backend, eager, every weight on the GPU
   backends  t2v with each attention backend present (sdpa, _native_flash, _native_cudnn, fa2, fa3, sage)
   cache     t2v with each step-cache preset (`pipe.enable_cache_preset`): forwards skipped
   compile   t2v with regional compilation of both experts (`pipe.compile()`), after a warm-up call
   memory    t2v with each memory profile (`pipe.enable_memory_profile`), on a freshly built pipeline each
-A feature whose API this checkout lacks gives a "skipped: ... not available" row. The attention/rest split comes from
-a torch.profiler pass over the timed call (device time of the attention kernels over all kernel time).
+A feature whose API this checkout lacks gives a "skipped: ... not available" row. The attention/rest split of the mode
+rows comes from a torch.profiler pass over their timed call (device time of the attention kernels over all kernel
+time); the other rows are not profiled (the profiler's event processing costs more than their steps).
+
+A GPU lent for 15 minutes, at most 10 per command, runs the default in two parts of about 6 minutes each
+(scripts/gpu_check.sh, docs/gpu-check.md): `--part 1` the modes, backends and compile rows, `--part 2` the memory
+profiles and cache presets. The JSON is rewritten after every row, so a run killed at the command limit keeps what it
+measured; past `--deadline_s` the remaining rows are skipped and reported as such. The `group_offload` row pins a host
+copy of every block (torch's pinned allocator rounds each tensor up to a power of two: about 41 GiB per 14B expert),
+so it runs only when the host has that much memory free.
 
 The FLOP model (`step_flops`) prints, per mode, its ratio to plain Wan2.2 t2v at the same size and the official
 Wan2.2 t2v figure scaled by that ratio: an estimate from the model, not a measurement.
 
-Run:  python benchmarks/bench_gpu.py [--quick] [--groups modes,compile] [--json out.json] [--plan]
+Run:  python benchmarks/bench_gpu.py [--part 1|2] [--quick] [--groups modes,compile] [--json out.json] [--deadline_s S]
+      python benchmarks/bench_gpu.py --plan [--part 1|2]
       python benchmarks/bench_gpu.py --tiny      # the same code on the CPU with the tiny model (the test suite's run)
 Without a CUDA device (and without --tiny or --plan) it prints one line and exits with status 0.
 """
@@ -41,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from _common import environment, print_table, synchronize
 from diffusers.models.attention_dispatch import (
@@ -110,6 +119,10 @@ HIGH_NOISE_SEED, LOW_NOISE_SEED = 1, 2
 # offload profile (plus rebuilding them first).
 BUILD_S, COMPILE_S, OFFLOAD_SETUP_S = 20.0, 60.0, 15.0
 BUDGET_S = 8 * 60
+# The default run split in two commands, each within this estimate (a lent GPU runs at most 10 minutes per command,
+# with the GPU tests and the start-up around it).
+PARTS = {1: ("modes", "backends", "compile"), 2: ("memory", "cache")}
+PART_BUDGET_S = 6 * 60
 PLAN_BACKENDS = ("sdpa", "_native_flash", "_native_cudnn", "fa2", "fa3")
 PLAN_CACHE_PRESETS = ["fbc-safe", "fbc-fast", "taylorseer", "magcache"]
 CALIBRATED_PRESETS = (
@@ -524,7 +537,8 @@ def run_row(row: Row, pipe: BerniniPipeline, ctx: dict) -> dict:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=activities) if ctx["profile"] else contextlib.nullcontext()
+    profiled = ctx["profile"] and row.group == "modes"  # the split is reported for the mode rows only
+    profiler = torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext()
     try:
         with profiler as prof:
             pipe(
@@ -539,7 +553,7 @@ def run_row(row: Row, pipe: BerniniPipeline, ctx: dict) -> dict:
     ends = [0, *(forwards for forwards, _ in probe.step_counts)]
     per_step_forwards = [b - a for a, b in itertools.pairwise(ends)]
     per_step = statistics.median(seconds)
-    share = attention_share(prof, device) if ctx["profile"] else None
+    share = attention_share(prof, device) if profiled else None
     flops = step_flops(row.mode, geometry, config)
     result.update(
         {
@@ -586,11 +600,47 @@ def calibrate(row: Row, pipe: BerniniPipeline, ctx: dict):
 
 
 def _release() -> None:
-    """Return the memory of a pipeline the caller has dropped, before the next one is built."""
+    """Return the memory of a pipeline the caller has dropped, before the next one is built: its device blocks and the
+    pinned host blocks torch's host allocator keeps cached (an offload row's pinned copies would otherwise stay)."""
     torch._dynamo.reset()  # compiled code and its guards would keep the compiled experts alive
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        # The name of the pinned cache's release moved between torch versions; each is tried, none is required.
+        for owner, name in ((getattr(torch, "accelerator", None), "empty_host_cache"),
+                            (torch._C, "_accelerator_emptyHostCache"), (torch._C, "_host_emptyCache")):  # fmt: skip
+            empty = getattr(owner, name, None)
+            if callable(empty):
+                empty()
+                break
+
+
+def pinned_gib(config: dict, dtype: torch.dtype) -> float:
+    """GiB of pinned host memory one expert's streamed group offload takes: a pinned copy of every tensor, each rounded
+    up to a power of two by torch's pinned allocator (about 41 GiB for a 14B expert of 26.7 GiB in bf16)."""
+    with torch.device("meta"):
+        expert = BerniniTransformer3DModel(**config)
+    keep = set(expert._keep_in_fp32_modules or [])
+    total = 0
+    for name, tensor in [*expert.named_parameters(), *expert.named_buffers()]:
+        size = 4 if tensor.is_floating_point() and keep.intersection(name.split(".")) else torch.finfo(dtype).bits // 8
+        nbytes = tensor.numel() * size
+        total += 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+    return total / 2**30
+
+
+def host_shortfall(row: Row, config: dict, dtype: torch.dtype) -> str | None:
+    """Why the host cannot hold `row`'s pinned copies (group offload on CUDA: both experts pinned, plus one expert's
+    pageable copy still held while the other is pinned), or None when it can. A host out of memory kills the whole
+    run, so the row is skipped instead."""
+    if "group_offload" not in row.memory_profile or not torch.cuda.is_available():
+        return None
+    need = 2 * pinned_gib(config, dtype) + expert_gib(config, dtype)
+    free = psutil.virtual_memory().available / 2**30
+    if need <= 0.95 * free:
+        return None
+    return (f"skipped: {row.memory_profile} pins about {need:.0f} GiB of host memory (both experts' blocks rounded up "
+            f"to powers of two, plus one expert's copy), {free:.0f} GiB is free")  # fmt: skip
 
 
 def _error(err: Exception) -> str:
@@ -598,10 +648,20 @@ def _error(err: Exception) -> str:
 
 
 def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device: torch.device, dtype: torch.dtype,
-        config: dict, geometry: Geometry) -> list[Row]:
-    """Run every planned row and fill in its `result`."""
+        config: dict, geometry: Geometry, on_row=None) -> list[Row]:
+    """Run every planned row and fill in its `result`; `on_row(row)` is called after each row (the JSON is rewritten
+    there). Past `args.deadline_s` seconds from the start, the rows not yet run are skipped with the reason."""
     ctx = {"device": device, "dtype": dtype, "geometry": geometry, "config": config, "seed": args.seed,
            "profile": not args.no_profile}  # fmt: skip
+    started = time.perf_counter()
+
+    def expired(row: Row) -> bool:
+        elapsed = time.perf_counter() - started
+        if args.deadline_s is None or elapsed < args.deadline_s:
+            return False
+        row.result = {"status": f"skipped: deadline of {args.deadline_s:g} s reached ({elapsed:.0f} s elapsed)"}
+        show(row)
+        return True
 
     shared = [r for r in rows if r.group in ("modes", "backends", "cache", "compile")]
     needed, available = 2 * expert_gib(config, dtype), device_gib(device)
@@ -627,10 +687,14 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
         if not args.quiet:
             print(f"  {row.group:8s} {row.mode:8s} {row.backend:14s} {'compile' if row.compile else 'eager':7s} "
                   f"{row.memory_profile:18s} {row.cache_preset or '-':12s} {_status(row)}", flush=True)  # fmt: skip
+        if on_row is not None:
+            on_row(row)
 
     # Rows on the shared pipeline first (eager), compile last on it (it stays compiled), then one pipeline per
     # memory profile (diffusers' offload and casting hooks cannot be undone).
     for row in [r for r in shared if r.group in ("modes", "backends", "cache")]:
+        if expired(row):
+            continue
         if row.group == "backends" and not backends.get(row.backend, False):
             row.result = {"status": f"skipped: attention backend {row.backend} not available here"}
         elif row.group == "cache" and not hasattr(pipe, "enable_cache_preset"):
@@ -653,6 +717,8 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
                 apply_backend(pipe, baseline)
         show(row)
     for row in [r for r in shared if r.group == "compile"]:
+        if expired(row):
+            continue
         if not hasattr(pipe, "compile"):
             row.result = {"status": "skipped: compile (pipe.compile) not available"}
         else:
@@ -666,8 +732,15 @@ def run(args, rows: list[Row], backends: dict[str, bool], baseline: str, device:
     _release()
 
     for row in [r for r in rows if r.group == "memory"]:
+        if expired(row):
+            continue
         if not hasattr(BerniniPipeline, "enable_memory_profile"):
             row.result = {"status": "skipped: memory profiles (pipe.enable_memory_profile) not available"}
+            show(row)
+            continue
+        shortfall = host_shortfall(row, config, dtype)
+        if shortfall is not None:
+            row.result = {"status": shortfall}
             show(row)
             continue
         try:
@@ -758,6 +831,32 @@ def model_table(model: dict, measured: dict[str, float]) -> None:
     )  # fmt: skip
 
 
+def markdown_report(payload: dict) -> str:
+    """The rows of a JSON report as a markdown table, under one line naming the machine and the run's state."""
+    env = payload["environment"]
+    where = "tiny model on the CPU (the times mean nothing for the 14B experts)" if payload["tiny"] else env.get("gpu")
+    state = "complete" if payload["complete"] else "incomplete (still running, or stopped)"
+    lines = [
+        f"bench_gpu part {payload['part'] or 'all'}: {where}, {env['dtype']}, torch {env['torch']}, diffusers "
+        f"{env['diffusers']}; {state}, {payload['wall_seconds']:.0f} s",
+        "",
+        "| group | mode | attention | compile | memory | cache | steps | s/step | fwd/step | peak GiB | attn % "
+        "| status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        ok = row.get("status") == "ok"
+        share = row.get("attention_share") if ok else None
+        cells = [
+            row["group"], row["mode"], row["backend"], "yes" if row["compile"] else "no", row["memory_profile"],
+            row["cache_preset"] or "-", row["steps"], _fmt(row.get("s_per_step") if ok else None),
+            _fmt(row.get("forwards_per_step") if ok else None), _fmt(row.get("peak_gib") if ok else None, 1),
+            f"{100 * share:.0f}%" if share is not None else "-", "ok" if ok else _short(row.get("status", "not run")),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gpu_environment(device: torch.device, dtype: torch.dtype) -> dict:
     """The benchmarks' environment record, with the GPU's memory where there is one."""
     info = environment(device, dtype)
@@ -775,6 +874,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny", action="store_true", help="run on the CPU with the tiny model (float32)")
     parser.add_argument("--quick", action="store_true", help="only the three mode rows (about 2 minutes on a GPU)")
+    parser.add_argument(
+        "--part", type=int, choices=sorted(PARTS), default=None,
+        help="one half of the default run: 1 = modes, backends, compile; 2 = memory profiles and cache presets "
+             "(overrides --groups)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deadline_s", type=float, default=None, metavar="S",
+        help="skip (and report) the rows not started within S seconds of the first row (default: no deadline)",
+    )
     parser.add_argument("--plan", action="store_true", help="print the rows and the estimated run time, run nothing")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     parser.add_argument(
@@ -794,10 +902,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress line per row")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument(
+        "--markdown", type=Path, default=None, metavar="PATH", help="also write the rows as a markdown table"
+    )
     args = parser.parse_args(argv)
     args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if args.part is not None:
+        args.groups = list(PARTS[args.part])
     if args.quick:
         args.groups = ["modes"]
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        parser.error(f"--deadline_s must be > 0, got {args.deadline_s:g}")
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
         parser.error(f"--groups: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
@@ -823,8 +938,9 @@ def main(argv=None) -> int:
         # The estimate assumes every backend present (FA3 the default) and the issue's four cache presets.
         rows = plan_rows(args, {name: True for name in PLAN_BACKENDS}, "fa3", PLAN_CACHE_PRESETS)
         model_table(model, {})
+        budget = PART_BUDGET_S if args.part is not None else BUDGET_S
         print(f"\n{len(rows)} rows; estimated run time on one H100: {estimate_seconds(rows, model) / 60:.1f} min "
-              f"(FLOP model at the anchor's throughput plus assumed fixed costs; budget {BUDGET_S // 60} min)")  # fmt: skip
+              f"(FLOP model at the anchor's throughput plus assumed fixed costs; budget {budget // 60} min)")
         for row in rows:
             print("  " + ", ".join(f"{k}={v}" for k, v in row.label().items()))
         return 0
@@ -850,7 +966,34 @@ def main(argv=None) -> int:
           f"estimated run time on one H100 {estimate_seconds(rows, model) / 60:.1f} min\n")  # fmt: skip
 
     start = time.perf_counter()
-    run(args, rows, backends, baseline, device, dtype, config, geometry)
+
+    def write_json(row: Row | None = None) -> None:
+        if args.json is None and args.markdown is None:
+            return
+        payload = {
+            "benchmark": "gpu",
+            "tiny": args.tiny,
+            "part": args.part,
+            "complete": row is None,  # False while rows are still running (or if the run was killed)
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "geometry": asdict(geometry),
+            "latent": list(geometry.latent()),
+            "anchor": ANCHOR,
+            "flop_model": model,
+            "rows": [{**r.label(), **(r.result or {"status": "not run"})} for r in rows],
+            "wall_seconds": time.perf_counter() - start,
+            "estimated_h100_seconds": estimate_seconds(rows, model),
+            "environment": env,
+        }
+        texts = ((args.json, json.dumps(payload, indent=2) + "\n"), (args.markdown, markdown_report(payload)))
+        for path, text in texts:
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(path.name + ".partial")
+                partial.write_text(text)
+                partial.replace(path)  # a reader never sees a half-written file
+
+    run(args, rows, backends, baseline, device, dtype, config, geometry, on_row=write_json)
     wall = time.perf_counter() - start
 
     measured = {
@@ -871,23 +1014,10 @@ def main(argv=None) -> int:
         print(f"\nmeasured t2v {measured['t2v']:.2f} s/step vs the anchor's {anchor_step:.2f} s/step on "
               f"{ANCHOR['gpu']}: {measured['t2v'] / anchor_step:.2f}x")  # fmt: skip
     print(f"\nwall time {wall:.1f} s")
-    if args.json is not None:
-        payload = {
-            "benchmark": "gpu",
-            "tiny": args.tiny,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            "geometry": asdict(geometry),
-            "latent": list(geometry.latent()),
-            "anchor": ANCHOR,
-            "flop_model": model,
-            "rows": [{**row.label(), **row.result} for row in rows],
-            "wall_seconds": wall,
-            "estimated_h100_seconds": estimate_seconds(rows, model),
-            "environment": env,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json()
+    for path in (args.json, args.markdown):
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 

@@ -131,3 +131,43 @@ def test_flop_model_ratios_at_480p(bench):
         varied = bench.flop_model(bench.Geometry(references=references))
         assert 5.0 < varied["rv2v"]["ratio_to_wan_t2v"] < 6.0
         assert varied["v2v_apg"]["ratio_to_wan_t2v"] == model["v2v_apg"]["ratio_to_wan_t2v"]
+
+
+def test_a_deadline_skips_the_remaining_rows_and_the_json_says_so(bench, tmp_path):
+    out, table = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    argv = ["--tiny", "--part", "1", "--threads", "1", "--quiet", "--deadline_s", "1e-9", "--json", str(out),
+            "--markdown", str(table)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and {row["group"] for row in report["rows"]} == {"modes", "backends", "compile"}
+    assert all(row["status"].startswith("skipped: deadline of 1e-09 s reached") for row in report["rows"])
+    assert table.read_text().count("skipped: deadline") == len(report["rows"])
+
+
+def test_group_offload_is_skipped_when_the_host_cannot_pin_it(bench, monkeypatch):
+    # torch's pinned allocator rounds each tensor up to a power of two: a 14B expert pins about 41 GiB
+    assert bench.pinned_gib(bench.WAN22_A14B_CONFIG, torch.bfloat16) == pytest.approx(40.8, abs=0.1)
+    row = bench.Row("memory", "t2v", "sdpa", 1, memory_profile="group_offload")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 100 * 2**30}))
+    reason = bench.host_shortfall(row, bench.WAN22_A14B_CONFIG, torch.bfloat16)
+    assert reason.startswith("skipped: group_offload pins about 108 GiB of host memory") and "100 GiB is free" in reason
+    monkeypatch.setattr(bench.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 120 * 2**30}))
+    assert bench.host_shortfall(row, bench.WAN22_A14B_CONFIG, torch.bfloat16) is None
+    assert bench.host_shortfall(bench.Row("memory", "t2v", "sdpa", 1, memory_profile="fp8"), {}, torch.bfloat16) is None
+
+
+def test_only_the_mode_rows_are_profiled(bench, tmp_path):
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--tiny", "--groups", "modes,backends", "--backends", "sdpa", "--threads", "1", "--quiet",
+                       "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["attention_share"] is not None for row in rows] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("part", [1, 2])
+def test_each_part_is_estimated_within_its_budget(bench, part):
+    args = bench.parse_args(["--part", str(part)])
+    assert args.groups == list(bench.PARTS[part])
+    rows = bench.plan_rows(args, {n: True for n in bench.PLAN_BACKENDS}, "fa3", bench.PLAN_CACHE_PRESETS)
+    assert bench.estimate_seconds(rows, bench.flop_model()) < bench.PART_BUDGET_S

@@ -39,7 +39,9 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["demo", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["generate", "--help"], ["demo", "--help"], ["export", "--help"], ["serve", "--help"]]
+)
 def test_help_imports_no_torch_and_prints_only_the_help(argv):
     run = _python(_PROBE, json.dumps(argv))
     *noise, report = run.stderr.strip().splitlines()
@@ -56,14 +58,17 @@ def test_the_parsers_torch_free_tables_match_the_runtime_ones():
     parser = argparse.ArgumentParser()
     options.add_model_arguments(parser)
     assert _choices(parser, "memory_profile") == tuple(memory.MEMORY_PROFILES) == constants.MEMORY_PROFILE_NAMES
-    calibration_free = tuple(name for name, preset in acceleration.CACHE_PRESETS.items() if not preset.needs_calibration)
+    presets = acceleration.CACHE_PRESETS.items()
+    calibration_free = tuple(name for name, preset in presets if not preset.needs_calibration)
     assert _choices(parser, "cache_preset") == calibration_free == constants.CACHE_PRESET_NAMES
     parameters = inspect.signature(BerniniPipeline.__call__).parameters
     official = {name: parameters[name].default for name in acceleration.TURBO if name != "num_inference_steps"}
     assert constants.OFFICIAL_GUIDANCE == official
     # The generate flags share the call's defaults (`norm_threshold` is one value per guidance link there).
-    generate = {a.dest: a.default for a in cli.build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
-    assert {name: generate[name] for name in official} == {**official, "norm_threshold": [official["norm_threshold"]] * 3}
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    generate = {action.dest: action.default for action in commands.choices["generate"]._actions}
+    norm_threshold = [official["norm_threshold"]] * 3  # one value per guidance link
+    assert {name: generate[name] for name in official} == {**official, "norm_threshold": norm_threshold}
 
 
 def test_known_import_noise_is_dropped_and_real_warnings_kept():

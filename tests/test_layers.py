@@ -27,7 +27,7 @@ RIM = {"tiny", "options", "testing", "hub_export.cli", "demo", "cli", "serve.sto
 RUNTIME = {name for name, floor in FLOORS.items() if floor <= 5}
 # Imported inside the function that needs them: optional parts, or what the lazy package namespace exposes.
 OPTIONAL = {"gradio", "openai", "xfuser", "yunchang", "torchao", "peft", "flash_attn", "flash_attn_interface",
-            "sageattention", "fastapi", "starlette", "anyio", "uvicorn", "multipart"}  # fmt: skip
+            "sageattention", "fastapi", "starlette", "anyio", "uvicorn", "multipart", "imageio_ffmpeg"}  # fmt: skip
 # The command line's deferred imports: the modules that build the `bernini` parser import torch, diffusers and the
 # package's runtime floors inside the functions that run a command, after parse_args (tests/test_cli_startup.py).
 COMMAND_LINE = {"cli", "options", "demo", "hub_export.cli", "serve.cli"}

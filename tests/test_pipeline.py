@@ -1,5 +1,6 @@
 """BerniniPipeline end to end: every task type, parity with diffusers' WanPipeline, conditions, loading and saving."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -384,6 +385,9 @@ def test_model_cpu_offload_keeps_at_most_one_expert_loaded(media_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    importlib.util.find_spec("imageio_ffmpeg") is None, reason="its source video needs ffmpeg: pip install imageio-ffmpeg"
+)
 def test_model_cpu_offload_keeps_one_expert_on_the_gpu(media_dir):
     pipe = tiny_pipeline()
     pipe.enable_model_cpu_offload()

@@ -26,12 +26,25 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import imageio
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .constants import MAX_FPS, MIN_FPS, TEMPORAL_FACTOR
+
+FFMPEG_INSTALL = "pip install imageio-ffmpeg"
+
+
+def _ffmpeg():
+    """The `imageio_ffmpeg` module (it ships the ffmpeg binary every video read and write runs), imported where a video
+    is read or written: the package, its images and its models work without it."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ImportError(
+            f"reading or writing a video needs imageio-ffmpeg, which ships ffmpeg; install it with `{FFMPEG_INSTALL}`."
+        ) from None
+    return imageio_ffmpeg
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -202,6 +215,7 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, num_fr
 def read_video(path: PathLike, *, argument: str = "video") -> tuple[list[Image.Image], float]:
     """Decode every frame of a video file with ffmpeg; returns the RGB frames and the file's fps."""
     path = existing_path(path, argument)
+    _ffmpeg()  # imageio's ffmpeg plugin runs on it: its absence is not a bad file
     try:
         reader = imageio.get_reader(path, "ffmpeg")
         try:
@@ -264,6 +278,7 @@ def _clip_indices(
 def _open_video(path: Path, argument: str) -> tuple[Any, float, float]:
     """imageio's ffmpeg reader of `path` (the one `read_video` uses, so the frames are the same), its fps and the
     duration its header declares (0 when none)."""
+    _ffmpeg()  # imageio's ffmpeg plugin runs on it: its absence is not a bad file
     try:
         reader = imageio.get_reader(path, "ffmpeg")
     except Exception as err:  # ffmpeg reports bad input through many exception types
@@ -504,7 +519,7 @@ def _video_problem(path: Path) -> VideoProbe | str:
     if path.stat().st_size == 0:
         return "the file is empty: 0 bytes"
     # An absolute path: ffmpeg would take a relative name such as 'a:b.mp4' for a protocol.
-    reader = imageio_ffmpeg.read_frames(os.path.abspath(path))
+    reader = _ffmpeg().read_frames(os.path.abspath(path))
     try:
         try:
             meta = next(reader)
@@ -590,7 +605,7 @@ def probe_image(path: PathLike, argument: str = "image") -> tuple[int, int]:
 def _count_frames(path: Path) -> int:
     """The number of video frames in `path`'s first video stream, as ffmpeg decodes them into its null output (every
     frame is decoded, none is converted to RGB or piped out)."""
-    return imageio_ffmpeg.count_frames_and_secs(os.path.abspath(path))[0]
+    return _ffmpeg().count_frames_and_secs(os.path.abspath(path))[0]
 
 
 def is_complete_output(path: PathLike) -> bool:
@@ -655,7 +670,7 @@ def _encode_mp4(pixels: np.ndarray, path: Path, fps: float) -> subprocess.Comple
     _, height, width, _ = pixels.shape
     rate = Fraction(float(fps)).limit_denominator()  # as imageio passes it: a rational, so 24000/1001 stays exact
     command = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-y",
+        _ffmpeg().get_ffmpeg_exe(), "-y",
         "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(rate),
         "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "8",
         "-v", "error", os.path.abspath(path),
@@ -725,6 +740,7 @@ def write_output(frames: np.ndarray | Sequence[Image.Image], path: PathLike, fps
     pixels = _to_uint8(frames)
     if len(pixels) > 1:
         fps = check_fps(fps)
+        _ffmpeg()  # before any folder or file is made
     path = Path(path)
     suffix = ".png" if len(pixels) == 1 else ".mp4"
     if path.suffix.lower() != suffix:

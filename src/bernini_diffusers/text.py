@@ -10,6 +10,7 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan import (
     prompt_clean,  # ftfy, double html.unescape, whitespace collapse
 )
+from diffusers.utils import is_ftfy_available
 from diffusers.utils.torch_utils import get_module_execution_device
 from tokenizers import Tokenizer
 
@@ -23,6 +24,10 @@ MAX_SEQUENCE_LENGTH = 512
 def positive_text(prompt: str, task: TaskType, system_prompt: str | None) -> str:
     """The positive T5 input: the system prefix and the cleaned prompt, joined with no separator (as upstream)."""
     prefix = SYSTEM_PROMPTS[task.value] if system_prompt is None else system_prompt
+    if not is_ftfy_available():  # diffusers' prompt_clean would fail with a NameError
+        raise ImportError(
+            "cleaning a prompt as the official renderer does needs ftfy; install it with `pip install ftfy`."
+        )
     return prefix + prompt_clean(prompt)
 
 

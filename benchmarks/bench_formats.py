@@ -6,8 +6,9 @@ in the format, every other tensor (patch embedding, condition embedder, norms, m
 files keep those in F32/F16; this bf16 estimate undercounts them by a few hundred MB). Exact byte counts of that
 rule, not measurements.
 
-Part 2 (runs): a small expert (`--size`: medium, the default, 8 heads x 128, ffn 4096, 2 layers: 37M parameters, 82 %
-of them in the blocks' Linear weights; or tiny, 1.7M, where the embedders dominate) is written in every format from the same float32 weights, then each file is loaded with
+Part 2 (runs): a small expert (`--size`: medium, the default, 8 heads x 128, ffn 4096, 2 layers: 42.9M parameters, 78 %
+of them in the blocks' Linear weights; or tiny, 1.7M, where the embedders dominate) is written in every format from
+the same float32 weights, then each file is loaded with
 `BerniniTransformer3DModel.from_single_file` (median of `--repeats` loads) and run once; the table gives the stored
 bytes against the bf16 file, the weights' bytes in memory after the load (float32 unless kept quantized), and the
 rel-L2 of one forward against the float32 expert. K-quant GGUF rows are absent: the `gguf` package quantizes
@@ -160,7 +161,8 @@ def main() -> None:
             with torch.no_grad():
                 out = loaded(*inputs).sample.double()
             results.append({
-                "file": name, "detected": f"{fmt.quantization} {fmt.main_storage}", "stored vs bf16": f"{path.stat().st_size / bf16_bytes:.3f}",
+                "file": name, "detected": f"{fmt.quantization} {fmt.main_storage}",
+                "stored vs bf16": f"{path.stat().st_size / bf16_bytes:.3f}",
                 "in memory vs fp32": f"{parameter_bytes(loaded) / parameter_bytes(model):.3f}",
                 "rel-L2": f"{((out - reference).norm() / reference.norm()).item():.2e}",
                 "load s": f"{statistics.median(seconds):.3f}",

@@ -37,7 +37,7 @@ from bernini_diffusers.tiny import TINY_TRANSFORMER_CONFIG, tiny_transformer
 CONFIG = dict(TINY_TRANSFORMER_CONFIG)
 Q = gguf.GGMLQuantizationType
 
-# diffusers' key -> Wan's original key (the inverse of diffusers' `convert_wan_transformer_to_diffusers`, checked below).
+# diffusers' key -> Wan's original key (the inverse of diffusers' `convert_wan_transformer_to_diffusers`, tested).
 _TO_WAN = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
@@ -197,7 +197,8 @@ def _scaled(state, fp8=torch.float8_e4m3fn, legacy=False, per_channel=False, pre
             tensors[f"{layer}.scale_input"] = torch.ones(1)
         else:
             tensors[f"{layer}.weight_scale"] = scale.reshape(scale.shape[0], 1) if per_channel else scale.reshape(())
-            tensors[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": str(fp8).split(".")[1]}).encode()), dtype=torch.uint8)  # noqa: E501
+            marker = json.dumps({"format": str(fp8).split(".")[1]}).encode()
+            tensors[f"{layer}.comfy_quant"] = torch.tensor(list(marker), dtype=torch.uint8)
     if legacy:
         tensors[prefix + "scaled_fp8"] = torch.empty(2, dtype=fp8)  # 2 elements: a diffusion model's marker
     return tensors, dequantized
@@ -489,3 +490,27 @@ def test_cli_flags_take_single_files(tiny, tmp_path, base):
     assert cli.main(["generate", "--model", str(two), "--high_noise_ckpt", str(path), "--low_noise_ckpt", str(path),
                      *common]) == 0  # fmt: skip
     assert out.is_file()
+
+
+def test_hub_files_are_fetched_with_huggingface_hub(tiny, tmp_path, monkeypatch):
+    from bernini_diffusers import formats
+
+    path = tmp_path / "expert.safetensors"
+    save_file(tiny[2], str(path))
+    calls = []
+
+    def download(repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision, kwargs.get("local_files_only")))
+        return str(path)
+
+    monkeypatch.setattr(formats.huggingface_hub, "hf_hub_download", download)
+    loaded = BerniniTransformer3DModel.from_single_file("owner/repo@v1/split_files/expert.safetensors", config=CONFIG,
+                                                        local_files_only=True)  # fmt: skip
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny[2].items())
+    formats.fetch_single_file("https://huggingface.co/owner/repo/blob/main/a/b.gguf", {}, "x")
+    assert calls == [("owner/repo", "split_files/expert.safetensors", "v1", True), ("owner/repo", "a/b.gguf", "main", None)]
+    with pytest.raises(ValueError, match="pickle"):  # refused before any download
+        formats.fetch_single_file("owner/repo/model.ckpt", {}, "x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        formats.fetch_single_file("./missing.safetensors", {}, "x")
+    assert len(calls) == 2

@@ -209,7 +209,9 @@ class CheckpointFormat:
             "none": f"{self.main_storage} weights",
             "float8": f"plain float8 ({self.main_storage}, no scales)",
             "scaled_float8": f"ComfyUI scaled float8 (comfy_quant + weight_scale, {self.float8_dtype})",
-            "scaled_float8_legacy": f"scaled float8, older format (scaled_fp8 marker + scale_weight, {self.float8_dtype})",
+            "scaled_float8_legacy": (
+                f"scaled float8, older format (scaled_fp8 marker + scale_weight, {self.float8_dtype})"
+            ),
             "gguf": "GGUF " + ", ".join(f"{t} x{n}" for t, n in self._tensor_types().most_common()),
         }
         return f"{kinds[self.quantization]}, {layouts[self.layout]}"
@@ -263,13 +265,16 @@ def _safetensors_entries(files: list[Path]) -> tuple[dict[str, TensorEntry], dic
                     tensor_slice = handle.get_slice(key)
                     storage, shape = tensor_slice.get_dtype(), tuple(tensor_slice.get_shape())
                     if key in entries:
-                        raise ValueError(f"Tensor {key!r} is stored twice: in {str(entries[key].file)!r} and {str(file)!r}.")
+                        first = str(entries[key].file)
+                        raise ValueError(f"Tensor {key!r} is stored twice: in {first!r} and {str(file)!r}.")
                     n = 1
                     for size in shape:
                         n *= size
                     entries[key] = TensorEntry(file, key, storage, shape, n * SAFETENSORS_ITEMSIZE.get(storage, 1))
         except SafetensorError as err:
-            raise ValueError(f"{str(file)!r} is not a readable safetensors file ({err}); it may be truncated.") from None
+            raise ValueError(
+                f"{str(file)!r} is not a readable safetensors file ({err}); it may be truncated."
+            ) from None
     return entries, metadata
 
 

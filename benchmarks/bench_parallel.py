@@ -18,8 +18,10 @@ Weight sharding (`shard_weights`, FSDP2), on the CPU with gloo:
 writes a medium expert (the 1.3B model's width, 1536 x 12 heads, ffn 8960, `--shard_layers` blocks, bf16: about
 0.75 GB at 8 blocks) in the diffusers layout, then launches `torchrun --nproc-per-node N` twice on it: every rank
 loading the whole expert (`from_pretrained`, the unsharded layout) and every rank reading only its shards (the
-`from_pretrained_sharded` path). Each run reports per rank its parameter bytes, its peak RSS (and the RSS the load
-added) and the time of one forward under Ulysses N; the script prints sharded / whole ratios.
+`from_pretrained_sharded` path), plus the whole expert copied out of the memory map (as a load that converts
+leaves it). Each run reports per rank its parameter bytes, the anonymous memory (RSS less mapped file pages) after the
+load and after the forwards, the peak RSS, and the time of one forward under Ulysses N; the script prints
+sharded / whole ratios.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def parse_args() -> argparse.Namespace:
                         help="measure weight sharding on the CPU with N processes instead (see above)")
     parser.add_argument("--shard_layers", type=int, default=8, help="blocks of the --shard expert")
     parser.add_argument("--shard_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--shard_mode", choices=("whole", "sharded"), default="whole", help=argparse.SUPPRESS)
+    parser.add_argument("--shard_mode", choices=("whole", "copied", "sharded"), default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--shard_out", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -123,7 +125,7 @@ def shard_driver(args: argparse.Namespace) -> int:
         model.save_pretrained(folder)
         del model
         results = {}
-        for mode in ("whole", "sharded"):
+        for mode in ("whole", "copied", "sharded"):
             out = Path(tmp) / f"{mode}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.shard}",
                        __file__, "--shard_worker", str(folder), "--shard_mode", mode, "--shard_out", str(out),
@@ -131,17 +133,22 @@ def shard_driver(args: argparse.Namespace) -> int:
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             subprocess.run(command, check=True, env=env)
             results[mode] = json.loads(out.read_text())
-    whole, sharded = results["whole"], results["sharded"]
+    whole, copied, sharded = results["whole"], results["copied"], results["sharded"]
     print(f"CPU, gloo, {args.shard} processes, Ulysses {args.shard}; expert of {args.shard_layers} blocks at the 1.3B "
           f"width, bf16, {whole['total_bytes'] / 1e9:.2f} GB; {whole['tokens']} tokens per forward")
-    print("| per rank (max over ranks) | whole expert per rank | sharded (FSDP2) | sharded / whole |")
-    print("|---|---|---|---|")
-    rows = [("parameter bytes", "param_bytes", 1e9, "GB"), ("peak RSS after the load", "load_peak_rss", 1e9, "GB"),
-            ("RSS added by the load", "load_rss", 1e9, "GB"), ("peak RSS after the forwards", "peak_rss", 1e9, "GB"),
+    print("| per rank (max over ranks) | whole, memory-mapped | whole, copied | sharded (FSDP2) | sharded / whole "
+          "mapped | sharded / whole copied |")
+    print("|---|---|---|---|---|---|")
+    rows = [("parameter bytes", "param_bytes", 1e9, "GB"),
+            ("anonymous memory added by the load", "load_anon", 1e9, "GB"),
+            ("anonymous memory after the forwards", "forward_anon", 1e9, "GB"),
+            ("peak RSS after the load (with mapped file pages)", "load_peak_rss", 1e9, "GB"),
+            ("peak RSS after the forwards", "peak_rss", 1e9, "GB"),
             ("time per forward", "forward_s", 1, "s")]  # fmt: skip
     for label, key, scale, unit in rows:
-        a, b = max(whole[key]), max(sharded[key])
-        print(f"| {label} | {a / scale:.3f} {unit} | {b / scale:.3f} {unit} | {b / a:.3f} |")
+        a, c, b = max(whole[key]), max(copied[key]), max(sharded[key])
+        print(f"| {label} | {a / scale:.3f} {unit} | {c / scale:.3f} {unit} | {b / scale:.3f} {unit} | {b / a:.3f} "
+              f"| {b / c:.3f} |")
     print(f"max |sharded - whole| of the forward output: {abs(sharded['checksum'] - whole['checksum']):.3e} (sum)")
     return 0
 
@@ -167,16 +174,22 @@ def shard_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     state = init_parallel_state(ulysses_degree=int(os.environ["WORLD_SIZE"]))
-    before = psutil.Process().memory_info().rss
+    # Anonymous memory (RSS less the file-backed pages): the memory-mapped safetensors pages count in RSS while
+    # mapped but are the page cache, shared by every process of a node that reads the file.
+    before = psutil.Process().memory_info()
     folder = Path(args.shard_worker)
-    if args.shard_mode == "whole":
+    if args.shard_mode in ("whole", "copied"):
         model = BerniniTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+        if args.shard_mode == "copied":
+            # Out of the memory map, as a load that converts leaves the weights (original checkpoints, a dtype cast)
+            for param in model.parameters():
+                param.data = param.data.clone()
     else:
         plan, model = _folder_plan(folder, "transformer")
         model = cast_skeleton(plan, model, torch.bfloat16)
         shard_model(model, state.data_group, "cpu")
         materialize_shards(plan, model, state.data_group, state.device)
-    loaded = psutil.Process().memory_info().rss
+    loaded = psutil.Process().memory_info()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes, DTensor or not
     parallelize_model(model, UlyssesSequence(state.ulysses_group, state.ulysses_degree, state.ulysses_rank))
@@ -195,11 +208,13 @@ def shard_worker(args: argparse.Namespace) -> int:
             out = model(**inputs)[0]
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    mine = [local_parameter_bytes(model), load_peak, peak, loaded - before, statistics.median(times)]
+    after = psutil.Process().memory_info()
+    anonymous = [(m.rss - m.shared) - (before.rss - before.shared) for m in (loaded, after)]
+    mine = [local_parameter_bytes(model), load_peak, peak, *anonymous, statistics.median(times)]
     gathered = [None] * state.world_size
     dist.all_gather_object(gathered, mine)
     if state.rank == 0:
-        keys = ("param_bytes", "load_peak_rss", "peak_rss", "load_rss", "forward_s")
+        keys = ("param_bytes", "load_peak_rss", "peak_rss", "load_anon", "forward_anon", "forward_s")
         report = {key: [rank[i] for rank in gathered] for i, key in enumerate(keys)}
         report.update(total_bytes=total, tokens=2 * 128, checksum=out.float().sum().item())
         Path(args.shard_out).write_text(json.dumps(report))

@@ -223,6 +223,8 @@ def test_errors_over_plain_http(server, tmp_path):
     _error(server.http("GET", "/v1/videos", params={"limit": 0}), 400, "limit")
     schema = server.http("GET", "/openapi.json").json()
     assert {"/v1/videos", "/v1/videos/{video_id}/content", "/v1/status", "/health"} <= set(schema["paths"])
+    form = schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"prompt", "seconds", "size", "input_reference", "num_inference_steps", "seed"} <= set(form["properties"])
 
 
 def test_queue_full_and_cancel(server):
@@ -336,3 +338,68 @@ def test_two_data_parallel_groups_share_the_store(tmp_path):
     finally:
         srv.stop()
 
+
+
+def _add(store, n: int = 0, max_queue=None):
+    from bernini_diffusers.serve.store import new_job_id
+
+    return store.add(job_id=new_job_id(), model="tiny", prompt=f"p{n}", seconds="0.25", size="32x32",
+                     call={"prompt": f"p{n}", "seed": 1}, steps=4, uploads=[], max_queue=max_queue)  # fmt: skip
+
+
+def test_store_leases_requeue_and_complete_once(tmp_path):
+    """The store alone (no model): an expired lease returns the job to the queue, only the lease holder completes it,
+    `fail` marks it failed with the reason instead, and a full queue is refused in the same transaction."""
+    from bernini_diffusers.serve.store import JobStore, QueueFull
+
+    store = JobStore(tmp_path / "jobs", lease_seconds=0.2)
+    job = _add(store)
+    first = store.claim("1@elsewhere/0")  # a worker of another host: only its lease can tell it is gone
+    assert first.id == job.id and first.status == "in_progress" and store.claim("2@elsewhere/0") is None
+    assert store.heartbeat(job.id, "1@elsewhere/0", step=2) and store.get(job.id).progress == 50
+    assert store.recover() == []  # the lease holds
+    time.sleep(0.3)
+    assert store.recover() == [job.id] and store.get(job.id).status == "queued"
+    second = store.claim("2@elsewhere/0")
+    assert second.attempts == 2
+    assert not store.heartbeat(job.id, "1@elsewhere/0")  # the old holder learns it lost the job
+    assert not store.finish(job.id, "1@elsewhere/0", output="outputs/x.mp4")
+    assert store.finish(job.id, "2@elsewhere/0", output="outputs/x.mp4")
+    assert [e["event"] for e in store.events(job.id)] == ["queued", "claimed", "requeued", "claimed", "completed"]
+    (tmp_path / "jobs" / "outputs" / "x.mp4").write_bytes(b"x")
+    assert store.recover() == []  # a completed job with its file stays completed
+
+    other = _add(store, 1)
+    store.claim("3@elsewhere/0")
+    time.sleep(0.3)
+    store.recover("fail")
+    failed = store.get(other.id)
+    assert failed.status == "failed" and failed.error["code"] == "interrupted"
+
+    (tmp_path / "jobs" / "outputs" / "x.mp4").unlink()  # never completed without its file
+    store.recover()
+    assert store.get(job.id).status == "failed" and store.get(job.id).error["code"] == "output_missing"
+
+    _add(store, 2, max_queue=2)
+    _add(store, 3, max_queue=2)
+    with pytest.raises(QueueFull):
+        _add(store, 4, max_queue=2)
+
+    running = store.claim("4@elsewhere/0")
+    assert store.delete(running.id).status == "in_progress" and store.get(running.id) is None
+    assert not store.heartbeat(running.id, "4@elsewhere/0")  # the worker stops at its next step
+    assert store.drop_cancelled(running.id, "4@elsewhere/0") is not None
+    assert store.get(running.id, include_deleted=True) is None
+
+
+def test_store_requeues_a_dead_local_worker_at_once(tmp_path):
+    from bernini_diffusers.serve.store import JobStore
+
+    store = JobStore(tmp_path / "jobs", lease_seconds=3600)
+    job = _add(store)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    store.claim(f"{gone.pid}@{socket.gethostname()}/0")  # a process of this host that has exited
+    assert store.recover() == [job.id] and store.get(job.id).status == "queued"
+    store.claim(f"{os.getpid()}@{socket.gethostname()}/0")  # a live one keeps its lease
+    assert store.recover() == []

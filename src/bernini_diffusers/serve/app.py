@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .calls import MEDIA_FIELDS, RequestError, build_job
+from .calls import EXTRA_FIELDS, MEDIA_FIELDS, RequestError, build_job
 from .store import COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull, new_job_id
 from .worker import remove_files
 
@@ -74,6 +74,23 @@ def video_object(job: Job) -> dict[str, Any]:
         "completed_at": job.completed_at, "expires_at": None, "model": job.model, "prompt": job.prompt,
         "seconds": job.seconds, "size": job.size, "error": error, "remixed_from_video_id": job.remixed_from,
     }  # fmt: skip
+
+
+def _body_schema(files: dict[str, str], openai_fields: tuple[str, ...] = ("prompt", "model", "seconds", "size")):
+    """The OpenAPI request body of a create-like route: OpenAI's fields and Bernini's, as JSON or multipart (with
+    `files`: upload field -> description). The routes read the body themselves, so FastAPI cannot infer it."""
+    kinds = {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
+             list: {"type": "array", "items": {"type": "number"}}}  # fmt: skip
+    fields = {name: {"type": "string"} for name in openai_fields}
+    fields.update({name: dict(kinds[kind]) for name, kind in EXTRA_FIELDS.items()})
+    uploads = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
+    required = ["prompt"] if "prompt" in fields else []
+    json_schema = {"type": "object", "required": required, "properties": fields}
+    form_schema = {"type": "object", "required": required, "properties": {**fields, **uploads}}
+    content = {"application/json": {"schema": json_schema}}
+    if files:
+        content["multipart/form-data"] = {"schema": form_schema}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _not_found(job_id: str) -> RequestError:
@@ -315,21 +332,25 @@ def create_app(store: JobStore, settings: Settings):
             "accepting": queued < settings.max_queue,
         }  # fmt: skip
 
-    @app.post("/v1/videos", tags=["videos"])
+    reference = {"input_reference": "an image: the first reference (r2v unless task_type says otherwise)",
+                 "images": "more reference images (repeat the field as images[])"}  # fmt: skip
+
+    @app.post("/v1/videos", tags=["videos"], openapi_extra=_body_schema(reference))
     async def create_video(request: Request):
         """`client.videos.create`: prompt, seconds, size, an `input_reference` image upload (-> r2v), and Bernini's
         arguments in the same body (`task_type`, `negative_prompt`, omegas, `num_inference_steps`, `seed`, ...)."""
         fields, files = await read_body(request)
         return await in_thread(create, fields, files)
 
-    @app.post("/v1/videos/edits", tags=["videos"])
+    @app.post("/v1/videos/edits", tags=["videos"], openapi_extra=_body_schema(
+        {"video": "the source video (or the form field video[id] naming a completed video)"}))
     async def edit_video(request: Request):
         """`client.videos.edit`: prompt + an uploaded video (or `video[id]` of a completed one) -> v2v."""
         fields, files = await read_body(request)
         fields.setdefault("task_type", "v2v")
         return await in_thread(create, fields, files, needs_video=True)
 
-    @app.post("/v1/videos/{video_id}/remix", tags=["videos"])
+    @app.post("/v1/videos/{video_id}/remix", tags=["videos"], openapi_extra=_body_schema({}, ("prompt",)))
     async def remix_video(video_id: str, request: Request):
         """`client.videos.remix`: v2v with a new prompt on a completed video's output."""
         fields, files = await read_body(request)

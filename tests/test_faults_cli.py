@@ -413,6 +413,7 @@ def test_a_first_run_makes_a_short_tiny_video_with_status_lines(tmp_path, capsys
     assert "no --task_type given: t2v" in err and "--model tiny defaults to 9 frames, 64x96, 4 steps" in err
     assert "decoding..." in err and f"writing {out}" in err
     assert err.index("decoding...") < err.index(f"writing {out}")
+    assert err.index("decoding...") > err.rindex("4/4")  # below the finished bar, not inside it
     frames, _ = read_video(out)
     assert len(frames) == 9 and frames[0].size == (96, 64)
 

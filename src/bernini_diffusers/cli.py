@@ -342,7 +342,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             "`shard_weights` shards the experts across the --ulysses x --branch_parallel ranks of a clip, but both "
             "are 1; add e.g. --ulysses 2 (with torchrun --nproc-per-node 2)."
         )
-    if world % group:
+    if world % group and not getattr(args, "plan", False):  # a plan prices a launch that has not started
         raise ValueError(
             f"`ulysses`={args.ulysses} x `branch_parallel`={args.branch_parallel} needs a multiple of {group} "
             f"processes (launch with torchrun --nproc-per-node {group}); WORLD_SIZE is {world}."
@@ -730,6 +730,11 @@ def _media_sizes(call: dict[str, Any]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def _shard_degree(args: argparse.Namespace) -> int:
+    """The ranks that share each expert's weights: --ulysses x --branch_parallel with --shard_weights, else 1."""
+    return args.ulysses * args.branch_parallel if getattr(args, "shard_weights", False) else 1
+
+
 def print_plans(args: argparse.Namespace, cases: list[case_files.Case]) -> int:
     """`--plan`: print each valid case's memory plan (`BerniniPipeline.estimate_memory`) without loading weights;
     exit status 0 whether or not it fits (the plan says so), 2 for a case that is not valid."""
@@ -757,7 +762,7 @@ def print_plans(args: argparse.Namespace, cases: list[case_files.Case]) -> int:
         call = call_arguments(args, case)
         plan = BerniniPipeline.estimate_memory(
             model, profile, args.checkpoint_format, device=device, dtype=dtype, gpu_memory=args.gpu_memory,
-            ram=args.ram, media_sizes=_media_sizes(call), **call,
+            ram=args.ram, media_sizes=_media_sizes(call), shard_degree=_shard_degree(args), **call,
         )
         print(f"[{case.number}/{len(cases)}] {case.inputs['task_type']} -> {case.output}\n{plan}", flush=True)
     return status

@@ -172,6 +172,18 @@ def test_shard_weights_refuses_a_memory_profile(monkeypatch):
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+def test_cli_plan_prices_the_shards(capsys, monkeypatch):
+    from bernini_diffusers import cli
+
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    argv = ["generate", "--model", "tiny", "--plan", "--prompt", "x", "--task_type", "t2v", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert "shards" not in capsys.readouterr().out
+    assert cli.main([*argv, "--shard_weights", "--ulysses", "2", "--branch_parallel", "2"]) == 0
+    assert "4 shards" in capsys.readouterr().out  # a plan for a 4-process launch, made in one process
+
+
 def test_sharded_weight_bytes_for_the_memory_plan():
     from bernini_diffusers.parallel import sharded_weight_bytes
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -31,7 +32,7 @@ from bernini_diffusers.formats import (
     model_keys,
 )
 from bernini_diffusers.hub_export.convert import expected_tensors, expert_skeleton
-from bernini_diffusers.memory import parameter_bytes
+from bernini_diffusers.memory import apply_memory_profile, parameter_bytes
 from bernini_diffusers.tiny import TINY_TRANSFORMER_CONFIG, tiny_transformer
 
 CONFIG = dict(TINY_TRANSFORMER_CONFIG)
@@ -514,3 +515,22 @@ def test_hub_files_are_fetched_with_huggingface_hub(tiny, tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         formats.fetch_single_file("./missing.safetensors", {}, "x")
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("legacy, fp8", [(False, torch.float8_e4m3fn), (True, torch.float8_e5m2)])
+def test_keep_float8_is_bit_identical_at_half_the_bytes(tiny, tmp_path, legacy, fp8):
+    """`keep_float8`: the float8 weights stay float8 in memory, each layer computes with float(w) x scale in `dtype`
+    (a diffusers hook), and the output equals the default (dequantize at load) bit for bit."""
+    model, inputs, state, _ = tiny
+    path = tmp_path / "scaled.safetensors"
+    save_file(_scaled(state, fp8, legacy=legacy)[0], str(path))
+    plain = load_transformer(path, CONFIG, dtype=torch.bfloat16)
+    kept = BerniniTransformer3DModel.from_single_file(str(path), config=CONFIG, dtype=torch.bfloat16, keep_float8=True)
+    assert kept.blocks[0].attn1.to_q.weight.dtype == fp8
+    linear = sum(v.numel() for k, v in state.items() if _linear_weight(k, v))
+    assert parameter_bytes(plain) - parameter_bytes(kept) == linear  # 2 bytes -> 1 byte per Linear weight
+    assert torch.equal(_forward(kept, inputs), _forward(plain, inputs))
+    assert kept.blocks[0].attn1.to_q.weight.dtype == fp8  # restored after the forward
+    pipe = SimpleNamespace(transformer=kept, transformer_2=None, components={"transformer": kept})
+    with pytest.raises(ValueError, match="already store float8"):
+        apply_memory_profile(pipe, "fp8", "cpu")

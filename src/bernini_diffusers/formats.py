@@ -43,6 +43,7 @@ import gguf
 import huggingface_hub
 import torch
 from diffusers import GGUFQuantizationConfig
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from diffusers.models.model_loading_utils import load_gguf_checkpoint
 from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
@@ -601,7 +602,48 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (weight.to(torch.float32) * scale).to(dtype)
 
 
-def _read_safetensors(fmt, rename, model, torch_dtype, ignore_scales: bool = False) -> dict[str, torch.Tensor]:
+FLOAT8_HOOK = "bernini_float8_weight"
+
+
+class Float8WeightHook(ModelHook):
+    """Keeps a layer's weight in float8 and hands its forward `float32(weight) * scale` rounded to `compute_dtype`,
+    the value a load with `dtype=compute_dtype` would have stored: the output is bit-identical, the weight takes one
+    byte per value between forwards (plus the float32 scale)."""
+
+    _is_stateful = False
+
+    def __init__(self, scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        self.scale = scale
+        self.compute_dtype = compute_dtype
+        self._stored = None
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        weight = module.weight
+        self._stored = weight.data
+        weight.data = dequantize(weight.data, self.scale.to(weight.device), self.compute_dtype)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        module.weight.data, self._stored = self._stored, None
+        return output
+
+
+def _keep_float8(model: torch.nn.Module, kept: Mapping[str, tuple[torch.Tensor, torch.dtype]]) -> None:
+    """Register `Float8WeightHook` on every layer whose weight was kept in float8 (`kept`: weight name -> its scale
+    and the dtype the default load would have given it)."""
+    for name, module in model.named_modules():
+        if f"{name}.weight" in kept:
+            scale, compute_dtype = kept[f"{name}.weight"]
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                Float8WeightHook(scale, compute_dtype), FLOAT8_HOOK
+            )
+
+
+def _read_safetensors(
+    fmt, rename, model, torch_dtype, ignore_scales: bool = False, keep_float8: bool = False, kept=None
+) -> dict[str, torch.Tensor]:
+    """The model's state dict read from the file, tensor by tensor: scaled float8 dequantized to the load dtype, or
+    (`keep_float8`) the float8 Linear weights kept as stored, with their scale and dtype collected into `kept`."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     state = {}
     with ExitStack() as stack:
@@ -617,7 +659,10 @@ def _read_safetensors(fmt, rename, model, torch_dtype, ignore_scales: bool = Fal
             tensor = handle(entry.file).get_tensor(source)
             dtype = load_dtype(model_key, torch.float32, torch_dtype, keep)
             scale = fmt.scales.get(source)
-            if scale is not None and not ignore_scales:
+            if keep_float8 and tensor.dtype in FLOAT8_DTYPES.values() and tensor.ndim == 2:
+                one = torch.ones((), dtype=torch.float32)
+                kept[model_key] = (handle(scale.file).get_tensor(scale.key) if scale is not None else one, dtype)
+            elif scale is not None and not ignore_scales:
                 tensor = dequantize(tensor, handle(scale.file).get_tensor(scale.key), dtype)
             elif tensor.is_floating_point():
                 tensor = tensor.to(dtype)
@@ -647,12 +692,17 @@ def load_transformer(
     quantization_config: Any = None,
     argument: str = "path",
     fmt: CheckpointFormat | None = None,
+    keep_float8: bool = False,
     _ignore_scales: bool = False,
 ) -> BerniniTransformer3DModel:
     """A `BerniniTransformer3DModel` holding the weights of the checkpoint at `path`, in any format of
     `detect_format` (see `BerniniTransformer3DModel.from_single_file` for the arguments).
 
-    The format is named in one log line. Keys, shapes and the config are checked before any weight is read.
+    The format is named in one log line. Keys, shapes and the config are checked before any weight is read. With
+    `keep_float8`, the float8 Linear weights of a plain or scaled float8 file stay float8 in memory (one byte per
+    weight) and each layer computes with `float32(weight) * scale` rounded to `dtype`, registered as a diffusers hook
+    (`Float8WeightHook`): the output equals the default load's bit for bit. Such an expert already stores float8, so
+    the `fp8` memory profile is not applied on top of it.
     """
     fmt = fmt or detect_format(path, argument)
     logger.info(fmt.describe())
@@ -681,9 +731,11 @@ def load_transformer(
     elif fmt.container == "gguf" or quantization_config is not None:
         model = _load_with_diffusers(fmt, rename, config, dtype, quantization_config, model)
     else:
-        state = _read_safetensors(fmt, rename, model, dtype, ignore_scales=_ignore_scales)
+        kept: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
+        state = _read_safetensors(fmt, rename, model, dtype, _ignore_scales, keep_float8, kept)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
+        _keep_float8(model, kept)
     model.register_to_config(_name_or_path=str(path))
     return model
 
@@ -775,6 +827,7 @@ def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs):
         raise ValueError(f"`dtype`={dtype!r} is not a torch.dtype; pass e.g. torch.bfloat16.")
     quantization_config = kwargs.pop("quantization_config", None)
     expert = kwargs.pop("expert", None)
+    keep_float8 = kwargs.pop("keep_float8", False)
     device = kwargs.pop("device", None)
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     config_revision = kwargs.pop("config_revision", None)
@@ -783,7 +836,7 @@ def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs):
     if kwargs:
         raise ValueError(
             f"BerniniTransformer3DModel.from_single_file got unsupported arguments: {sorted(kwargs)}. It accepts "
-            "config, subfolder, dtype (torch_dtype), quantization_config, device and the Hub arguments "
+            "config, subfolder, dtype (torch_dtype), quantization_config, keep_float8, device and the Hub arguments "
             f"{list(HUB_KWARGS)}."
         )
     if expert is None and subfolder in EXPERTS:
@@ -797,7 +850,7 @@ def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs):
             config_hub["revision"] = config_revision
         config = resolve_config(config, subfolder, config_hub)
     model = load_transformer(
-        path, config, expert=expert, dtype=dtype, quantization_config=quantization_config,
+        path, config, expert=expert, dtype=dtype, quantization_config=quantization_config, keep_float8=keep_float8,
         argument="pretrained_model_link_or_path_or_dict",
     )  # fmt: skip
     if device is not None:

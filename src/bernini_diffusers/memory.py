@@ -190,6 +190,11 @@ def apply_memory_profile(pipe, name: str, device: str | torch.device | None = No
         )
     if profile.fp8:
         for expert in _experts(pipe):
+            if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in expert.parameters()):
+                raise ValueError(
+                    f"`memory_profile`={profile.name!r}: the experts already store float8 weights (a float8 file "
+                    "loaded with `keep_float8=True`); use a placement profile without fp8."
+                )
             if getattr(expert, "hf_quantizer", None) is not None:
                 raise ValueError(
                     f"`memory_profile`={profile.name!r}: the experts are already quantized "

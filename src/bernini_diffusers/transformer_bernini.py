@@ -106,6 +106,9 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
             quantization_config (*optional*):
                 A diffusers quantization config; a GGUF file gets a `GGUFQuantizationConfig(compute_dtype=dtype)`
                 without one.
+            keep_float8 (`bool`, defaults to `False`):
+                Keep a float8 file's Linear weights in float8 (one byte each) and dequantize them per layer at
+                compute (`float32(weight) * scale` to `dtype`): the same output, bit for bit, at half of bf16's bytes.
             device, revision, cache_dir, local_files_only, token, force_download, proxies:
                 As in diffusers.
 

@@ -50,6 +50,7 @@ from .options import (
     resolve_size_defaults,
     silence_import_noise,
 )
+from .redaction import mask_exception, mask_secrets, printable, protect_output
 from .serve.cli import add_serve_parser
 from .tasks import (
     PLANNER_GUIDANCE_MODES,
@@ -531,7 +532,6 @@ def run_case(pipe, args: argparse.Namespace, case: case_files.Case, enhancer=Non
     import torch
 
     from . import media
-    from .prompt_enhancer import printable
 
     writer = state is None or state.is_writer
     kwargs = call_arguments(args, case)
@@ -697,9 +697,10 @@ def generate(args: argparse.Namespace) -> int:
             except Exception as err:  # in a batch one case's failure is reported and the others run
                 if not batch:
                     raise
-                outcomes[case.number] = _Outcome("failed", f"{case.output}: {type(err).__name__}: {err}")
+                why = printable(mask_secrets(f"{type(err).__name__}: {err}"))
+                outcomes[case.number] = _Outcome("failed", f"{case.output}: {why}")
                 if writer:
-                    print(f"[{case.number}/{len(cases)}] failed: {type(err).__name__}: {err}", file=sys.stderr)
+                    print(f"[{case.number}/{len(cases)}] failed: {why}", file=sys.stderr)
                 continue
             finally:
                 lock.release()
@@ -772,22 +773,37 @@ def print_plans(args: argparse.Namespace, cases: list[case_files.Case]) -> int:
 _ENVIRONMENT_PACKAGES = ("huggingface_hub", "requests", "httpx", "httpcore", "urllib3")
 
 
+def _from_environment(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from or while handling, is the network's or the Hub's (a Hub error
+    wrapped in a `FileNotFoundError` naming the flag is still the Hub failing, not the user)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if {cls.__module__.split(".")[0] for cls in type(err).__mro__} & set(_ENVIRONMENT_PACKAGES):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _failure(err: BaseException) -> tuple[int, str]:
     """The exit status and the one line `main` prints for an error: 2 for bad input (in flag names), 1 for the
-    environment (offline Hub, no space left, no driver) or anything else."""
-    modules = {cls.__module__.split(".")[0] for cls in type(err).__mro__}
-    from_environment = bool(modules & set(_ENVIRONMENT_PACKAGES))
+    environment (offline Hub, a Hub or network error, no space left, no driver) or anything else."""
+    from_environment = _from_environment(err)
     if isinstance(err, UsageError):
         return 2, str(err)
     if isinstance(err, (ValueError, FileNotFoundError)) and not from_environment:
         return 2, flag_names(str(err))
     text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        text = flag_names(text)  # a Hub failure reading a flag's repo: the flag by its name
     if not isinstance(err, (OSError, CaseBusyError)) or from_environment:
         text = f"{type(err).__name__}: {text}"
     return 1, f"{text} (--debug or {DEBUG_ENV}=1 shows the traceback)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything can fail: no credential (`--token`, $HF_TOKEN, `hf_...`, Bearer values) in any message.
+    protect_output(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -805,9 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # one line, no traceback (unless asked): 2 for bad input, 1 for the environment
         if debug:
-            raise
+            raise mask_exception(err)  # the traceback shows the masked message (and `protect_output`'s hook masks it)
         status, text = _failure(err)
-        print(f"{parser.prog}: error: {text}", file=sys.stderr)
+        print(f"{parser.prog}: error: {mask_secrets(text)}", file=sys.stderr)
         return status
     if isinstance(result, int) and not isinstance(result, bool):
         return result

@@ -25,20 +25,19 @@ import json
 import logging
 import numbers
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import imageio
 import numpy as np
 from PIL import Image
 
-from . import media
+from . import media, redaction
 from .constants import (
     PE_MAX_RETRIES,
     PE_MAX_TIMEOUT,
@@ -47,6 +46,7 @@ from .constants import (
     PE_TIMEOUT,
     PE_TIMEOUT_ENV,
 )
+from .redaction import mask_secrets, printable  # noqa: F401  (`printable` re-exported: its home before `redaction`)
 
 logger = logging.getLogger(__name__)
 
@@ -584,53 +584,15 @@ class _Endpoint:
         return cls(url=client_url, query=dict(query) or None, shown=shown)
 
 
-# Every credential of every enhancer made in this process, masked in its warnings and in the HTTP stack's logs.
-_SECRETS: set[str] = set()
-# Shorter values are too common to mask in free text, and too short to be credentials.
-_MIN_SECRET = 4
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
-_AUTH_HEADER = re.compile(r"\b(Bearer|Basic)\s+(?=[A-Za-z._~+/=-]*[0-9+/=])[A-Za-z0-9._~+/=-]{8,}")
-_SECRET_PARAM = re.compile(
-    r"\b((?:api[_-]?key|access[_-]?token|token|key|password|passwd|secret|signature|sig)=)[^&\s'\"#,;)]+", re.I
-)
-
-
-def _secret_forms(value: str | None) -> set[str]:
-    """A credential as written and as percent-decoded, if long enough to be one."""
-    forms = {value, unquote(value), unquote_plus(value)} if value else set()
-    return {form for form in forms if len(form) >= _MIN_SECRET}
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with every known credential, URL user info, `Bearer`/`Basic` token and `key=...` value as `***`."""
-    for secret in sorted(set(_SECRETS), key=len, reverse=True):  # a copy: another thread may add to the set
-        text = text.replace(secret, "***")
-    text = _USERINFO.sub(r"\1***@", text)
-    text = _AUTH_HEADER.sub(r"\1 ***", text)
-    return _SECRET_PARAM.sub(r"\1***", text)
-
-
-class _MaskSecrets(logging.Filter):
-    """Masks credentials in a record, whichever library logged it (the HTTP stack logs full request URLs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record is for logging to report
-            return True
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:
-            text = logging.Formatter().formatException(record.exc_info)
-            if mask_secrets(text) != text:
-                record.exc_text = mask_secrets(text)
-        if record.stack_info:
-            record.stack_info = mask_secrets(record.stack_info)
-        return True
-
-
-_MASK = _MaskSecrets()
+# The masking lives in `redaction` (used by every front end); these names are kept for the enhancer and its users.
+_SECRETS = redaction._SECRETS
+_MIN_SECRET = redaction._MIN_SECRET
+_USERINFO = redaction._USERINFO
+_AUTH_HEADER = redaction._AUTH_HEADER
+_SECRET_PARAM = redaction._SECRET_PARAM
+_secret_forms = redaction.secret_forms
+_MaskSecrets = redaction.MaskSecrets
+_MASK = redaction.MASK
 # The loggers that may see a request: a filter acts only on records of the logger it is attached to.
 _HTTP_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
 # Those that log request URLs, named before the SDK is imported; the others are found once they exist.
@@ -645,18 +607,6 @@ def _guard_loggers() -> None:
         target = logging.getLogger(name)
         if _MASK not in target.filters:
             target.addFilter(_MASK)
-
-
-# ---------------------------------------------------------------------------------------------------- display
-
-# C0 and C1 controls (ANSI escapes, carriage returns, ...), line and paragraph separators, and the bidirectional
-# overrides that make a terminal show text other than what it holds.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    r"""`text` safe to print on a terminal: control characters escaped as Python writes them (`\x1b`, `\r`, `\n`)."""
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 # ---------------------------------------------------------------------------------------------------- failures

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..constants import DTYPES, WAN22_BASE
+from ..options import add_debug_argument
 
 DEFAULT_BASE = WAN22_BASE
 
@@ -73,6 +74,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     hub.add_argument("--commit_message", help="commit message of the upload")
     hub.add_argument("--token", help="Hub token (default: the logged-in one or $HF_TOKEN)")
     hub.add_argument("--dry_run", action="store_true", help="list the files and sizes to upload; upload nothing")
+    add_debug_argument(parser)
     parser.set_defaults(func=run_export)
     return parser
 

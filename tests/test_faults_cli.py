@@ -368,6 +368,109 @@ def test_a_single_case_held_by_another_run_exits_1(tmp_path, capsys, fake_load):
     assert fake_load == [] and not (tmp_path / "o.png").exists()
 
 
+DIARY = "my private diary: do not print\n"
+
+
+def _odd_lock(kind: str, lock: Path, user_file: Path) -> None:
+    """Put something that is not a lock file of ours at `lock`."""
+    if kind == "folder":
+        lock.mkdir()
+    elif kind == "symlink_to_dev_zero":
+        lock.symlink_to("/dev/zero")
+    elif kind == "symlink_to_user_file":
+        lock.symlink_to(user_file)
+    elif kind == "dangling_symlink":
+        lock.symlink_to(lock.parent / "nowhere" / "pid a on process")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        raise AssertionError(kind)
+
+
+ODD_LOCKS = {
+    "folder": "a folder",
+    "symlink_to_dev_zero": "a symbolic link",
+    "symlink_to_user_file": "a symbolic link",
+    "dangling_symlink": "a symbolic link",
+    "fifo": "a FIFO (named pipe)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_LOCKS))
+def test_a_lock_that_is_not_a_lock_file_stops_a_single_case_before_the_model_loads(kind, tmp_path, capsys, no_load):
+    user_file = tmp_path / "diary.txt"
+    user_file.write_text(DIARY)
+    lock = tmp_path / ".o.png.lock"
+    _odd_lock(kind, lock, user_file)
+    argv = ["generate", *TINY, "--prompt", "p", "--task_type", "t2i", "--output", str(tmp_path / "o.png")]
+    assert cli.main(argv) == 1  # no_load: the model never loads
+    line = error_line(capsys)
+    assert f"is locked: its lock {str(lock)!r} is {ODD_LOCKS[kind]}, not a lock file" in line, line
+    assert "wait for it, or choose another --output" in line and "diary" not in line and "\\x00" not in line
+    assert user_file.read_text() == DIARY and os.path.lexists(lock) and not (tmp_path / "o.png").exists()
+    assert cases.CaseLock(tmp_path / "o.png").acquire() is False  # and the lock itself refuses, as the message
+
+
+def test_odd_locks_in_a_batch_are_skipped_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    user_file = tmp_path / "diary.txt"
+    user_file.write_text(DIARY)
+    kinds = ["fifo", "symlink_to_user_file", "folder"]
+    for number, kind in enumerate(kinds, start=1):
+        _odd_lock(kind, out / f".{number:04}_t2i.png.lock", user_file)
+    entries = [{"task_type": "t2i", "prompt": f"ball {i}"} for i in range(len(kinds) + 1)]
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("\n".join(map(json.dumps, entries)))
+    assert cli.main(["generate", *TINY, "--inputs", str(batch), "--output", f"{out}/"]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    loaded = next(i for i, line in enumerate(lines) if "random weights" in line)
+    for number, kind in enumerate(kinds, start=1):
+        skipped = next(i for i, line in enumerate(lines) if line.startswith(f"[{number}/4] skipped:"))
+        assert skipped < loaded and f"is {ODD_LOCKS[kind]}, not a lock file" in lines[skipped]
+    assert "1 done, 3 skipped, 0 failed" in err and "diary" not in err
+    assert (out / "0004_t2i.png").is_file() and not (out / "0001_t2i.png").exists()
+    assert user_file.read_text() == DIARY
+
+
+def test_a_live_runs_lock_stops_a_single_case_before_the_model_loads(tmp_path, capsys, no_load):
+    holder = live_pid()
+    try:
+        (tmp_path / ".o.png.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        argv = ["generate", *TINY, "--prompt", "p", "--task_type", "t2i", "--output", str(tmp_path / "o.png")]
+        assert cli.main(argv) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is being written by another run (pid {holder.pid} on " in error_line(capsys)
+
+
+def test_a_lock_is_read_only_as_far_as_pid_and_host(tmp_path):
+    lock = cases.CaseLock(tmp_path / "o.png")
+    lock.path.write_text("secret words " * 100000)  # 1.3 MB that is not `pid host`
+    assert lock.holder() == "" and "secret" not in lock.blocked() and "a process" in lock.blocked()
+    lock.path.write_text(f"{dead_pid()} {socket.gethostname()}\n")
+    assert lock.blocked() is None  # stale: this run may take it over
+
+
+def test_a_stale_lock_that_cannot_be_removed_is_reported(tmp_path, capsys, fake_load, monkeypatch):
+    (tmp_path / ".o.png.lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")
+    replace = os.replace
+
+    def refuse(source, target, *args, **kwargs):
+        if str(source).endswith(".lock"):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(cases.os, "replace", refuse)
+    argv = ["generate", *TINY, "--prompt", "p", "--task_type", "t2i", "--output", str(tmp_path / "o.png")]
+    assert cli.main(argv) == 1
+    line = error_line(capsys)
+    assert "cannot be claimed: its lock" in line and "cannot be created or removed (Operation not permitted)" in line
+    assert not (tmp_path / "o.png").exists() and (tmp_path / ".o.png.lock").exists()
+
+
 @pytest.mark.multiprocess
 def test_two_batches_on_one_folder_split_the_cases(tmp_path):
     entries = [{"task_type": "t2v", "prompt": f"a ball number {i}"} for i in range(6)]

@@ -18,7 +18,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
+import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +260,27 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+# The most a lock file's content is read: `pid host` fits many times over; a lock that is a link to /dev/zero or to
+# a large file of the user's is never read further.
+LOCK_READ_LIMIT = 256
+_HOLDER = re.compile(r"^(\d{1,10}) ([A-Za-z0-9][A-Za-z0-9._-]{0,252})$")
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    ):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _NotALock(Exception):
+    """The lock path holds something that is not a regular file (its kind is the message)."""
+
+
 class CaseLock:
     r"""
     An exclusive claim on one output file, shared by every run that writes into the same folder.
@@ -265,6 +289,12 @@ class CaseLock:
     (`O_CREAT | O_EXCL`) and holding `pid host`. A lock left by a process that died on this host is taken over; one
     held by a live process, or by any process on another host, is left alone. The holder removes it after the write,
     or when the case fails.
+
+    A lock is read without following a symbolic link (`O_NOFOLLOW`), without blocking (a FIFO), and at most
+    `LOCK_READ_LIMIT` bytes; only a parsed `pid host` is ever shown. Anything at the lock's path that is not a regular
+    file (a folder, a symbolic link, dangling or not, a FIFO, a device) counts as held by someone else and is left
+    alone: `blocked()` says so, naming the path. A stale lock that cannot be removed (no permission) is reported the
+    same way instead of failing the run.
 
     Args:
         output (`str` or `os.PathLike`):
@@ -280,34 +310,103 @@ class CaseLock:
         self.owner = f"{os.getpid()} {socket.gethostname()}"
         self.held = False
         self.took_over: str | None = None  # the dead holder's `pid host`, when this lock replaced a stale one
+        self.problem: str | None = None  # why `acquire` failed, when not because a live run holds the lock
 
     def _create(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as handle:
             handle.write(self.owner + "\n")
         return True
 
-    def holder(self) -> str | None:
-        """The `pid host` written in the lock file, None without one ("" for a lock still being written)."""
+    @staticmethod
+    def _read(path: Path) -> str | None:
+        """The parsed `pid host` of the lock file at `path`; None without a file there, "" for a lock still being
+        written or whose content is not `pid host`. Raises `_NotALock` for anything but a regular file."""
         try:
-            return self.path.read_text().strip()
+            mode = os.lstat(path).st_mode
         except FileNotFoundError:
             return None
+        if not stat.S_ISREG(mode):
+            raise _NotALock(_kind(mode))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as err:  # replaced by a link meanwhile (ELOOP), or unreadable
+            if err.errno == errno.ELOOP:
+                raise _NotALock("a symbolic link") from None
+            raise _NotALock(f"unreadable ({os.strerror(err.errno) if err.errno else err})") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # swapped for something else between lstat and open
+                raise _NotALock(_kind(mode))
+            data = os.read(fd, LOCK_READ_LIMIT)
+        finally:
+            os.close(fd)
+        match = _HOLDER.match(data.decode("ascii", "replace").strip())
+        return f"{match[1]} {match[2]}" if match else ""
+
+    def holder(self) -> str | None:
+        """The `pid host` written in the lock file, None without one ("" for a lock still being written, or one whose
+        content is not `pid host`, or that is not a regular file)."""
+        try:
+            return self._read(self.path)
+        except _NotALock:
+            return ""
 
     def _stale(self, holder: str) -> bool:
         pid, _, host = holder.partition(" ")
         return pid.isdigit() and host == socket.gethostname() and not process_alive(int(pid))
 
+    def blocked(self) -> str | None:
+        """Why this run may not write the output now, without claiming it (a check before the model loads): None when
+        there is no lock or only a stale one this run may take over."""
+        try:
+            holder = self._read(self.path)
+        except _NotALock as err:
+            return self._foreign(str(err))
+        if holder is None or (holder and self._stale(holder)):
+            return None
+        return self._held_by(holder)
+
+    def _foreign(self, kind: str) -> str:
+        return (
+            f"{self.output} is locked: its lock {str(self.path)!r} is {kind}, not a lock file, so it is taken as held "
+            "by someone else and left alone (remove it if no run uses it)"
+        )
+
+    def _held_by(self, holder: str) -> str:
+        pid, _, host = holder.partition(" ")
+        who = f"pid {pid} on {host}" if host else "a process"
+        return f"{self.output} is being written by another run ({who}; lock {self.path})"
+
     def acquire(self) -> bool:
-        """Claim the output; False if another live process holds it."""
+        """Claim the output; False if another live process holds it, or if the lock path is not a lock file or cannot
+        be replaced (then `problem` says why)."""
+        self.problem = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._acquire()
+        except _NotALock as err:
+            self.problem = self._foreign(str(err))
+        except PermissionError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            self.problem = (
+                f"{self.output} cannot be claimed: its lock {str(self.path)!r} cannot be created or removed "
+                f"({reason}); remove it by hand if no run uses it, or choose another output"
+            )
+        self.held = False
+        return False
+
+    def _acquire(self) -> bool:
         if self._create():
             self.held = True
             return True
-        holder = self.holder()
+        holder = self._read(self.path)
         if holder is None:  # released between the two calls
             self.held = self._create()
             return self.held
@@ -320,10 +419,13 @@ class CaseLock:
             os.replace(self.path, aside)
         except FileNotFoundError:
             return False
-        moved = aside.read_text().strip()
+        try:
+            moved = self._read(aside)
+        except _NotALock:
+            moved = None
         if moved != holder:  # someone else took it over first: give theirs back
             try:
-                os.link(aside, self.path)
+                os.link(aside, self.path, follow_symlinks=False)
             except FileExistsError:
                 pass
             aside.unlink(missing_ok=True)
@@ -335,9 +437,15 @@ class CaseLock:
         return self.held
 
     def release(self) -> None:
-        """Remove the lock if this process holds it (never another's)."""
+        """Remove the lock if this process holds it (never another's); a lock that cannot be removed is reported as
+        a warning on stderr, not raised (the output is written by then)."""
         if self.held and self.holder() == self.owner:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as err:
+                reason = os.strerror(err.errno) if err.errno else str(err)
+                print(f"warning: could not remove the lock {str(self.path)!r} ({reason}); remove it by hand",
+                      file=sys.stderr)  # fmt: skip
         self.held = False
 
     def __repr__(self) -> str:

@@ -583,10 +583,7 @@ def _claim(case: case_files.Case, batch: bool, started: float, state=None):
     lock, reason = case_files.CaseLock(case.output), None
     if writer:
         if not lock.acquire():
-            holder = lock.holder() or "a process"
-            pid, _, host = holder.partition(" ")
-            who = f"pid {pid} on {host}" if host else holder
-            reason = f"{case.output} is being written by another run ({who}; lock {lock.path})"
+            reason = lock.problem or lock.blocked() or f"{case.output} was claimed by another run meanwhile"
         elif batch and case.output.exists() and case.output.stat().st_mtime >= started:
             lock.release()  # another run finished it after this one made its list (an older file is this run's to redo)
             reason = f"{case.output} was written by another run meanwhile"
@@ -617,6 +614,26 @@ def _summary(cases: list[case_files.Case], outcomes: dict[int, _Outcome]) -> str
             outcome = outcomes[case.number]
             lines.append(f"  {outcome.status:<8} [{case.number}] {outcome.detail}")
     return "\n".join(lines)
+
+
+def _unlocked(
+    cases: list[case_files.Case], pending: list[case_files.Case], outcomes: dict[int, _Outcome], batch: bool
+) -> list[case_files.Case]:
+    """The pending cases whose output no other run holds, checked before the model loads (`CaseLock.blocked`: a live
+    run's lock, or anything at the lock's path that is not a lock file). A single case that is held stops the command
+    (exit status 1); in a batch a held case is skipped, as it would be when its turn came."""
+    free = []
+    for case in pending:
+        reason = case_files.CaseLock(case.output).blocked()
+        if reason is None:
+            free.append(case)
+            continue
+        if not batch:
+            raise CaseBusyError(f"{reason}; wait for it, or choose another --output.")
+        outcomes[case.number] = _Outcome("skipped", reason)
+        if os.environ.get("RANK", "0") == "0":  # every rank checks; the first one reports
+            print(f"[{case.number}/{len(cases)}] skipped: {reason}", file=sys.stderr)
+    return free
 
 
 def _complete_or_note(case: case_files.Case) -> bool:
@@ -669,6 +686,7 @@ def generate(args: argparse.Namespace) -> int:
         pending.remove(case)
 
     state = None
+    pending = _unlocked(cases, pending, outcomes, batch)
     if pending:
         enhancer = load_prompt_enhancer(args)  # its settings are checked before the model loads
         pipe = load_pipeline(args)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bernini_diffusers"
 FLOORS = {
     "constants": 0,
     "tasks": 1, "media": 1, "text": 1, "guidance": 1, "attention": 1, "cases": 1, "scheduling": 1,
-    "prompt_enhancer": 1, "acceleration": 1, "memory": 1, "windows": 1,
+    "prompt_enhancer": 1, "acceleration": 1, "memory": 1, "windows": 1, "redaction": 1,
     "transformer_bernini": 2, "parallel": 2,
     "hub_export.convert": 3, "hub_export.remote_code": 3, "loading": 3, "sharded_load": 3, "formats": 3, "memory_plan": 3, "low_ram": 3,
     "pipeline_bernini": 4,

@@ -209,8 +209,8 @@ def _scaled(state, fp8=torch.float8_e4m3fn, legacy=False, per_channel=False, pre
     "kind, fp8, tolerance",
     [
         ("comfy", torch.float8_e4m3fn, 2e-2),
-        ("comfy", torch.float8_e5m2, 4e-2),
-        ("comfy_per_channel", torch.float8_e4m3fn, 2e-2),
+        pytest.param("comfy", torch.float8_e5m2, 4e-2, marks=pytest.mark.slow),
+        pytest.param("comfy_per_channel", torch.float8_e4m3fn, 2e-2, marks=pytest.mark.slow),
         ("legacy", torch.float8_e4m3fn, 2e-2),
     ],
 )
@@ -310,7 +310,8 @@ def _write_gguf(path: Path, state, quant, k_blocks: bool = False):
 
 @pytest.mark.parametrize(
     "quant, tolerance",
-    [(Q.F16, 1e-3), (Q.BF16, 1e-2), (Q.Q8_0, 2e-2), (Q.Q4_0, 1.5e-1), (Q.Q4_K, None), (Q.Q5_K, None), (Q.Q6_K, None)],
+    [(Q.F16, 1e-3), (Q.BF16, 1e-2), (Q.Q8_0, 2e-2), (Q.Q4_0, 1.5e-1), (Q.Q4_K, None),
+     pytest.param(Q.Q5_K, None, marks=pytest.mark.slow), (Q.Q6_K, None)],
 )
 def test_gguf_stays_quantized(tiny, tmp_path, quant, tolerance):
     model, inputs, state, reference = tiny
@@ -517,7 +518,9 @@ def test_hub_files_are_fetched_with_huggingface_hub(tiny, tmp_path, monkeypatch)
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("legacy, fp8", [(False, torch.float8_e4m3fn), (True, torch.float8_e5m2)])
+@pytest.mark.parametrize(
+    "legacy, fp8", [(False, torch.float8_e4m3fn), pytest.param(True, torch.float8_e5m2, marks=pytest.mark.slow)]
+)
 def test_keep_float8_is_bit_identical_at_half_the_bytes(tiny, tmp_path, legacy, fp8):
     """`keep_float8`: the float8 weights stay float8 in memory, each layer computes with float(w) x scale in `dtype`
     (a diffusers hook), and the output equals the default (dequantize at load) bit for bit."""

@@ -489,3 +489,48 @@ def test_page_in_a_browser(served_demo, browser, tmp_path):
     (written,) = save_dir.glob("*_i2i_seed42.png")
     assert Image.open(written).size == (48, 32)
     page.close()
+
+
+# --- budgets: a request the one worker should not take is refused before it is queued -------------------------
+
+
+class _Unloaded:  # validate_call only: a request that reaches the model fails the test
+    validate_call = BerniniPipeline.validate_call
+
+    def __call__(self, **kwargs):
+        raise AssertionError("the request reached the model")
+
+
+def test_a_request_over_the_token_budget_or_the_step_limit_is_refused_with_the_estimate(tmp_path, monkeypatch):
+    monkeypatch.delenv("BERNINI_MAX_TOKENS", raising=False)
+    huge = {"task_type": "t2v", "prompt": "p", "num_frames": 253, "height": 1024, "width": 1024,
+            "num_inference_steps": 1000}  # fmt: skip
+    with pytest.raises(ValueError, match=r"`num_inference_steps`=1000 is more than the demo's limit of 200 steps .*"
+                                         r"needs about 262,144 transformer tokens .* for 1000 steps"):
+        demo.generate(_Unloaded(), page_values(huge), save_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"needs about 262,144 transformer tokens .*more than the limit of 100,000"):
+        demo.generate(_Unloaded(), page_values(huge), save_dir=tmp_path, budget=demo.Budget(max_tokens=100_000))
+    monkeypatch.setenv("BERNINI_MAX_TOKENS", "1000")  # the command line's variable counts here too
+    with pytest.raises(ValueError, match=r"more than the limit of 1,000 tokens"):
+        demo.generate(_Unloaded(), page_values({**huge, "num_inference_steps": 2}), save_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uploads_are_capped_in_size_and_count(tmp_path, media_dir):
+    image = str(media_dir / "ref.png") if (media_dir / "ref.png").exists() else str(next(media_dir.glob("*.png")))
+    refs = {"task_type": "r2v", "prompt": "p", "images": [image] * 3, **SMALL}
+    with pytest.raises(ValueError, match=r"this request has 3 media files, more than the demo's limit of 2"):
+        demo.generate(_Unloaded(), page_values(refs), save_dir=tmp_path, budget=demo.Budget(max_uploads=2))
+    with pytest.raises(ValueError, match=r"MB, more than the demo's limit of 1e-06 MB per file"):
+        demo.generate(_Unloaded(), page_values(refs), save_dir=tmp_path, budget=demo.Budget(max_upload_mb=1e-6))
+    for bad in ({"max_steps": 0}, {"max_uploads": True}, {"max_upload_mb": float("inf")}, {"max_tokens": -1}):
+        with pytest.raises(ValueError, match=f"`{next(iter(bad))}`="):
+            demo.Budget(**bad)
+
+
+def test_the_page_takes_the_budget(tiny_pipe):
+    page = demo.create_demo(tiny_pipe, max_steps=30, max_upload_mb=5, max_uploads=3, max_tokens=4096)
+    assert page.budget == demo.Budget(4096, 30, 5, 3) and page.max_file_size == "5mb"
+    args = cli.build_parser().parse_args(["demo", "--model", "tiny", "--max_steps", "0"])
+    with pytest.raises(ValueError, match="`max_steps`=0 must be an integer >= 1"):
+        demo.serve(args)

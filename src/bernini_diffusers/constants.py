@@ -39,6 +39,12 @@ MAX_WINDOWED_FRAMES = 961
 # (1024 positions per axis, 1024**3 tokens).
 DEFAULT_MAX_TOKENS = 2**20
 MAX_TOKENS_ENV = "BERNINI_MAX_TOKENS"
+# The demo's budgets for a request from the page (`bernini demo --max_steps/--max_upload_mb/--max_uploads`,
+# `create_demo`'s arguments): one worker serves every visitor, so a request that would hold it for hours, or uploads
+# that would fill the disk, are refused before they are queued. 200 steps is four times the official default.
+DEMO_MAX_STEPS = 200
+DEMO_MAX_UPLOAD_MB = 512
+DEMO_MAX_UPLOADS = 10
 
 # The prompt enhancer's patience (`--pe_timeout`, `--pe_retries`, these variables, or `PromptEnhancer`'s arguments):
 # seconds one request may take and further tries after a failed one. With the waits between tries (1 s, 2 s) a prompt

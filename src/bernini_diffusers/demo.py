@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import numbers
+import os
 import sys
 import time
 import uuid
@@ -23,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from . import options
-from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_FPS, MIN_FPS
+from .constants import (
+    DEFAULT_CONTEXT_OVERLAP,
+    DEFAULT_MAX_TOKENS,
+    DEMO_MAX_STEPS,
+    DEMO_MAX_UPLOAD_MB,
+    DEMO_MAX_UPLOADS,
+    MAX_FPS,
+    MAX_TOKENS_ENV,
+    MIN_FPS,
+)
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     TASKS,
@@ -199,6 +209,84 @@ def build_call(
     return kwargs
 
 
+@dataclass(frozen=True)
+class Budget:
+    r"""
+    What one request of the page may cost, checked before it is queued behind the only worker.
+
+    Args:
+        max_tokens (`int`, *optional*):
+            The longest guidance branch in transformer tokens, as `bernini generate --max_tokens`; defaults to
+            `$BERNINI_MAX_TOKENS`, else 2**20.
+        max_steps (`int`, defaults to 200):
+            The most denoising steps.
+        max_upload_mb (`float`, defaults to 512):
+            The largest uploaded file, in MB (also gradio's `max_file_size`, so larger ones are refused on upload).
+        max_uploads (`int`, defaults to 10):
+            The most media files in one request.
+    """
+
+    max_tokens: int | None = None
+    max_steps: int = DEMO_MAX_STEPS
+    max_upload_mb: float = DEMO_MAX_UPLOAD_MB
+    max_uploads: int = DEMO_MAX_UPLOADS
+
+    def __post_init__(self):
+        if self.max_tokens is None:
+            raw = os.environ.get(MAX_TOKENS_ENV, "").strip()
+            if raw and (not raw.isdigit() or int(raw) < 1):
+                raise ValueError(f"${MAX_TOKENS_ENV}={raw!r} must be an integer >= 1.")
+            object.__setattr__(self, "max_tokens", int(raw) if raw else DEFAULT_MAX_TOKENS)
+        for name in ("max_tokens", "max_steps", "max_uploads"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}`={value!r} must be an integer >= 1.")
+        if not isinstance(self.max_upload_mb, numbers.Real) or not 0 < self.max_upload_mb < float("inf"):
+            raise ValueError(f"`max_upload_mb`={self.max_upload_mb!r} must be a number > 0.")
+
+    def check(self, kwargs: Mapping[str, Any]) -> None:
+        """Refuse a request (a `ValueError` naming the budget and the estimate) that exceeds the budget."""
+        files = [f for f in _media_files(kwargs) if f]
+        if len(files) > self.max_uploads:
+            raise ValueError(
+                f"this request has {len(files)} media files, more than the demo's limit of {self.max_uploads} "
+                "(`max_uploads`, bernini demo --max_uploads)."
+            )
+        limit = self.max_upload_mb * 1e6
+        for file in files:
+            try:
+                size = os.path.getsize(file)
+            except (OSError, TypeError, ValueError):
+                continue  # a missing file is the pipeline's to name
+            if size > limit:
+                raise ValueError(
+                    f"{Path(str(file)).name!r} is {size / 1e6:,.1f} MB, more than the demo's limit of "
+                    f"{self.max_upload_mb:g} MB per file (`max_upload_mb`, bernini demo --max_upload_mb)."
+                )
+        from .pipeline_bernini import BerniniPipeline  # the command line's deferred import, as `bernini generate`
+
+        tokens, _ = BerniniPipeline.estimate_tokens(**kwargs)
+        steps = kwargs.get("num_inference_steps")
+        work = f"about {tokens:,} transformer tokens in its longest guidance branch, for {steps} steps"
+        if tokens > self.max_tokens:
+            raise ValueError(
+                f"this request needs {work}: more than the limit of {self.max_tokens:,} tokens (`max_tokens`, "
+                f"bernini demo --max_tokens or ${MAX_TOKENS_ENV}); lower `num_frames`, `height`/`width` or "
+                "`max_image_size`."
+            )
+        if isinstance(steps, numbers.Real) and steps > self.max_steps:
+            raise ValueError(
+                f"`num_inference_steps`={steps} is more than the demo's limit of {self.max_steps} steps (`max_steps`, "
+                f"bernini demo --max_steps); this request needs {work}."
+            )
+
+
+def _media_files(kwargs: Mapping[str, Any]) -> list[Any]:
+    video = kwargs.get("video")
+    videos = list(video) if isinstance(video, (list, tuple)) else [video]
+    return [*videos, kwargs.get("image"), *(kwargs.get("images") or [])]
+
+
 def _output_name(task: str, seed: int) -> str:
     # Time first so the folder lists in order; the random part keeps two results of the same second apart.
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}_{task}_seed{seed}"
@@ -211,6 +299,7 @@ def generate(
     save_dir: str | Path = DEFAULT_SAVE_DIR,
     prompt_enhancer=None,
     progress=None,
+    budget: Budget | None = None,
 ) -> tuple[Path, str]:
     r"""
     Run one request of the page: enhance the prompt (optional), call the pipeline, write the result.
@@ -228,6 +317,8 @@ def generate(
         progress (`Callable`, *optional*):
             Called as `progress((step, total), desc=...)` before the model work and after every denoising step
             (`gr.Progress` in the page).
+        budget (`Budget`, *optional*):
+            What the request may cost (tokens, steps, uploads); defaults to `Budget()`.
 
     Returns:
         `tuple[Path, str]`: the file written and the prompt used.
@@ -257,6 +348,7 @@ def generate(
         **{name: values[name] for name in GENERATION_PARAMETERS if name in values},
     )
     type(pipe).validate_call(**kwargs)  # bad input fails here, before the enhancer or the model run
+    (budget or Budget()).check(kwargs)  # and a request too large for the one worker
 
     if prompt_enhancer is not None and prompt.strip():
         report(0.0, desc="Enhancing the prompt")
@@ -295,6 +387,10 @@ def create_demo(
     prompt_enhancer=None,
     defaults: Mapping[str, Any] | None = None,
     title: str = "Bernini-R",
+    max_tokens: int | None = None,
+    max_steps: int = DEMO_MAX_STEPS,
+    max_upload_mb: float = DEMO_MAX_UPLOAD_MB,
+    max_uploads: int = DEMO_MAX_UPLOADS,
 ):
     r"""
     Build the demo page around a loaded pipeline.
@@ -311,11 +407,16 @@ def create_demo(
             Initial values that replace `default_values()`, e.g. `{"num_inference_steps": 20}`.
         title (`str`):
             The page title.
+        max_tokens, max_steps, max_upload_mb, max_uploads:
+            What one request may cost (see `Budget`); a request over budget is refused with the estimate, not
+            queued. The page's `launch` gets `max_file_size` from `max_upload_mb` (`demo.max_file_size`).
 
     Returns:
         `gr.Blocks`: call `.launch()` on it.
     """
     import gradio as gr
+
+    budget = Budget(max_tokens, max_steps, max_upload_mb, max_uploads)
 
     values = default_values()
     unknown = sorted(set(defaults or {}) - set(values))
@@ -372,7 +473,7 @@ def create_demo(
                     )
                 with gr.Row():
                     num_inference_steps = gr.Number(
-                        values["num_inference_steps"], label="Steps", precision=0, minimum=1,
+                        values["num_inference_steps"], label="Steps", precision=0, minimum=1, maximum=budget.max_steps,
                         elem_id="num_inference_steps",
                     )
                     seed = gr.Number(values["seed"], label="Seed", precision=0, minimum=0, elem_id="seed")
@@ -473,7 +574,7 @@ def create_demo(
             request = dict(zip(inputs, values))
             try:
                 path, used = generate(
-                    pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress
+                    pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress, budget=budget
                 )
             except (ValueError, FileNotFoundError) as err:  # bad input: shown in the page, the server carries on
                 raise gr.Error(str(err), print_exception=False) from None
@@ -502,6 +603,8 @@ def create_demo(
         )
     # One pipeline, one generation at a time: the rest wait in the queue, with their position shown.
     demo.queue(default_concurrency_limit=1)
+    demo.budget = budget
+    demo.max_file_size = f"{max_upload_mb:g}mb"  # for launch(max_file_size=...): gradio refuses larger uploads
     return demo
 
 
@@ -531,6 +634,17 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     server.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where the PNG/MP4 results are written")
+    budget = parser.add_argument_group("budget of one request (refused before it is queued)")
+    budget.add_argument(
+        "--max_tokens", type=int, default=None,
+        help=f"the longest guidance branch in transformer tokens, as generate's (default: ${MAX_TOKENS_ENV}, else "
+        f"{DEFAULT_MAX_TOKENS})",
+    )
+    budget.add_argument("--max_steps", type=int, default=DEMO_MAX_STEPS, help="the most denoising steps")
+    budget.add_argument(
+        "--max_upload_mb", type=float, default=DEMO_MAX_UPLOAD_MB, help="the largest uploaded file, in MB"
+    )
+    budget.add_argument("--max_uploads", type=int, default=DEMO_MAX_UPLOADS, help="the most media files per request")
     options.add_prompt_enhancer_arguments(parser.add_argument_group("prompt enhancer"))
     options.add_debug_argument(parser)
     parser.set_defaults(func=serve)
@@ -562,13 +676,15 @@ def serve(args: argparse.Namespace) -> None:
         "flow_shift": args.flow_shift, "context_frames": args.context_frames, "context_overlap": args.context_overlap,
         **{name: getattr(args, name) for name in options.SIZE_DEFAULTS},
     }  # fmt: skip
+    budget = {name: getattr(args, name) for name in ("max_tokens", "max_steps", "max_upload_mb", "max_uploads")}
+    Budget(**budget)  # its values checked before the model loads
     options.check_environment(args)
     enhancer = options.load_prompt_enhancer(args)
     pipe = options.load_pipeline(args)
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults=defaults)
+    demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults=defaults, **budget)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-        allowed_paths=[str(save_dir.resolve())],
+        allowed_paths=[str(save_dir.resolve())], max_file_size=demo.max_file_size,
     )

@@ -686,5 +686,5 @@ def serve(args: argparse.Namespace) -> None:
     demo = create_demo(pipe, save_dir=save_dir, prompt_enhancer=enhancer, defaults=defaults, **budget)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-        allowed_paths=[str(save_dir.resolve())], max_file_size=demo.max_file_size,
+        allowed_paths=[str(save_dir.resolve())], max_file_size=f"{args.max_upload_mb:g}mb",
     )

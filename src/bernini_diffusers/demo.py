@@ -34,6 +34,7 @@ from .constants import (
     MAX_TOKENS_ENV,
     MIN_FPS,
 )
+from .redaction import mask_secrets
 from .tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     TASKS,
@@ -357,7 +358,8 @@ def generate(
                 prompt, kwargs["task_type"], video=kwargs["video"], image=kwargs["image"], images=kwargs["images"]
             )
         except Exception as err:  # the official demo falls back to the raw prompt whatever went wrong
-            print(f"warning: the prompt enhancer failed ({err}); using the raw prompt.", file=sys.stderr)
+            reason = mask_secrets(str(err))
+            print(f"warning: the prompt enhancer failed ({reason}); using the raw prompt.", file=sys.stderr)
             enhanced = None
         if isinstance(enhanced, str) and enhanced.strip():
             kwargs["prompt"] = enhanced
@@ -577,9 +579,9 @@ def create_demo(
                     pipe, request, save_dir=save_dir, prompt_enhancer=prompt_enhancer, progress=progress, budget=budget
                 )
             except (ValueError, FileNotFoundError) as err:  # bad input: shown in the page, the server carries on
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(mask_secrets(str(err)), print_exception=False) from None
             except OSError as err:  # the output could not be written (no space, file too large): nothing was kept
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(mask_secrets(str(err)), print_exception=False) from None
             is_image = path.suffix == ".png"
             return (
                 gr.update(value=None if is_image else str(path), visible=not is_image),

@@ -268,6 +268,8 @@ def test_load_pipeline_applies_turbo_and_cache_flags(tmp_path):
     missing = parser.parse_args(["generate", "--model", "tiny", "--prompt", "x", "--device", "cpu", "--turbo_lora",
                                  str(tmp_path / "nope.safetensors"), paths[1]])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="turbo_lora.*nope.safetensors"):
+        options.check_environment(missing)  # before the model loads
+    with pytest.raises(FileNotFoundError, match="`high`.*nope.safetensors"):
         options.load_pipeline(missing)
     with pytest.raises(SystemExit):  # MagCache needs a calibration: not offered on the command line
         parser.parse_args(["generate", "--model", "tiny", "--prompt", "x", "--cache_preset", "magcache"])

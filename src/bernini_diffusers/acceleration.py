@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
 
+from .constants import written_as_path
 from .tasks import TASKS, parse_task_type
 
 EXPERTS = ("transformer", "transformer_2")
@@ -163,6 +167,14 @@ def enable_cache_preset(pipe, name: str, *, calibration: MagCacheCalibration | N
         )
     if not preset.needs_calibration and calibration is not None:
         raise ValueError(f"cache preset {name!r} takes no `calibration`; only 'magcache' does.")
+    compiled = getattr(pipe, "_compile_settings", None)
+    if compiled is not None and compiled.get("fullgraph"):
+        # diffusers' cache hooks wrap the compiled blocks' forward and cannot be traced: the first step would fail
+        raise ValueError(
+            f"cache preset {name!r} and `compile` (fullgraph=True) do not go together: the experts are already "
+            "compiled whole, and a step cache's hooks break the graph. Enable the cache before `compile"
+            "(fullgraph=False)`, or use one of them."
+        )
     experts = _experts(pipe)
     configs = {}
     for expert in experts:
@@ -268,12 +280,149 @@ TURBO: dict[str, Any] = {
 }
 
 
+# Weight files that are pickles: `torch.load` (even restricted) runs the unpickler over them; refused like pickle
+# model weights (loading.py), with the two lines that convert one.
+PICKLE_LORA_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def names_a_local_file(name: str | os.PathLike) -> bool:
+    """Whether a LoRA source `name` is a local path rather than a Hub repo id: it exists, is written as a path
+    (absolute, `./`, `../`, `~`), has a weight-file suffix (`x.safetensors`, `x.bin`), or has a path separator without
+    being of the `owner/repo` form. A missing one is then "file not found", never a Hub request."""
+    name = os.fspath(name)
+    path = Path(name)
+    if path.exists() or written_as_path(name):
+        return True
+    if path.suffix.lower() in (".safetensors", *PICKLE_LORA_SUFFIXES):
+        return True
+    if "/" in name or os.sep in name:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:  # not owner/repo, so a path
+            return True
+    return False
+
+
+def _pickle_lora_error(path: Path | str, argument: str) -> ValueError:
+    target = Path(path).with_suffix(".safetensors").name
+    return ValueError(
+        f"`{argument}`={str(path)!r} is a pickle file; LoRAs load from safetensors only, because unpickling runs code. "
+        "Convert it once, in Python, only if you trust the file:\n"
+        f"    import torch, safetensors.torch\n"
+        f"    sd = torch.load({Path(path).name!r}, weights_only=True); safetensors.torch.save_file("
+        f"{{k: v.contiguous() for k, v in sd.items()}}, {target!r})"
+    )
+
+
+def _check_lora_tensors(tensors, where: str) -> None:
+    """Refuse an empty LoRA or one with a non-finite value, naming `where` and the key. `tensors` yields
+    (key, tensor) pairs; each is checked as it comes, so a file is read one tensor at a time."""
+    count = 0
+    for key, value in tensors:
+        count += 1
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"LoRA {where}: key {key!r} is a {type(value).__name__}, not a tensor.")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kind = "alpha" if key.endswith("alpha") else "tensor"
+            raise ValueError(
+                f"LoRA {where}: {kind} {key!r} holds non-finite values (NaN or inf); it would turn every output "
+                "into NaN. Use another file."
+            )
+    if count == 0:
+        raise ValueError(f"LoRA {where} is empty: it holds no tensors.")
+
+
+def check_lora_source(source, argument: str = "pretrained_model_name_or_path_or_dict", **kwargs) -> None:
+    """Check a LoRA source before anything is loaded: a state dict or a local safetensors file is read and must
+    be non-empty and finite (tensors and `alpha`); a pickle file (`.bin`, `.pt`, `.pth`, `.ckpt`) or
+    `use_safetensors=False` is refused; a missing local path is a `FileNotFoundError`. A Hub repo is only checked
+    for a pickle `weight_name` here (its tensors are checked once loaded, see [`load_lora`]).
+
+    Raises:
+        FileNotFoundError: for a missing local file or folder.
+        ValueError: for a pickle, an empty LoRA, or a non-finite tensor (naming the file and the key).
+    """
+    if kwargs.get("use_safetensors", True) is False:
+        raise ValueError(f"`use_safetensors`=False is not supported (`{argument}`): LoRAs load from safetensors only.")
+    if isinstance(source, Mapping):
+        _check_lora_tensors(source.items(), f"`{argument}` (a state dict)")
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"`{argument}` must be a state dict, a safetensors file, a folder or a Hub repo id, got "
+            f"{type(source).__name__}."
+        )
+    weight_name = kwargs.get("weight_name")
+    if weight_name is not None and Path(str(weight_name)).suffix.lower() in PICKLE_LORA_SUFFIXES:
+        raise _pickle_lora_error(weight_name, "weight_name")
+    if weight_name is not None and not str(weight_name).lower().endswith(".safetensors"):
+        raise ValueError(f"`weight_name`={weight_name!r}: LoRAs load from `.safetensors` files only.")
+    if not names_a_local_file(source):
+        return  # a Hub repo id
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"`{argument}`: no such LoRA file or folder: '{source}'")
+    if path.is_dir():
+        if weight_name is None:
+            return  # diffusers picks the folder's safetensors file (`use_safetensors=True`: never a pickle)
+        path = path / (kwargs.get("subfolder") or "") / weight_name
+        if not path.is_file():
+            raise FileNotFoundError(f"`weight_name`: no such LoRA file: '{path}'")
+    if path.suffix.lower() in PICKLE_LORA_SUFFIXES:
+        raise _pickle_lora_error(source, argument)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"`{argument}`={str(source)!r}: LoRAs load from `.safetensors` files only.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            _check_lora_tensors(((key, handle.get_tensor(key)) for key in handle.keys()), f"file '{source}'")
+    except SafetensorError as err:
+        raise ValueError(f"`{argument}`: '{source}' is not a readable safetensors file ({err}).") from None
+
+
+def _adapters(model) -> set[str]:
+    return set(getattr(model, "peft_config", None) or {})
+
+
+def _delete_adapter(pipe, *names: str) -> None:
+    for model in _experts(pipe).values():
+        present = [name for name in names if name in _adapters(model)]
+        if present:
+            model.delete_adapters(present)
+
+
+def load_lora(pipe, load, source, adapter_name: str | None = None, **kwargs) -> None:
+    """`load` (diffusers' `load_lora_weights`, bound to `pipe`) with the checks of [`check_lora_source`] first and,
+    after it, a check that the LoRA landed on some module of its expert and that what landed is finite; on either
+    failure the new adapter is deleted again and a `ValueError` names the source.
+    """
+    check_lora_source(source, **kwargs)
+    target = "transformer_2" if kwargs.get("load_into_transformer_2") else "transformer"
+    model = getattr(pipe, target)
+    before = _adapters(model)
+    kwargs["use_safetensors"] = True  # never diffusers' pickle fallback for a folder or repo
+    load(source, adapter_name=adapter_name, **kwargs)
+    added = sorted(_adapters(model) - before)
+    where = f"'{source}'" if isinstance(source, (str, os.PathLike)) else "(a state dict)"
+    if not added and not kwargs.get("hotswap"):
+        raise ValueError(
+            f"LoRA {where} matches no module of `{target}`: none of its keys names a layer of the Wan transformer "
+            "(a LoRA for another model, or an unknown key format), so loading it would change nothing."
+        )
+    for name, param in model.named_parameters():
+        if any(f".{adapter}." in name or name.endswith(f".{adapter}") for adapter in added) and "lora_" in name:
+            if not bool(torch.isfinite(param).all()):
+                _delete_adapter(pipe, *added)
+                raise ValueError(f"LoRA {where} loaded non-finite values into `{target}` ({name}); it was unloaded.")
+
+
 def load_turbo_lora(pipe, high, low, adapter_name: str = "turbo", **kwargs) -> None:
     """Load a Wan 2.2 few-step LoRA pair: `high` into `transformer`, `low` into `transformer_2` (diffusers'
     `load_lora_weights(..., load_into_transformer_2=True)`), both under `adapter_name`. Call with [`TURBO`]'s settings.
 
-    `high` and `low` are what `load_lora_weights` takes: a file, a folder or repo (with `weight_name=` in `kwargs`), or
-    a state dict, in diffusers' or the original `diffusion_model.blocks.N...lora_down/lora_up/alpha` key format.
+    `high` and `low` are what `load_lora_weights` takes: a safetensors file, a folder or repo (with `weight_name=` in
+    `kwargs`), or a state dict, in diffusers' or the original `diffusion_model.blocks.N...lora_down/lora_up/alpha` key
+    format. All or nothing: both sources are checked before either is loaded, and on any failure the adapter is
+    removed from both experts.
     """
     if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
         raise ValueError(
@@ -282,5 +431,13 @@ def load_turbo_lora(pipe, high, low, adapter_name: str = "turbo", **kwargs) -> N
             f"transformer_2={type(getattr(pipe, 'transformer_2', None)).__name__}. Load a single file with "
             "`pipe.load_lora_weights(path)` instead."
         )
-    pipe.load_lora_weights(high, adapter_name=adapter_name, **kwargs)
-    pipe.load_lora_weights(low, adapter_name=adapter_name, load_into_transformer_2=True, **kwargs)
+    check_lora_source(high, "high", **kwargs)
+    check_lora_source(low, "low", **kwargs)
+    if any(adapter_name in _adapters(getattr(pipe, name)) for name in EXPERTS):
+        raise ValueError(f"`adapter_name`={adapter_name!r} is already loaded; unload it or pass another name.")
+    try:
+        pipe.load_lora_weights(high, adapter_name=adapter_name, **kwargs)
+        pipe.load_lora_weights(low, adapter_name=adapter_name, load_into_transformer_2=True, **kwargs)
+    except BaseException:
+        _delete_adapter(pipe, adapter_name)
+        raise

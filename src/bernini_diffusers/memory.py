@@ -131,6 +131,9 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+EXPERT_NAMES = ("transformer:", "transformer_2:")
+
+
 def _experts(pipe) -> list[torch.nn.Module]:
     return [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
 
@@ -159,6 +162,20 @@ def _foreign_hooks(pipe) -> list[str]:
     return found
 
 
+def check_compile(pipe) -> None:
+    """Refuse `pipe.compile()` over experts with group offload or layerwise casting (fp8) hooks: their per-layer
+    `module.to` and `torch.compiler.disable`d onload calls cannot be traced, so the first step would fail."""
+    blocking = [line for line in _foreign_hooks(pipe) if line.startswith(EXPERT_NAMES) and "model offload" not in line]
+    if blocking:
+        applied = getattr(pipe, "_memory_profile", None)
+        what = f"the memory profile {applied[0]!r}" if applied else "; ".join(blocking)
+        raise ValueError(
+            f"`compile` and {what} do not go together: the experts' group offload or fp8 casting hooks run inside "
+            "each block and cannot be compiled (the first step would fail). Use one of them, or compile with the "
+            "'resident' or 'expert_offload' profile."
+        )
+
+
 def apply_memory_profile(pipe, name: str, device: str | torch.device | None = None, *, vae_tiling: bool = False):
     """Apply the memory profile `name` to `pipe` (see `BerniniPipeline.enable_memory_profile`); returns it."""
     profile = get_memory_profile(name)
@@ -172,6 +189,12 @@ def apply_memory_profile(pipe, name: str, device: str | torch.device | None = No
         raise ValueError(f"`vae_tiling`={vae_tiling!r} must be True or False.")
     device = checked_device(device)
 
+    if getattr(pipe, "_compile_settings", None) is not None and (profile.fp8 or profile.placement == "group_offload"):
+        raise ValueError(
+            f"`memory_profile`={profile.name!r} and `compile` do not go together: the experts are already compiled, "
+            "and the profile's per-layer hooks cannot be traced (the first step would fail). Load the pipeline "
+            "again and use one of them, or the 'resident' or 'expert_offload' profile with `compile`."
+        )
     applied = getattr(pipe, "_memory_profile", None)
     if applied is not None:
         if applied != (profile.name, device):

@@ -394,9 +394,23 @@ def _memory_profile(args: argparse.Namespace, device) -> str | None:
 def check_environment(args: argparse.Namespace) -> None:
     """The device, dtype, memory profile and attention backend the model flags ask for, checked before any weight
     is read."""
+    from . import acceleration
+    from .memory import get_memory_profile
+
     device = _device(args.device)
-    _memory_profile(args, device)
+    profile = _memory_profile(args, device)
     _attention_backend(args, device, _dtype(args, device))
+    for path in getattr(args, "turbo_lora", None) or ():
+        # a missing, pickle, empty or non-finite file fails here, before any weight is read
+        acceleration.check_lora_source(path, "turbo_lora")
+    if getattr(args, "compile", False) and profile is not None:
+        chosen = get_memory_profile(profile)
+        if chosen.fp8 or chosen.placement == "group_offload":
+            raise ValueError(
+                f"`compile` and `memory_profile`={profile!r} do not go together: the profile's per-layer fp8 casting or "
+                "group offload hooks cannot be compiled (the first step would fail); pass one of them, or "
+                "--memory_profile expert_offload with --compile."
+            )
     if getattr(args, "compile", False) and getattr(args, "cache_preset", None) is not None:
         # `pipe.compile()` compiles whole blocks (fullgraph), which a step cache's hooks would break.
         raise ValueError(
@@ -470,9 +484,6 @@ def load_pipeline(args: argparse.Namespace):
         raise ValueError(f"`attention_backend`={backend!r}: {err}") from None
     turbo = getattr(args, "turbo_lora", None)
     if turbo:
-        for path in turbo:
-            if written_as_path(path) and not Path(path).expanduser().exists():
-                raise FileNotFoundError(f"`turbo_lora`: no such file or folder: '{path}'")
         pipe.load_turbo_lora(*turbo)
     if getattr(args, "cache_preset", None) is not None:
         pipe.enable_cache_preset(args.cache_preset)

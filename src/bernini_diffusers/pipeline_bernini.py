@@ -279,9 +279,11 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 "`load_into_transformer_2=True` needs a low-noise expert, but this pipeline has `transformer_2=None` "
                 "(a single-expert model); load the LoRA without it, into `transformer`."
             )
-        super().load_lora_weights(
-            pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
-        )
+        # safetensors only; empty, non-finite and matching-nothing LoRAs are refused (acceleration.load_lora)
+        acceleration.load_lora(
+            self, super().load_lora_weights, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name,
+            hotswap=hotswap, **kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ speed recipes
 
@@ -363,6 +365,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         experts = [e for e in (self.transformer, self.transformer_2) if e is not None]
         if not experts:
             raise ValueError("This pipeline has no expert (`transformer` and `transformer_2` are None) to compile.")
+        memory.check_compile(self)  # group offload / fp8 hooks inside the blocks cannot be traced
         cached = [e for e in experts if e.is_cache_enabled]
         if fullgraph and cached:
             # diffusers' cache hooks wrap the blocks' forward, and their decisions are `torch.compiler.disable`d

@@ -633,6 +633,7 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
             "checkpoints go together (a one-expert model such as the 1.3B takes `high_noise_ckpt` alone)."
         )
     from_checkpoints = checkpoints["transformer"] is not None
+    _check_device_map(kwargs.get("device_map"))
     if from_checkpoints:
         _check_checkpoint_options(kwargs)
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}  # they resolve the files; diffusers gets a folder
@@ -703,6 +704,30 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
         shift=layout.shift,
         has_scheduler="scheduler" in layout.components or "scheduler" in kwargs,
     )
+
+
+def _check_device_map(device_map: Any) -> None:
+    """Refuse a one-device `device_map` naming a device this machine lacks, before any weight is read (torch's own
+    error comes after a checkpoint has been read, as an AssertionError)."""
+    if not isinstance(device_map, (str, int, torch.device)) or device_map in ("balanced", "auto"):
+        return  # a dict, or a strategy that diffusers resolves with the devices present
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"`device_map`={device_map!r} is neither a device (cpu, cuda, cuda:N) nor 'balanced'."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(
+                f"`device_map`={device_map!r}: this machine has {count} CUDA device(s); use device_map='cpu' or "
+                "leave it unset."
+            )
+    elif device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is None or not getattr(module, "is_available", lambda: False)():
+            raise ValueError(f"`device_map`={device_map!r}: no {device.type} device is available here.")
 
 
 def _check_checkpoint_options(kwargs: Mapping[str, Any]) -> None:

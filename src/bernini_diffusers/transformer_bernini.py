@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,66 @@ def rotate_rope(freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, source_id: flo
     cos = cos64 * phase.cos() - sin64 * phase.sin()
     sin = sin64 * phase.cos() + cos64 * phase.sin()
     return cos.to(freqs_cos.dtype), sin.to(freqs_sin.dtype)
+
+
+# Bounds of an expert config, checked before the model is built: a hostile or corrupt config.json (200000 layers,
+# a RoPE table of 1e9 positions) would otherwise exhaust memory building it. Generous: Wan 2.2 A14B is 40 layers of
+# 40 x 128 heads, FFN 13824, text 4096, RoPE 1024; the largest parameter count allowed is 7x its 14B.
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_layers": (1, 200),
+    "num_attention_heads": (1, 256),
+    "attention_head_dim": (2, 1024),
+    "in_channels": (1, 4096),
+    "out_channels": (1, 4096),
+    "text_dim": (1, 65536),
+    "freq_dim": (2, 65536),
+    "ffn_dim": (1, 262144),
+    "rope_max_seq_len": (1, 65536),
+    "image_dim": (1, 65536),
+    "added_kv_proj_dim": (1, 65536),
+    "pos_embed_seq_len": (1, 1 << 20),
+}
+MAX_PARAMETERS = 100_000_000_000
+
+
+def check_config(config: dict[str, Any], where: str = "the transformer config") -> None:
+    """Refuse an expert config whose sizes are out of [`CONFIG_BOUNDS`] or whose blocks would hold more than
+    `MAX_PARAMETERS` weights, before anything is allocated.
+
+    Raises:
+        ValueError: naming the key, its value and the allowed range.
+    """
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        value = config.get(key)
+        if value is None and key in ("out_channels", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            continue  # optional (out_channels falls back to in_channels)
+        if value is None:
+            continue  # diffusers' default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(
+                f"{where}: `{key}`={value!r} is out of range; expected an integer in [{low}, {high}] (Wan 2.2 A14B: "
+                f"{_A14B.get(key, 'unset')}). The config.json is corrupt or not a Wan transformer's."
+            )
+    patch = config.get("patch_size", (1, 2, 2))
+    if not isinstance(patch, (list, tuple)) or len(patch) != 3 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16 for v in patch
+    ):
+        raise ValueError(f"{where}: `patch_size`={patch!r} must be 3 integers in [1, 16] (Wan: [1, 2, 2]).")
+    inner = config.get("num_attention_heads", 40) * config.get("attention_head_dim", 128)
+    per_block = 8 * inner * inner + 2 * inner * config.get("ffn_dim", 13824)  # attention q/k/v/o twice, the FFN
+    total = config.get("num_layers", 40) * per_block
+    if total > MAX_PARAMETERS:
+        raise ValueError(
+            f"{where}: {config.get('num_layers', 40)} layers of width {inner} and FFN {config.get('ffn_dim', 13824)} "
+            f"would hold about {total / 1e9:.0f}B weights, more than the {MAX_PARAMETERS / 1e9:.0f}B allowed; the "
+            "config.json is corrupt or not a Bernini/Wan expert's."
+        )
+
+
+_A14B = {
+    "num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
+    "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "rope_max_seq_len": 1024,
+}  # fmt: skip
 
 
 class BerniniTransformer3DModel(WanTransformer3DModel):
@@ -122,6 +183,29 @@ class BerniniTransformer3DModel(WanTransformer3DModel):
                 "from `bernini_diffusers` (which loads it) or import `bernini_diffusers.formats` first."
             )
         return cls._single_file_loader(pretrained_model_link_or_path_or_dict, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, return_unused_kwargs=False, return_commit_hash=False, **kwargs):
+        """diffusers' `load_config`, where `from_pretrained` and the checkpoint loader read `config.json`, followed by
+        [`check_config`] naming the file: a config out of bounds is refused before any model is built."""
+        outputs = super().load_config(
+            pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
+            return_commit_hash=return_commit_hash, **kwargs,
+        )  # fmt: skip
+        config = outputs[0] if isinstance(outputs, tuple) else outputs
+        where = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+        check_config(config, f"'{where}'")
+        return outputs
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' `from_config` (which `from_pretrained` and the checkpoint loader build through), after
+        [`check_config`]: a config out of bounds is refused before any memory is allocated."""
+        if isinstance(config, dict):
+            where = f"transformer config of {config['_name_or_path']!r}" if config.get("_name_or_path") else None
+            check_config({**config, **{k: v for k, v in kwargs.items() if k in CONFIG_BOUNDS}}, where or "the "
+                         "transformer config")  # fmt: skip
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""

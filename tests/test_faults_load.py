@@ -6,6 +6,7 @@ Each test asserts the message, the exception or exit status, and that nothing wa
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -22,18 +23,24 @@ def model(tmp_path_factory):
 
 
 def hostile(tmp_path, base, **changes):
+    """A copy of `base` (links to its weights) whose experts' config.json carry `changes`."""
     folder = tmp_path / "hostile"
     folder.mkdir()
-    for item in base.iterdir():  # links: the weights are shared, only the config is rewritten
-        (folder / item.name).symlink_to(item, target_is_directory=item.is_dir())
-    (folder / "transformer").unlink()
-    (folder / "transformer").mkdir()
-    for item in (base / "transformer").iterdir():
-        (folder / "transformer" / item.name).symlink_to(item)
-    config = json.loads((base / "transformer" / "config.json").read_text())
-    (folder / "transformer" / "config.json").unlink()
-    (folder / "transformer" / "config.json").write_text(json.dumps({**config, **changes}))
+    for item in base.iterdir():
+        if item.name in EXPERTS:
+            (folder / item.name).mkdir()
+            for file in item.iterdir():
+                if file.name == "config.json":
+                    config = json.loads(file.read_text())
+                    (folder / item.name / file.name).write_text(json.dumps({**config, **changes}))
+                else:
+                    (folder / item.name / file.name).symlink_to(file)
+        else:
+            (folder / item.name).symlink_to(item, target_is_directory=item.is_dir())
     return folder
+
+
+EXPERTS = ("transformer", "transformer_2")
 
 
 @pytest.mark.parametrize(
@@ -50,10 +57,17 @@ def hostile(tmp_path, base, **changes):
 def test_hostile_transformer_config_is_refused_before_building(tmp_path, model, monkeypatch, changes, message):
     folder = hostile(tmp_path, model[0], **changes)
     built = []
-    monkeypatch.setattr(BerniniTransformer3DModel, "__init__", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    original = BerniniTransformer3DModel.__init__
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        built.append(args)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BerniniTransformer3DModel, "__init__", spy)
     with pytest.raises(ValueError, match=message) as err:
         BerniniPipeline.from_pretrained(folder)
-    assert str(folder / "transformer" / "config.json") in str(err.value) and built == []
+    assert "config.json" in str(err.value) and str(folder) in str(err.value) and built == []
     with pytest.raises(ValueError, match=message):  # the expert alone, and the config as a dict
         BerniniTransformer3DModel.from_pretrained(folder, subfolder="transformer")
     with pytest.raises(ValueError, match=message):

@@ -265,13 +265,7 @@ def _clip_indices(
 ) -> list[int]:
     """`sample_frame_indices`, refused when the resampled clip has more than `max_frames` frames."""
     indices = sample_frame_indices(total_frames, video_fps, fps, num_frames)
-    if max_frames is not None and len(indices) > max_frames:
-        # A clip of n frames spans (n - 1) / fps seconds: 961 frames at 16 fps are a 60 s source.
-        raise ValueError(
-            f"`{argument}`: the clip is {len(indices)} frames at {fps:g} fps ({(len(indices) - 1) / fps:.1f} s), "
-            f"longer than the limit of {max_frames} frames ({(max_frames - 1) / fps:.1f} s at {fps:g} fps); trim the "
-            "clip or give a lower `fps`"
-        )
+    _refuse_long_clip(len(indices), fps, max_frames, argument)
     return indices
 
 
@@ -332,6 +326,98 @@ def _count_agrees(counted: int, video_fps: float, duration: float) -> bool:
 _MAX_DECODE_PASSES = 3
 
 
+def _frame_times(path: Path) -> list[float] | None:
+    """The presentation times of `path`'s first video stream in seconds from its first frame, ascending, one per
+    frame, read from the packets without decoding (ffmpeg's `framecrc` of a stream copy); None when ffmpeg gives no
+    complete set of timestamps."""
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-v", "error", "-i", os.path.abspath(path),
+               "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    base, stamps = None, []
+    for line in done.stdout.splitlines():
+        if line.startswith("#tb 0:"):
+            base = Fraction(line.split(":", 1)[1].strip())
+        elif line and not line.startswith("#"):
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) < 3 or not fields[2].lstrip("-").isdigit():
+                return None  # a packet without a timestamp: the file cannot be timed
+            stamps.append(int(fields[2]))
+    if done.returncode != 0 or base is None or not stamps:
+        return None
+    stamps.sort()
+    return [float((stamp - stamps[0]) * base) for stamp in stamps]
+
+
+def _is_variable_rate(times: Sequence[float], video_fps: float) -> bool:
+    """Whether frames at `times` are not one every 1/`video_fps` s (to a quarter of a frame): a variable-frame-rate
+    file, whose header rate is an average or a guess."""
+    return any(abs((later - earlier) * video_fps - 1) > 0.25 for earlier, later in zip(times, times[1:]))
+
+
+def _timed_indices(times: Sequence[float], fps: float, num_frames: int | None) -> list[int]:
+    """`sample_frame_indices` by presentation time for a variable-frame-rate clip: the clip lasts until its last
+    frame ends (that frame shown as long as the one before it), is resampled to `fps` (4k+1 frames, at most
+    `num_frames`), and each sample takes the frame on screen at its time."""
+    last = times[-1] - times[-2] if len(times) > 1 else 1 / fps
+    duration = times[-1] + last
+    n = max(math.floor(duration * fps / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, _MIN_FRAMES)
+    if num_frames is not None:
+        if num_frames < 1:
+            raise ValueError(f"`num_frames` must be at least 1, got {num_frames}")
+        n = min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
+    # the CFR rule spans first to last frame; the same span in time, at `fps`, cut at `n`
+    targets = np.minimum(np.arange(n) / fps, times[-1])
+    # the frame on screen at t: the last one that starts at or before t (1 us of slack for the rounding of times)
+    return (np.searchsorted(np.asarray(times), targets + 1e-6, side="right") - 1).clip(0).tolist()
+
+
+def _load_timed_video(
+    path: Path, times: list[float], max_image_size: int, fps: float, num_frames: int | None, argument: str,
+    max_frames: int | None,
+) -> torch.Tensor:
+    """`load_video` for a variable-frame-rate file: frames sampled by their presentation times, decoded once with
+    ffmpeg passing every frame through as it is (no constant-rate duplication or dropping)."""
+    indices = _timed_indices(times, fps, num_frames)
+    _refuse_long_clip(len(indices), fps, max_frames, argument)
+    sampler = _FrameSampler(indices, max_image_size)
+    try:
+        reader = imageio.get_reader(path, "ffmpeg", output_params=["-fps_mode", "passthrough"])
+    except Exception as err:  # ffmpeg reports bad input through many exception types
+        raise ValueError(f"`{argument}`: cannot decode video: '{path}' ({err})") from err
+    decoded = _decode_pass(reader, sampler, path, argument)
+    if decoded != len(times) or not sampler.done:
+        raise ValueError(
+            f"`{argument}`: '{path}' has a variable frame rate, and its {len(times)} timed frames decode as "
+            f"{decoded}: the frames cannot be timed. Re-encode it at a constant rate first (ffmpeg -i IN -fps_mode "
+            "cfr -r 16 OUT.mp4)."
+        )
+    return sampler.result()
+
+
+def _refuse_long_clip(length: int, fps: float, max_frames: int | None, argument: str) -> None:
+    if max_frames is not None and length > max_frames:
+        # A clip of n frames spans (n - 1) / fps seconds: 961 frames at 16 fps are a 60 s source.
+        raise ValueError(
+            f"`{argument}`: the clip is {length} frames at {fps:g} fps ({(length - 1) / fps:.1f} s), "
+            f"longer than the limit of {max_frames} frames ({(max_frames - 1) / fps:.1f} s at {fps:g} fps); trim the "
+            "clip or give a lower `fps`"
+        )
+
+
+def _variable_rate_times(path: Path, argument: str) -> list[float] | None:
+    """The frame times of `path` when it has a variable frame rate, else None (a constant-rate file keeps the
+    index sampling of the official preprocessing, bit for bit)."""
+    times = _frame_times(path)
+    if times is None or len(times) < 2:
+        return None
+    reader, video_fps, _ = _open_video(path, argument)
+    reader.close()
+    return times if _is_variable_rate(times, video_fps) else None
+
+
 def _load_video_file(
     video: PathLike, max_image_size: int, fps: float, num_frames: int | None, argument: str, max_frames: int | None
 ) -> torch.Tensor:
@@ -345,6 +431,9 @@ def _load_video_file(
     keeps nothing counts the frames first.
     """
     path = existing_path(video, argument)
+    times = _variable_rate_times(path, argument)
+    if times is not None:
+        return _load_timed_video(path, times, max_image_size, fps, num_frames, argument, max_frames)
     counted = _count_video_frames(path)
     confirmed = False  # whether `counted` is what the reader yields (a pass counted it)
     for _ in range(_MAX_DECODE_PASSES):
@@ -386,6 +475,10 @@ def check_video_length(
         _clip_indices(len(_decoded_frames(video, argument)), fps, fps, num_frames, max_frames, argument)
         return
     path = existing_path(video, argument)
+    times = _variable_rate_times(path, argument)
+    if times is not None:  # timed as load_video times it
+        _refuse_long_clip(len(_timed_indices(times, fps, num_frames)), fps, max_frames, argument)
+        return
     counted = _count_video_frames(path)
     if counted is None:
         return

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from .constants import written_as_path
-from .tasks import TASKS, parse_task_type
+from .tasks import TASKS, GuidanceMode, parse_task_type
 
 EXPERTS = ("transformer", "transformer_2")
 
@@ -119,6 +119,74 @@ class MagCacheCalibration:
     ratios: dict[str, list[float]]
     branch_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self, where: str = "MagCacheCalibration") -> None:
+        """Refuse a calibration that cannot be a real one: an unknown mode, a step count that is not a positive
+        integer, tables of unknown experts, ratios that are not finite and positive, or tables whose lengths do
+        not add up to `num_inference_steps`.
+
+        Raises:
+            ValueError: naming `where`, the field and the value.
+        """
+        modes = [m.value for m in GuidanceMode]
+        mode = getattr(self.guidance_mode, "value", self.guidance_mode)
+        if mode not in modes:
+            raise ValueError(f"{where}: `guidance_mode`={self.guidance_mode!r} is not a guidance mode; one of {modes}.")
+        self.guidance_mode = mode
+        steps = self.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}: `num_inference_steps`={steps!r} must be a positive integer.")
+        if not isinstance(self.ratios, dict) or not self.ratios or set(self.ratios) - set(EXPERTS):
+            raise ValueError(
+                f"{where}: `ratios` must map one or both of {list(EXPERTS)} to a table, got "
+                f"{sorted(self.ratios) if isinstance(self.ratios, dict) else type(self.ratios).__name__}."
+            )
+        for expert, table in self.ratios.items():
+            if not isinstance(table, (list, tuple)) or not table:
+                raise ValueError(f"{where}: `ratios[{expert!r}]` must be a non-empty list of ratios.")
+            for i, value in enumerate(table):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    value <= 0
+                ):
+                    raise ValueError(
+                        f"{where}: `ratios[{expert!r}][{i}]`={value!r}; every ratio must be a finite number > 0."
+                    )
+        total = sum(len(table) for table in self.ratios.values())
+        if total != steps:
+            raise ValueError(
+                f"{where}: the tables hold {total} steps "
+                f"({', '.join(f'{e}: {len(t)}' for e, t in self.ratios.items())}), but `num_inference_steps`={steps}."
+            )
+
+    def check_call(self, guidance_mode: str, num_inference_steps: int, expert_steps: Mapping[str, int] | None = None):
+        """Refuse a call this calibration was not made for: another guidance mode, another step count, or (once the
+        steps are planned) another split of the steps between the experts (another `flow_shift` or boundary).
+
+        Raises:
+            ValueError: naming the calibration's value and the call's.
+        """
+        mode = getattr(guidance_mode, "value", guidance_mode)
+        if mode != self.guidance_mode:
+            raise ValueError(
+                f"the MagCache calibration was made for `guidance_mode`={self.guidance_mode!r}, but the call runs "
+                f"{mode!r}: its ratios do not fit. Calibrate this mode (`calibrate_magcache`) and enable it."
+            )
+        if num_inference_steps != self.num_inference_steps:
+            raise ValueError(
+                f"the MagCache calibration was made for `num_inference_steps`={self.num_inference_steps}, but the call "
+                f"runs {num_inference_steps}: calibrate with the call's steps."
+            )
+        if expert_steps is not None:
+            made = {expert: self.steps(expert) for expert in EXPERTS}
+            runs = {expert: expert_steps.get(expert, 0) for expert in EXPERTS}
+            if made != runs:
+                raise ValueError(
+                    f"the MagCache calibration splits its steps {made} between the experts, but the call splits them "
+                    f"{runs} (another `flow_shift` or boundary): calibrate with the call's settings."
+                )
+
     def steps(self, expert: str) -> int:
         """The number of steps `expert` ran in the calibration call (0 if it never ran)."""
         return len(self.ratios.get(expert, []))
@@ -131,17 +199,48 @@ class MagCacheCalibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MagCacheCalibration:
-        """Read a calibration written by [`MagCacheCalibration.save`]."""
-        data = json.loads(Path(path).read_text())
-        return cls(**data)
+        """Read a calibration written by [`MagCacheCalibration.save`], checked (see [`MagCacheCalibration.check`]).
+
+        Raises:
+            FileNotFoundError: for a missing file.
+            ValueError: for a file that is not such a calibration, naming the file and what is wrong.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such MagCache calibration file: '{path}'") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"MagCache calibration '{path}' is not readable JSON ({err}).") from None
+        names = {f.name for f in fields(cls)}
+        needed = {"guidance_mode", "num_inference_steps", "ratios"}
+        if not isinstance(data, dict) or set(data) - names or not needed <= set(data):
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"MagCache calibration '{path}' must be an object with the keys {sorted(names)}, got {found}."
+            )
+        calibration = object.__new__(cls)
+        for name in names:
+            setattr(calibration, name, data.get(name, {}))
+        calibration.check(f"MagCache calibration '{path}'")
+        return calibration
 
 
 def _experts(pipe) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None}
 
 
+def check_cache_for_call(pipe, guidance_mode, num_inference_steps: int, expert_steps=None) -> None:
+    """Refuse a call that the MagCache calibration enabled on `pipe` was not made for (see
+    [`MagCacheCalibration.check_call`]); nothing without one, or once the experts' caches were removed by hand."""
+    calibration = getattr(pipe, "_magcache_calibration", None)
+    if calibration is not None and any(model.is_cache_enabled for model in _experts(pipe).values()):
+        calibration.check_call(guidance_mode, num_inference_steps, expert_steps)
+
+
 def disable_cache(pipe) -> None:
     """Remove the step cache of every expert of `pipe` that has one."""
+    pipe._magcache_calibration = None
     for model in _experts(pipe).values():
         if model.is_cache_enabled:
             model.disable_cache()
@@ -175,6 +274,8 @@ def enable_cache_preset(pipe, name: str, *, calibration: MagCacheCalibration | N
             "compiled whole, and a step cache's hooks break the graph. Enable the cache before `compile"
             "(fullgraph=False)`, or use one of them."
         )
+    if preset.needs_calibration:
+        calibration.check()  # a calibration edited after it was made
     experts = _experts(pipe)
     configs = {}
     for expert in experts:
@@ -188,6 +289,7 @@ def enable_cache_preset(pipe, name: str, *, calibration: MagCacheCalibration | N
     disable_cache(pipe)
     for expert, config in configs.items():
         experts[expert].enable_cache(config)
+    pipe._magcache_calibration = calibration  # each call is checked against it (`check_cache_for_call`)
 
 
 def calibrate_magcache(pipe, call_kwargs: Mapping[str, Any]) -> MagCacheCalibration:

@@ -1519,6 +1519,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         rope_len = expert.config.rope_max_seq_len
         limits = (rope_len, self.vae_scale_factor_temporal, self.vae_scale_factor_spatial)
         spec, mode, videos = self._check_call(locals(), limits)
+        acceleration.check_cache_for_call(self, mode, num_inference_steps)  # a MagCache table of another mode/steps
         if prompt_embeds is not None and prompt_embeds.shape[-1] != expert.config.text_dim:
             raise ValueError(
                 f"`prompt_embeds` must have the experts' text_dim {expert.config.text_dim} as last size, got shape "
@@ -1625,6 +1626,8 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         # 6. Decide each step's expert and weights, which branches are the same forward, and their cache names.
         plan = self.plan_steps(timesteps.tolist(), omegas, omega_scale, scheduler.config.num_train_timesteps)
+        split = {name: sum(e == i for e, _ in plan) for i, name in enumerate(("transformer", "transformer_2"))}
+        acceleration.check_cache_for_call(self, mode, num_inference_steps, split)
         experts = (self.transformer, self.transformer_2)
         steps = []  # per window: its span, branches, their keys and cache names, and its own guidance state
         for j, (span, combos) in enumerate(zip(context.spans, window_combos)):

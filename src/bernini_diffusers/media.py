@@ -330,7 +330,7 @@ def _frame_times(path: Path) -> list[float] | None:
     """The presentation times of `path`'s first video stream in seconds from its first frame, ascending, one per
     frame, read from the packets without decoding (ffmpeg's `framecrc` of a stream copy); None when ffmpeg gives no
     complete set of timestamps."""
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-v", "error", "-i", os.path.abspath(path),
+    command = [_ffmpeg().get_ffmpeg_exe(), "-hide_banner", "-v", "error", "-i", os.path.abspath(path),
                "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+import resource
+import signal
 
 import pytest
 import torch
 
 from bernini_diffusers import BerniniPipeline, BerniniTransformer3DModel, cli, loading
 from bernini_diffusers.testing import save_tiny_original_checkpoints, save_tiny_pretrained
+from bernini_diffusers.tiny import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,21 @@ def test_device_map_without_cuda_is_refused_before_reading(model, monkeypatch, d
         )
     with pytest.raises(ValueError, match="`device_map`='gpu0' is neither a device"):
         BerniniPipeline.from_pretrained(model[0], device_map="gpu0")
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs a POSIX file-size limit")
+def test_file_size_limit_while_writing_the_tiny_tokenizer_names_the_path(tmp_path):
+    # `bernini generate --model tiny` writes the tiny tokenizer to a temporary folder; under `ulimit -f` the write
+    # failed with tokenizers' "File too large (os error 27)", naming no file. The limit is lowered in this process
+    # for the one call (SIGXFSZ ignored, as Python does at startup), then restored.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            save_tiny_tokenizer(tmp_path / "tok")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert f"cannot write '{tmp_path / 'tok' / 'tokenizer.json'}'" in str(err.value)
+    assert "File too large" in str(err.value)

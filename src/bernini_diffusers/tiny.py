@@ -55,7 +55,10 @@ def save_tiny_tokenizer(directory: str | os.PathLike) -> Path:
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    try:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    except Exception as err:  # tokenizers' Rust error names no file: "File too large (os error 27)"
+        raise OSError(f"cannot write '{directory / 'tokenizer.json'}': {err}") from err
     config = {
         "tokenizer_class": "T5Tokenizer",
         "pad_token": "<pad>",
@@ -64,7 +67,10 @@ def save_tiny_tokenizer(directory: str | os.PathLike) -> Path:
         "extra_ids": 0,
         "model_max_length": 512,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    try:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    except OSError as err:  # a failed write (file too large, no space) names no file
+        raise OSError(err.errno, f"cannot write '{directory / 'tokenizer_config.json'}': {err.strerror}") from err
     return directory
 
 

@@ -463,7 +463,17 @@ def test_a_variable_frame_rate_file_gives_the_frames_the_reader_yields(tmp_path)
          "-pix_fmt", "yuv420p", str(clip)],
         check=True,
     )  # fmt: skip
-    frames, _ = read_video(clip)
+    frames, _ = read_video(clip)  # the reader's constant 10 fps output, which repeats the slow part's frames
     assert imageio_ffmpeg.count_frames_and_secs(str(clip))[0] != len(frames)  # the case this test is about
-    for num_frames in (None, 9):
-        assert torch.equal(load_video(clip, 848, 16, num_frames), _old_load_video(clip, 848, 16, num_frames))
+    # Sampled by time: 3 s are 49 frames at 16 fps (the reader's 30 frames taken as 10 fps would say the same, but
+    # the frame count, 20, would say 2 s), each one of the file's frames, in order, converted bit for bit.
+    source = _old_to_model_tensor(frames, 848)
+    for num_frames, length in ((None, 49), (9, 9)):
+        clip_tensor = load_video(clip, 848, 16, num_frames)
+        assert clip_tensor.shape[1] == length
+        picks = []
+        for k in range(length):
+            matches = [j for j in range(len(frames)) if torch.equal(clip_tensor[:, k], source[:, j])]
+            assert matches, f"frame {k} is none of the file's frames"
+            picks.append(matches[-1])
+        assert picks == sorted(picks) and picks[-1] >= (28 if num_frames is None else 0)

@@ -364,12 +364,11 @@ def _timed_indices(times: Sequence[float], fps: float, num_frames: int | None) -
     last = times[-1] - times[-2] if len(times) > 1 else 1 / fps
     duration = times[-1] + last
     n = max(math.floor(duration * fps / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, _MIN_FRAMES)
-    if num_frames is not None:
-        if num_frames < 1:
-            raise ValueError(f"`num_frames` must be at least 1, got {num_frames}")
-        n = min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
-    # the CFR rule spans first to last frame; the same span in time, at `fps`, cut at `n`
-    targets = np.minimum(np.arange(n) / fps, times[-1])
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"`num_frames` must be at least 1, got {num_frames}")
+    # as the constant-rate rule: n times from the first frame's start to the last one's, the first `n_cap` of them
+    n_cap = n if num_frames is None else min(math.floor(num_frames / TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1, n)
+    targets = np.linspace(0.0, times[-1], n)[:n_cap]
     # the frame on screen at t: the last one that starts at or before t (1 us of slack for the rounding of times)
     return (np.searchsorted(np.asarray(times), targets + 1e-6, side="right") - 1).clip(0).tolist()
 

@@ -191,7 +191,13 @@ def test_checkpoints_and_config_folder_equal_the_diffusers_layout(folders):
     for pipe in (on_base, on_config):
         assert type(pipe.transformer) is type(pipe.transformer_2) is BerniniTransformer3DModel
         assert pipe.config.boundary_ratio == 0.875
-        assert torch.equal(_latent(pipe), expected)
+        for name in ("transformer", "transformer_2", "text_encoder", "vae"):
+            ours, theirs = getattr(pipe, name).state_dict(), getattr(diffusers_layout, name).state_dict()
+            assert ours.keys() == theirs.keys(), name
+            assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours), name
+        # The same weights, bit for bit; the computation may still differ in the last bits, since a memory-mapped
+        # tensor and a copied one can sit at different alignments and take different vector kernels.
+        torch.testing.assert_close(_latent(pipe), expected, rtol=0, atol=1e-5)
     assert on_config.config._name_or_path == str(folders / "configs" / "bernini_renderer_wan22")
 
 

@@ -57,6 +57,15 @@ def test_low_ram_equals_resident_and_holds_one_expert(folder, media_dir):
     assert store.loads == {"text_encoder": 3, "transformer": 3, "transformer_2": 3}
 
 
+def test_fp8_low_ram_equals_fp8(folder, media_dir):
+    """`fp8+low_ram` reads the experts back into float8 where the `fp8` profile stores them, with the same rounding."""
+    fp8 = BerniniPipeline.from_pretrained(folder, memory_profile="fp8", device="cpu")
+    low = BerniniPipeline.from_pretrained(folder, memory_profile="fp8+low_ram", device="cpu")
+    assert torch.equal(_call(low, media_dir, output_type="latent"), _call(fp8, media_dir, output_type="latent"))
+    assert low.transformer_2.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert low._memory_profile == ("fp8+low_ram", torch.device("cpu"))
+
+
 def test_low_ram_is_chosen_at_load(folder):
     pipe = BerniniPipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match=r"chosen at load.*from_pretrained\(\.\.\., memory_profile='low_ram'\)"):

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from .loading import select_weights
+from .memory import FP8_STORAGE_DTYPE
 from .transformer_bernini import BerniniTransformer3DModel
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,15 @@ class LowRamStore:
         self.device = device
         self.components: dict[str, _Stored] = {}
         self.loads = {}  # component name -> times read from its files (for tests and logs)
+        self.via: dict[str, torch.dtype | None] = {}
 
-    def add(self, name: str, module: torch.nn.Module, files: list[Path], release: bool) -> None:
-        """Manage `module` (already loaded from `files`): record its tensors' dtypes, hook it, release it if asked."""
+    def add(
+        self, name: str, module: torch.nn.Module, files: list[Path], release: bool, via: torch.dtype | None = None
+    ) -> None:
+        """Manage `module` (already loaded from `files`): record its tensors' dtypes, hook it, release it if asked.
+        `via`: the dtype float8 tensors were cast from at load (a file's tensor goes through it first, so a read
+        rounds as the load did)."""
+        self.via[name] = via
         keys = set()
         for path in files:
             with safe_open(str(path), framework="pt") as f:
@@ -104,7 +111,10 @@ class LowRamStore:
                     if key not in wanted:
                         continue
                     tensor_names, dtype, shape = wanted[key]
-                    value = f.get_tensor(key).to(dtype)
+                    value = f.get_tensor(key)
+                    if self.via[name] is not None and dtype == FP8_STORAGE_DTYPE:
+                        value = value.to(self.via[name])
+                    value = value.to(dtype)
                     if value.shape != shape:
                         raise ValueError(
                             f"low_ram: {name}'s file {path.name} holds {key} of shape {tuple(value.shape)}, but the "
@@ -141,9 +151,11 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
     return [folder / n for n in chosen if n.endswith(".safetensors")]
 
 
-def from_pretrained(load, prepared, device: torch.device):
+def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
     """Load a pipeline under `low_ram` (see the module docstring). `load(**kwargs)` is diffusers' pipeline
-    `from_pretrained` on `prepared.folder`; `prepared` is `loading.prepare_load`'s result."""
+    `from_pretrained` on `prepared.folder`; `prepared` is `loading.prepare_load`'s result. `fp8` (`fp8+low_ram`):
+    each expert gets the `fp8` profile's layerwise casting before its dtypes are recorded, so every read casts the
+    file's tensors to float8 where that profile stores them (the same rounding as the `fp8` profile)."""
     kwargs = dict(prepared.kwargs)
     for argument in ("quantization_config", "device_map"):
         if kwargs.get(argument) is not None:
@@ -174,14 +186,18 @@ def from_pretrained(load, prepared, device: torch.device):
         dtype = dtypes.get(name, dtypes.get("default"))
         expert = BerniniTransformer3DModel.from_pretrained(
             prepared.folder, subfolder=name, torch_dtype=dtype, variant=variant, use_safetensors=True
-        ).to(device)
-        store.add(name, expert, weight_files(folder, variant), release=True)  # one expert in memory at a time
+        )
+        via = expert.dtype if fp8 else None
+        if fp8:  # cast on the CPU, then move: the device never holds the expert in its load dtype
+            expert.enable_layerwise_casting(storage_dtype=FP8_STORAGE_DTYPE, compute_dtype=via)
+        expert.to(device)
+        store.add(name, expert, weight_files(folder, variant), release=True, via=via)  # one expert in RAM at a time
         pipe.register_modules(**{name: expert})
-    install(pipe, store)
+    install(pipe, store, "fp8+low_ram" if fp8 else LOW_RAM)
     return pipe
 
 
-def install(pipe, store: LowRamStore) -> None:
+def install(pipe, store: LowRamStore, profile: str = LOW_RAM) -> None:
     """Hook `pipe`'s components so that each large one is read when it runs and the others are released first."""
     for name in ("transformer", "transformer_2", "text_encoder"):
         if name in store.components:
@@ -195,4 +211,4 @@ def install(pipe, store: LowRamStore) -> None:
     if pipe.vae is not None:
         pipe.vae.decoder.register_forward_pre_hook(before_decode)
     pipe._low_ram = store
-    pipe._memory_profile = (LOW_RAM, store.device)
+    pipe._memory_profile = (profile, store.device)

@@ -83,6 +83,7 @@ MEMORY_PROFILES: dict[str, MemoryProfile] = {
         "fp8+group_offload", "group_offload", True, f"{_FP8}; {_PLACEMENTS['group_offload']}"
     ),
     "low_ram": MemoryProfile("low_ram", "low_ram", False, _LOW_RAM),
+    "fp8+low_ram": MemoryProfile("fp8+low_ram", "low_ram", True, f"{_FP8}; {_LOW_RAM}"),
 }
 MEMORY_PROFILE_NAMES = tuple(MEMORY_PROFILES)
 

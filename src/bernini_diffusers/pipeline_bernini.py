@@ -609,6 +609,12 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 `device_map`; a GGUF file stays quantized; to quantize others, export them first (`bernini export`).
             low_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 The low-noise expert's original checkpoint (for `transformer_2`), in the same forms.
+            memory_profile (`str`, *optional*):
+                A memory profile applied with the load. `"low_ram"` and `"fp8+low_ram"` are chosen here only: host RAM
+                then holds one of the text encoder and the experts at a time, each read back from its files when it
+                runs (docs/memory.md); the others are applied after the load as `enable_memory_profile` does.
+            device (`str` or `torch.device`, *optional*):
+                The device of `memory_profile` (CUDA when available, else the CPU).
             revision, cache_dir, local_files_only, token, force_download:
                 Resolve a repo id through huggingface_hub, as in diffusers; only the files the layout needs are
                 fetched.
@@ -627,7 +633,7 @@ class BerniniPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             prepared.kwargs["scheduler"] = default_scheduler()
         if profile is not None and profile.at_load:  # low_ram: what is loaded at all is the profile's to decide
             load = functools.partial(super().from_pretrained, prepared.folder)
-            pipe = low_ram.from_pretrained(load, prepared, memory.checked_device(device))
+            pipe = low_ram.from_pretrained(load, prepared, memory.checked_device(device), fp8=profile.fp8)
         else:
             pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
         finish_load(pipe, prepared, pretrained_model_name_or_path)

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from bernini_diffusers import cli
+from bernini_diffusers import cli, pipeline_inputs
 from bernini_diffusers import pipeline_bernini as pb
 from bernini_diffusers.constants import GUIDANCE_RANGES, MAX_BATCH_SIZE
 from bernini_diffusers.pipeline_bernini import NonFiniteOutputError
@@ -85,7 +85,7 @@ def test_the_defaults_and_documented_values_stay_allowed():
             assert low <= default <= high, name
     used = [("flow_shift", 3.0), ("momentum", -0.5), ("eta", 1.0), ("omega_txt", 6.0), ("omega_scale", 0.75)]
     for name, value in used:
-        pb._check_range(name, value)
+        pipeline_inputs.check_range(name, value)
 
 
 # --- call arguments refused up front, naming the argument ---------------------------------------------------------

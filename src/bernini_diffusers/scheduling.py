@@ -49,3 +49,26 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         prev_sample = sample.float() + model_output * (sigma_next - sigma)
         self._step_index += 1
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+def scheduler_for_call(scheduler, use_unipc: bool, flow_shift: float):
+    """A fresh scheduler for one call with this call's `flow_shift`: `scheduler`'s class and config (UniPC), or the
+    official Euler fallback (`use_unipc=False`). The pipeline's own scheduler is never changed."""
+    if not use_unipc:
+        return FlowMatchEulerScheduler(num_train_timesteps=scheduler.config.num_train_timesteps, shift=flow_shift)
+    config = dict(scheduler.config)
+    shift_key = "flow_shift" if "flow_shift" in config else "shift"
+    return type(scheduler).from_config(config, **{shift_key: flow_shift})
+
+
+def set_official_timesteps(scheduler, num_inference_steps: int, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Set the official sigma grid of `scheduler` (Euler or flow-sigma UniPC; another scheduler's own grid), starting
+    at step 0. Returns its timesteps and its sigmas as 0-dim float32 tensors."""
+    if isinstance(scheduler, FlowMatchEulerScheduler):
+        scheduler.set_timesteps(sigmas=official_euler_sigmas(num_inference_steps), device=device)
+    elif scheduler.config.get("use_flow_sigmas", False):
+        scheduler.set_timesteps(sigmas=official_flow_sigmas(num_inference_steps), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_begin_index(0)
+    return scheduler.timesteps, list(scheduler.sigmas.to(torch.float32).unbind(0))

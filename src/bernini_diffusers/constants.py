@@ -130,3 +130,11 @@ KNOWN_MODELS = {"A14B": (WAN22_A14B_TRANSFORMER_CONFIG, 2), "1.3B": (WAN21_T2V_1
 PLAIN_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
 GGUF_BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q4_0": (32, 18)}
 CHECKPOINT_FORMATS: tuple[str, ...] = (*PLAIN_FORMATS, "fp8", *GGUF_BLOCKS)
+
+# The size arguments of a call whose defaults a pipeline may set (`BerniniPipeline(call_defaults=...)`, saved in its
+# config), and the tiny random model's: seconds-long runs, where the official 81 frames at 480x848 and 40 steps take
+# tens of minutes on a CPU, for noise. `tiny.tiny_pipeline()`, `--model tiny` and the demo's tiny model share them.
+CALL_DEFAULT_NAMES: tuple[str, ...] = ("num_frames", "height", "width", "max_image_size", "num_inference_steps")
+TINY_CALL_DEFAULTS: dict[str, int] = {
+    "num_frames": 9, "height": 64, "width": 96, "max_image_size": 96, "num_inference_steps": 4,
+}  # fmt: skip

@@ -29,6 +29,7 @@ from .constants import (
     PE_RETRIES_ENV,
     PE_TIMEOUT,
     PE_TIMEOUT_ENV,
+    TINY_CALL_DEFAULTS,
     TINY_MODEL,
     WAN22_BASE,
     written_as_path,
@@ -37,7 +38,7 @@ from .constants import (
 # Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
 # tiny random model (the official 81 frames at 480x848 and 40 steps take tens of minutes on a CPU, for noise).
 SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size": 848, "num_inference_steps": 40}
-TINY_DEFAULTS = {"num_frames": 9, "height": 64, "width": 96, "max_image_size": 96, "num_inference_steps": 4}
+TINY_DEFAULTS = dict(TINY_CALL_DEFAULTS)  # the tiny pipeline's own call defaults
 DEBUG_ENV = "BERNINI_DEBUG"
 
 

@@ -36,7 +36,7 @@ from .conditions import (
 from .constants import DEFAULT_CONTEXT_OVERLAP, MAX_WINDOWED_FRAMES, TEMPORAL_FACTOR
 from .guidance import Combo, Guidance
 from .pipeline_features import BerniniFeaturesMixin
-from .pipeline_inputs import check_experts, max_pixels
+from .pipeline_inputs import check_call_defaults, check_experts, max_pixels
 from .pipeline_loading import BerniniLoadingMixin
 from .pipeline_output import OUTPUT_TYPES, BerniniPipelineOutput, NonFiniteOutputError
 from .scheduling import scheduler_for_call, set_official_timesteps
@@ -94,6 +94,10 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
             configs load. It changes no result here: every token of a call, target and conditions alike, shares the
             step's timestep (as in `WanPipeline`'s text-to-video, whose per-token timesteps are all equal), so one
             timestep embedding serves them all.
+        call_defaults (`dict[str, int]`, *optional*):
+            Defaults of the call's size arguments (`num_frames`, `height`, `width`, `max_image_size`,
+            `num_inference_steps`) that replace the official ones when a call leaves them out; saved with the config.
+            The tiny model ([`~tiny.tiny_pipeline`]) sets its seconds-long sizes; `None` keeps the official defaults.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
@@ -114,6 +118,7 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
         use_unipc: bool = True,
         use_src_id_rotary_emb: bool = True,
         expand_timesteps: bool = False,
+        call_defaults: dict[str, int] | None = None,
     ):
         super().__init__()
         for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -123,6 +128,7 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
                     "with `BerniniTransformer3DModel.from_pretrained(...)` (the checkpoints are Wan-compatible)."
                 )
         check_experts(transformer, transformer_2, boundary_ratio)
+        call_defaults = check_call_defaults(call_defaults)
         restore_tokenizer_pipeline(tokenizer)
         self.register_modules(
             tokenizer=tokenizer,
@@ -139,6 +145,7 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
             use_unipc=use_unipc,
             use_src_id_rotary_emb=use_src_id_rotary_emb,
             expand_timesteps=expand_timesteps,
+            call_defaults=call_defaults,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else TEMPORAL_FACTOR
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
@@ -667,6 +674,7 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
         return expert
 
     @torch.no_grad()
+    @pipeline_inputs.with_call_defaults
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -731,6 +739,8 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
             guidance_mode (`str` or `GuidanceMode`, *optional*):
                 One of `t2v`, `t2v_apg`, `v2v`, `v2v_apg`, `v2v_chain`, `r2v_apg`, `rv2v`. `None` uses the task's default.
             num_frames (`int`, defaults to 81):
+                (This and the other size arguments default to the pipeline's `call_defaults` when it has them: the
+                tiny model's 9 frames at 64x96, `max_image_size` 96, 4 steps.)
                 Frames of a generated video; for video inputs, the cap on the frames taken from the source (4k+1).
             height (`int`, defaults to 480):
                 Output height when no video or source image sets it.

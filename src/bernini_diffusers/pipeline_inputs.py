@@ -7,8 +7,11 @@ arguments and hand them here. Each error names the argument, the value and what 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch
 
 from . import media, windows
 from .constants import (
+    CALL_DEFAULT_NAMES,
     DEFAULT_CONTEXT_OVERLAP,
     GUIDANCE_RANGES,
     MAX_BATCH_SIZE,
@@ -335,6 +339,35 @@ def estimate_tokens(args: dict[str, Any], media_sizes: dict[str, tuple[int, int]
     tokens = max(sum(t * h * w for t, h, w in streams) for streams in used)
     grids = [grid for streams in used for grid in streams]
     return tokens, tuple(max(grid[axis] for grid in grids) for axis in range(3))
+
+
+def with_call_defaults(call: Callable) -> Callable:
+    """Fill the size arguments a call leaves out from the pipeline's `call_defaults` config (the tiny model's); an
+    argument given wins, even when it equals the official default. The signature keeps the official defaults."""
+    names = list(inspect.signature(call).parameters)[1:]
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        given = {*names[: len(args)], *kwargs}
+        defaults = {k: v for k, v in (self.config.get("call_defaults") or {}).items() if k not in given}
+        return call(self, *args, **defaults, **kwargs)
+
+    return wrapper
+
+
+def check_call_defaults(call_defaults: Any) -> dict[str, int] | None:
+    """`call_defaults` of a pipeline: None, or a dict from some of `CALL_DEFAULT_NAMES` to positive integers."""
+    if call_defaults is None:
+        return None
+    if not isinstance(call_defaults, dict) or not set(call_defaults) <= set(CALL_DEFAULT_NAMES):
+        raise ValueError(
+            f"`call_defaults`={short(call_defaults)} must be None or a dict whose keys are some of "
+            f"{', '.join(CALL_DEFAULT_NAMES)}."
+        )
+    for name, value in call_defaults.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`call_defaults[{name!r}]`={short(value)} must be an integer >= 1.")
+    return {name: int(value) for name, value in call_defaults.items()}
 
 
 def check_device(device: Any, name: str = "device") -> None:

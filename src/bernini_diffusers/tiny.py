@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .constants import TINY_MODEL
 from .memory_plan import ModelConfigs
+from .constants import TINY_CALL_DEFAULTS
 from .pipeline_bernini import BerniniPipeline
 from .scheduling import default_scheduler
 from .tasks import DEFAULT_NEGATIVE_PROMPT
@@ -173,6 +174,14 @@ def get_tiny_components(two_experts: bool = True, torch_dtype: torch.dtype | Non
     }
 
 
-def tiny_pipeline(two_experts: bool = True, torch_dtype: torch.dtype | None = None) -> BerniniPipeline:
-    """The tiny pipeline (`--model tiny`): random weights, so its output is noise; everything around it is real."""
-    return BerniniPipeline(**get_tiny_components(two_experts, torch_dtype))
+def tiny_pipeline(
+    two_experts: bool = True,
+    torch_dtype: torch.dtype | None = None,
+    call_defaults: dict[str, int] | None = TINY_CALL_DEFAULTS,
+) -> BerniniPipeline:
+    """The tiny pipeline (`--model tiny`): random weights, so its output is noise; everything around it is real.
+
+    A call that leaves the sizes out runs `call_defaults` (9 frames at 64x96, 4 steps: seconds on a CPU, as `--model
+    tiny` does); sizes given win. `call_defaults=None` gives the official defaults (81 frames at 480x848, 40 steps).
+    """
+    return BerniniPipeline(**get_tiny_components(two_experts, torch_dtype), call_defaults=call_defaults)

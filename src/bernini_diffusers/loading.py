@@ -603,11 +603,17 @@ class PreparedLoad:
     kwargs: dict[str, Any]  # diffusers' keywords, with the ready-made experts of checkpoints and the layout's settings
     shift: float | None  # the root config's `shift`, recorded on the scheduler
     has_scheduler: bool  # False: the folder has no scheduler and none was passed
+    # `build_experts=False` (low_ram): the checkpoints left unread, expert -> (spec, config, dtype), and the Hub options
+    checkpoints: dict[str, tuple[Any, Mapping[str, Any], torch.dtype]] = field(default_factory=dict)
+    hub: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> PreparedLoad:
+def prepare_load(
+    pipeline_class, pretrained_model_name_or_path: str | os.PathLike, kwargs: dict, build_experts: bool = True
+) -> PreparedLoad:
     """Resolve the layout of `pretrained_model_name_or_path`, fetch the files it needs, and build the experts of
-    original checkpoints; see `BerniniPipeline.from_pretrained`."""
+    original checkpoints; see `BerniniPipeline.from_pretrained`. With `build_experts=False` no checkpoint is read:
+    they are returned in `PreparedLoad.checkpoints` for the caller to load (the `low_ram` profile)."""
     kwargs = dict(kwargs)
     name = pretrained_model_name_or_path
     signature = [p for p in inspect.signature(pipeline_class.__init__).parameters if p != "self"]
@@ -682,9 +688,13 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
     if not roots:
         raise ValueError(f"{str(name)!r} has no component folders for diffusers to read; pass a diffusers folder.")
     (model,) = roots.values()
+    unread = {}
     for expert in [e for e in EXPERTS if checkpoints[e] is not None]:
         expert_dtype = dtypes.get(expert, dtypes.get("default", torch.float32))  # diffusers' rule
         config = BerniniTransformer3DModel.load_config(model.root / expert)
+        if not build_experts:
+            unread[expert] = (checkpoints[expert], config, expert_dtype)
+            continue
         kwargs[expert] = load_checkpoint_expert(checkpoints[expert], expert, config, expert_dtype, hub)
         if kwargs.get("device_map") is not None:
             kwargs[expert].to(kwargs["device_map"])
@@ -703,6 +713,8 @@ def prepare_load(pipeline_class, pretrained_model_name_or_path: str | os.PathLik
         kwargs=kwargs,
         shift=layout.shift,
         has_scheduler="scheduler" in layout.components or "scheduler" in kwargs,
+        checkpoints=unread,
+        hub=hub,
     )
 
 

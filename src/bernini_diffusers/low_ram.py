@@ -6,6 +6,9 @@
   dtypes, `_keep_in_fp32_modules` and checks are diffusers'), then **released**: every parameter and buffer its files
   hold is replaced by an empty tensor of the same dtype on the same device, so the module keeps its config, dtype,
   device and hooks but no weights;
+- an expert of a single-file checkpoint (`high_noise_ckpt`/`low_noise_ckpt`: fp16/bf16, fp8, scaled fp8, GGUF) is
+  built by `loading.load_checkpoint_expert` (`formats`) and released the same way; loading it builds it again from
+  its file and moves the new model's tensors into the module (`LowRamStore.add_rebuilt`);
 - a forward pre-hook on each expert **loads** it before its first forward of a phase: the text encoder and the other
   expert are released first, then the expert's tensors are read back from its safetensors files (memory-mapped,
   straight to the compute device) and cast to the dtypes recorded at load: the same values diffusers' load gives;
@@ -20,14 +23,16 @@ run's bit for bit.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .loading import select_weights
+from .loading import load_checkpoint_expert, select_weights
 from .memory import FP8_STORAGE_DTYPE
 from .transformer_bernini import BerniniTransformer3DModel
 
@@ -46,6 +51,8 @@ class _Stored:
     # file key -> (the module's tensor names it fills (tied weights: several), dtype, shape)
     tensors: dict[str, tuple[list[str], torch.dtype, torch.Size]] = field(default_factory=dict)
     loaded: bool = True
+    # An expert of a single-file checkpoint: builds it again from its file (its tensors replace the released ones)
+    rebuild: Callable[[], torch.nn.Module] | None = None
 
 
 class LowRamStore:
@@ -87,6 +94,33 @@ class LowRamStore:
         if release:
             self.release(name)
 
+    def add_rebuilt(self, name: str, module: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> None:
+        """Manage `module`, an expert that `rebuild()` built from a single-file checkpoint (`formats`), and release it.
+        Each load runs `rebuild()` again (memory-mapped safetensors, or diffusers' GGUF load of the file) and moves
+        the new model's tensors into `module`: GGUF weights stay quantized, scaled float8 is dequantized as at load."""
+        self.via[name] = None
+        stored = _Stored(name, module, [], rebuild=rebuild)
+        for tensor_name, tensor in module.state_dict(keep_vars=True).items():  # non-persistent buffers stay
+            stored.tensors[tensor_name] = ([tensor_name], tensor.dtype, tensor.shape)
+        self.components[name] = stored
+        self.loads[name] = 1
+        self.release(name)
+
+    def _load_rebuilt(self, stored: _Stored) -> None:
+        fresh = stored.rebuild().to(self.device)
+        for tensor_name, (_, _, shape) in stored.tensors.items():
+            parameter = _is_parameter(fresh, tensor_name)
+            value = fresh.get_parameter(tensor_name) if parameter else fresh.get_buffer(tensor_name)
+            if value.shape != shape:
+                raise ValueError(
+                    f"low_ram: {stored.name}'s checkpoint holds {tensor_name} of shape {tuple(value.shape)}, but the "
+                    f"model loaded from it had {tuple(shape)}; the file changed since the load."
+                )
+            owner_name, _, leaf = tensor_name.rpartition(".")
+            owner = stored.module.get_submodule(owner_name) if owner_name else stored.module
+            # The object itself, not its data: a GGUF weight is a parameter subclass carrying its quant type.
+            (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = value
+
     def release(self, name: str) -> None:
         stored = self.components.get(name)
         if stored is None or not stored.loaded:
@@ -103,6 +137,8 @@ class LowRamStore:
         stored = self.components[name]
         if stored.loaded:
             return
+        if stored.rebuild is not None:
+            self._load_rebuilt(stored)
         wanted = stored.tensors
         for path in stored.files:
             device = str(self.device) if self.device.type != "cpu" else "cpu"
@@ -166,9 +202,13 @@ def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
     ready = [e for e in ("transformer", "transformer_2") if kwargs.get(e) is not None]
     if ready:
         raise ValueError(
-            f"`memory_profile`='low_ram' reads each expert from its files, but {', '.join(ready)} was given ready-made "
-            "(or built from `high_noise_ckpt`/`low_noise_ckpt`): export the checkpoints first (`bernini export`) and "
-            "load the export."
+            f"`memory_profile`='low_ram' reads each expert from its files, but {', '.join(ready)} was given "
+            "ready-made; pass the folder or the checkpoint (`high_noise_ckpt`/`low_noise_ckpt`) instead."
+        )
+    if fp8 and prepared.checkpoints:
+        raise ValueError(
+            "`memory_profile`='fp8+low_ram' does not take `high_noise_ckpt`/`low_noise_ckpt` (a float8 or GGUF "
+            "checkpoint already stores small weights): use 'low_ram', or export the checkpoints (`bernini export`)."
         )
     experts = [e for e in ("transformer", "transformer_2") if e not in kwargs]
     text_encoder_from_files = "text_encoder" not in kwargs
@@ -180,6 +220,14 @@ def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
     if text_encoder_from_files and pipe.text_encoder is not None:
         store.add("text_encoder", pipe.text_encoder, weight_files(prepared.folder / "text_encoder", variant), True)
     for name in experts:
+        if name in prepared.checkpoints:  # a checkpoint: built by `formats`, rebuilt from its file for each phase
+            spec, config, dtype = prepared.checkpoints[name]
+            rebuild = functools.partial(load_checkpoint_expert, spec, name, config, dtype, prepared.hub)
+            expert = rebuild().to(device)
+            expert.register_to_config(_name_or_path=str(spec))
+            store.add_rebuilt(name, expert, rebuild)
+            pipe.register_modules(**{name: expert})
+            continue
         folder = prepared.folder / name
         if not (folder / "config.json").is_file():
             continue

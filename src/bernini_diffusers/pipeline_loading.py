@@ -82,10 +82,12 @@ class BerniniLoadingMixin:
         profile = None if profile is None else memory.get_memory_profile(profile)
         if device is not None and profile is None:
             raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
-        prepared = prepare_load(cls, pretrained_model_name_or_path, kwargs)
+        # low_ram reads the experts itself (checkpoints too): prepare_load leaves them unread
+        at_load = profile is not None and profile.at_load
+        prepared = prepare_load(cls, pretrained_model_name_or_path, kwargs, build_experts=not at_load)
         if not prepared.has_scheduler:
             prepared.kwargs["scheduler"] = default_scheduler()
-        if profile is not None and profile.at_load:  # low_ram: what is loaded at all is the profile's to decide
+        if at_load:  # low_ram: what is loaded at all is the profile's to decide
             load = functools.partial(super().from_pretrained, prepared.folder)
             pipe = low_ram.from_pretrained(load, prepared, memory.checked_device(device), fp8=profile.fp8)
         else:

@@ -85,9 +85,13 @@ def test_estimates_move_the_right_way():
     assert sizes == sorted(sizes, reverse=True)
     fp8, q4 = _plan("low_ram", "fp8", **a14b), _plan("low_ram", "Q4_K", **a14b)
     assert low_ram.ram_bytes > fp8.ram_bytes > q4.ram_bytes and low_ram.gpu_bytes > fp8.gpu_bytes > q4.gpu_bytes
-    # the fp8 profile on a bf16 file: the device holds float8, the load holds the bf16 file
+    # the fp8 profile on a bf16 file: the device holds float8, the load holds the bf16 file and, while an expert is
+    # cast, its float8 copy
     fp8_profile = _plan("fp8", **a14b)
-    assert fp8_profile.gpu_bytes < resident.gpu_bytes and _ram(fp8_profile) == _ram(resident)
+    fp8_expert = fp8_profile.parts["expert (fp8)"]
+    assert fp8_profile.gpu_bytes < resident.gpu_bytes and _ram(fp8_profile) == _ram(resident) + fp8_expert
+    fp8_low_ram = _plan("fp8+low_ram", **a14b)
+    assert _ram(fp8_low_ram) == _ram(low_ram) + fp8_expert
     # FSDP: each rank holds 1/N of each expert plus a gathered block
     sharded = BerniniPipeline.estimate_memory("A14B", "resident", device="cuda", shard_degree=4, **size)
     assert sharded.gpu_bytes < resident.gpu_bytes - expert
@@ -100,6 +104,11 @@ def test_on_the_cpu_everything_is_host_ram():
     plan = _plan(device="cpu")
     assert plan.gpu_bytes is None and plan.fits_gpu is None and "n/a" in str(plan)
     assert _ram(plan) > _ram(_plan(device="cuda")) - plan.parts["decoded video"]
+    # diffusers' model offload on the CPU copies each component it moves to `cpu:0`: one more expert than resident
+    offload = _plan("expert_offload", device="cpu")
+    expert = next(v for k, v in plan.parts.items() if k.startswith("expert ("))
+    assert _ram(offload) == _ram(plan) + expert
+    assert _ram(_plan("expert_offload")) == _ram(_plan())
 
 
 def test_fits_follows_the_memory_given():

@@ -166,7 +166,7 @@ def test_checkpoints_never_read_the_base_transformer_weights(work, reference, tm
 
 def test_checkpoint_argument_errors(work, tmp_path):
     ckpts = work / "Bernini-R"
-    with pytest.raises(ValueError, match="high_noise_ckpt.*without `low_noise_ckpt`"):
+    with pytest.raises(ValueError, match="must be given together.*got only `high_noise_ckpt`"):
         BerniniPipeline.from_pretrained(work / "base", high_noise_ckpt=ckpts)
     with pytest.raises(ValueError, match="low_noise_ckpt.*without `high_noise_ckpt`"):
         BerniniPipeline.from_pretrained(work / "base", low_noise_ckpt=ckpts)

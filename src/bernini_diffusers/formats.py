@@ -86,7 +86,8 @@ GGUF_SUPPORTED_TYPES = (*GGUF_PLAIN_TYPES, *(t.name for t in SUPPORTED_GGUF_QUAN
 GGUF_ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
 # Key markers of each layout (after ComfyUI's prefix is stripped).
-_OFFICIAL_RE = re.compile(r"^(ema\.)?diff_dec\.transformer(_2)?\.")
+# The official renderer keys, and the `transformer.`/`transformer_2.`-prefixed form the official conversion accepts too.
+_OFFICIAL_RE = re.compile(r"^(?:(?:ema\.)?diff_dec\.)?transformer(_2)?\.")
 _WAN_MARKERS = (".self_attn.", ".cross_attn.", "head.head.", "text_embedding.", "time_embedding.")
 _DIFFUSERS_MARKERS = (".attn1.", ".attn2.", "proj_out.", "condition_embedder.")
 # Side tensors of the scaled formats and of formats this module refuses (suffixes of a layer's name).
@@ -422,7 +423,7 @@ def _official_experts(keys: list[str]) -> tuple[str, ...]:
     for key in keys:
         match = _OFFICIAL_RE.match(key)
         if match:
-            found.add("transformer_2" if match.group(2) else "transformer")
+            found.add("transformer_2" if match.group(1) else "transformer")
     return tuple(e for e in EXPERTS if e in found)
 
 

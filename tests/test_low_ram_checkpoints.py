@@ -58,3 +58,42 @@ def test_fp8_low_ram_refuses_checkpoints_before_reading(checkpoints, monkeypatch
         BerniniPipeline.from_pretrained(
             base, high_noise_ckpt=high, low_noise_ckpt=low, memory_profile="fp8+low_ram", device="cpu"
         )
+
+
+@pytest.mark.parametrize("source", ["folder", "checkpoints"])
+def test_low_ram_group_offload_equals_low_ram(checkpoints, media_dir, source):
+    """`low_ram+group_offload`: each expert read to the host runs under diffusers' block-level group offload (on this
+    CPU-only machine its onload device is the CPU too); the output equals `low_ram`'s bit for bit."""
+    from diffusers.hooks import HookRegistry
+
+    base, high, low = checkpoints
+    files = {} if source == "folder" else dict(high_noise_ckpt=high, low_noise_ckpt=low)
+    folder = save_tiny_pretrained(base.parent / "diffusers", layout="diffusers") if source == "folder" else base
+    plain = BerniniPipeline.from_pretrained(folder, **files, memory_profile="low_ram", device="cpu")
+    pipe = BerniniPipeline.from_pretrained(folder, **files, memory_profile="low_ram+group_offload", device="cpu")
+    store = pipe._low_ram
+    assert pipe._memory_profile == ("low_ram+group_offload", torch.device("cpu"))
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert HookRegistry.check_if_exists_or_initialize(expert.blocks[0]).get_hook("group_offloading") is not None
+    seen = []
+    for expert in (pipe.transformer, pipe.transformer_2):
+        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
+    reference = _call(plain, media_dir, output_type="latent")
+    for call in (1, 2):
+        seen.clear()
+        assert torch.equal(_call(pipe, media_dir, output_type="latent"), reference)
+        assert _runs(seen) == [("transformer",), ("transformer_2",)]
+        assert store.loads["transformer"] == store.loads["transformer_2"] == 1 + call
+
+
+def test_plan_prices_low_ram_group_offload():
+    """The plan reads no weights: the real A14B at 480p, GPU as group offload's (an expert's non-block weights and a
+    block at a time, not a whole expert), host RAM as low_ram's (one expert, not two)."""
+    size = dict(task_type="t2v", num_frames=81, height=480, width=848, device="cuda", gpu_memory=80, ram=64)
+    plan = {
+        name: BerniniPipeline.estimate_memory("A14B", name, **size)
+        for name in ("low_ram", "group_offload", "low_ram+group_offload")
+    }
+    assert plan["low_ram+group_offload"].gpu_bytes == plan["group_offload"].gpu_bytes < plan["low_ram"].gpu_bytes
+    ram = {name: p.ram_bytes - p.parts["this process"] for name, p in plan.items()}
+    assert ram["low_ram+group_offload"] == ram["low_ram"] < ram["group_offload"]

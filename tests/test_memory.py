@@ -62,7 +62,7 @@ def fp8_run(media_dir):
 def test_unknown_profile_lists_the_names():
     with pytest.raises(ValueError, match="'fp4'.*resident, expert_offload, group_offload, fp8, fp8\\+expert_offload"):
         tiny_pipeline().enable_memory_profile("fp4")
-    assert len(MEMORY_PROFILES) == 8
+    assert len(MEMORY_PROFILES) == 9
 
 
 def test_no_profile_and_resident_are_todays_call(plain, media_dir):

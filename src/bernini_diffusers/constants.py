@@ -62,7 +62,7 @@ PE_MAX_RETRIES = 100
 # The names of `memory.MEMORY_PROFILES`, in its order.
 MEMORY_PROFILE_NAMES: tuple[str, ...] = (
     "resident", "expert_offload", "group_offload", "fp8", "fp8+expert_offload", "fp8+group_offload", "low_ram",
-    "fp8+low_ram",
+    "fp8+low_ram", "low_ram+group_offload",
 )  # fmt: skip
 # The step-cache presets of `acceleration.CACHE_PRESETS` that need no calibration (the ones a flag can name).
 CACHE_PRESET_NAMES: tuple[str, ...] = ("fbc-safe", "fbc-fast", "taylorseer")

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.hooks import apply_group_offloading
 from safetensors import safe_open
 
 from .loading import load_checkpoint_expert, select_weights
-from .memory import FP8_STORAGE_DTYPE
+from .memory import EXPERT_BLOCKS_PER_GROUP, FP8_STORAGE_DTYPE
 from .transformer_bernini import BerniniTransformer3DModel
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class _Stored:
     loaded: bool = True
     # An expert of a single-file checkpoint: builds it again from its file (its tensors replace the released ones)
     rebuild: Callable[[], torch.nn.Module] | None = None
+    # Where its tensors are read to, if not the store's device (`low_ram+group_offload`: the host; the groups onload)
+    device: torch.device | None = None
 
 
 class LowRamStore:
@@ -107,7 +110,7 @@ class LowRamStore:
         self.release(name)
 
     def _load_rebuilt(self, stored: _Stored) -> None:
-        fresh = stored.rebuild().to(self.device)
+        fresh = stored.rebuild().to(stored.device or self.device)
         for tensor_name, (_, _, shape) in stored.tensors.items():
             parameter = _is_parameter(fresh, tensor_name)
             value = fresh.get_parameter(tensor_name) if parameter else fresh.get_buffer(tensor_name)
@@ -118,8 +121,11 @@ class LowRamStore:
                 )
             owner_name, _, leaf = tensor_name.rpartition(".")
             owner = stored.module.get_submodule(owner_name) if owner_name else stored.module
-            # The object itself, not its data: a GGUF weight is a parameter subclass carrying its quant type.
-            (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = value
+            tensors = owner._parameters if leaf in owner._parameters else owner._buffers
+            if type(value) in (torch.Tensor, torch.nn.Parameter):
+                tensors[leaf].data = value.data  # the same objects: group offload's hooks hold them
+            else:  # the object itself: a GGUF weight is a parameter subclass carrying its quant type
+                tensors[leaf] = value
 
     def release(self, name: str) -> None:
         stored = self.components.get(name)
@@ -140,8 +146,9 @@ class LowRamStore:
         if stored.rebuild is not None:
             self._load_rebuilt(stored)
         wanted = stored.tensors
+        read_to = stored.device or self.device
         for path in stored.files:
-            device = str(self.device) if self.device.type != "cpu" else "cpu"
+            device = str(read_to) if read_to.type != "cpu" else "cpu"
             with safe_open(str(path), framework="pt", device=device) as f:
                 for key in f.keys():
                     if key not in wanted:
@@ -187,11 +194,13 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
     return [folder / n for n in chosen if n.endswith(".safetensors")]
 
 
-def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
+def from_pretrained(load, prepared, device: torch.device, fp8: bool = False, group_offload: bool = False):
     """Load a pipeline under `low_ram` (see the module docstring). `load(**kwargs)` is diffusers' pipeline
     `from_pretrained` on `prepared.folder`; `prepared` is `loading.prepare_load`'s result. `fp8` (`fp8+low_ram`):
     each expert gets the `fp8` profile's layerwise casting before its dtypes are recorded, so every read casts the
-    file's tensors to float8 where that profile stores them (the same rounding as the `fp8` profile)."""
+    file's tensors to float8 where that profile stores them (the same rounding as the `fp8` profile).
+    `group_offload` (`low_ram+group_offload`): each expert is read to the host and runs under diffusers' block-level
+    group offload to `device` (one block on the device at a time), the VAE under leaf-level group offload."""
     kwargs = dict(prepared.kwargs)
     for argument in ("quantization_config", "device_map"):
         if kwargs.get(argument) is not None:
@@ -215,6 +224,7 @@ def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
     dtypes = kwargs.get("torch_dtype", kwargs.get("dtype")) or {}
     variant = kwargs.get("variant")
     pipe = load(**{**kwargs, **{e: None for e in experts}})  # everything but the experts
+    host = torch.device("cpu")
     pipe.to(device)
     store = LowRamStore(device)
     if text_encoder_from_files and pipe.text_encoder is not None:
@@ -223,9 +233,10 @@ def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
         if name in prepared.checkpoints:  # a checkpoint: built by `formats`, rebuilt from its file for each phase
             spec, config, dtype = prepared.checkpoints[name]
             rebuild = functools.partial(load_checkpoint_expert, spec, name, config, dtype, prepared.hub)
-            expert = rebuild().to(device)
+            expert = rebuild().to(host if group_offload else device)
             expert.register_to_config(_name_or_path=str(spec))
             store.add_rebuilt(name, expert, rebuild)
+            _offload_groups(store, name, expert, device, host, group_offload)
             pipe.register_modules(**{name: expert})
             continue
         folder = prepared.folder / name
@@ -238,11 +249,29 @@ def from_pretrained(load, prepared, device: torch.device, fp8: bool = False):
         via = expert.dtype if fp8 else None
         if fp8:  # cast on the CPU, then move: the device never holds the expert in its load dtype
             expert.enable_layerwise_casting(storage_dtype=FP8_STORAGE_DTYPE, compute_dtype=via)
-        expert.to(device)
+        expert.to(host if group_offload else device)
         store.add(name, expert, weight_files(folder, variant), release=True, via=via)  # one expert in RAM at a time
+        _offload_groups(store, name, expert, device, host, group_offload)
         pipe.register_modules(**{name: expert})
-    install(pipe, store, "fp8+low_ram" if fp8 else LOW_RAM)
+    if group_offload and pipe.vae is not None:
+        apply_group_offloading(pipe.vae.to(host), onload_device=device, offload_device=host, offload_type="leaf_level")
+    install(pipe, store, "low_ram+group_offload" if group_offload else "fp8+low_ram" if fp8 else LOW_RAM)
     return pipe
+
+
+def _offload_groups(store: LowRamStore, name: str, expert, device: torch.device, host: torch.device, apply: bool):
+    """`low_ram+group_offload`: read `name` to the host and run it under diffusers' block-level group offload. The
+    hooks are applied once, to the released expert: a read refills the same tensor objects (the groups move whatever
+    they hold), and the top-level hook must be in place before the expert's first forward starts (torch picks the
+    forward before the low_ram pre-hook reads the weights). No prefetch stream: a stream's groups keep host copies of
+    the tensors they were made with, which a read replaces."""
+    if not apply:
+        return
+    store.components[name].device = host
+    apply_group_offloading(
+        expert, onload_device=device, offload_device=host, offload_type="block_level",
+        num_blocks_per_group=EXPERT_BLOCKS_PER_GROUP, use_stream=False,
+    )  # fmt: skip
 
 
 def install(pipe, store: LowRamStore, profile: str = LOW_RAM) -> None:

@@ -10,6 +10,8 @@
 | `group_offload` | diffusers' group offload (`apply_group_offloading`): the experts block by block with a CUDA stream that prefetches the next block, the text encoder as one group, the VAE layer by layer |
 | `fp8` | diffusers' layerwise casting on both experts: weights stored in float8_e4m3fn, each layer cast back to the experts' dtype for its own forward |
 
+`low_ram`, `fp8+low_ram` and `low_ram+group_offload` are chosen at load (`low_ram.py`, docs/memory.md).
+
 `fp8` combines with the placements: `fp8+expert_offload`, `fp8+group_offload` (`fp8` alone is `fp8` resident). The
 offload profiles move tensors only, so their output equals the resident run's bit for bit; fp8 storage rounds the
 weights, so it changes the output (see the README's "Speed and memory").
@@ -45,6 +47,8 @@ class MemoryProfile:
     placement: str  # "resident", "expert_offload", "group_offload" or "low_ram"
     fp8: bool
     description: str
+    # Host RAM holds one large component at a time, each read from its files (low_ram): chosen by `from_pretrained`
+    from_files: bool = False
 
     @property
     def offloads(self) -> bool:
@@ -54,7 +58,7 @@ class MemoryProfile:
     @property
     def at_load(self) -> bool:
         """Whether the profile decides what is loaded at all, so it is chosen by `from_pretrained` (`low_ram`)."""
-        return self.placement == "low_ram"
+        return self.from_files
 
 
 _PLACEMENTS = {
@@ -82,8 +86,14 @@ MEMORY_PROFILES: dict[str, MemoryProfile] = {
     "fp8+group_offload": MemoryProfile(
         "fp8+group_offload", "group_offload", True, f"{_FP8}; {_PLACEMENTS['group_offload']}"
     ),
-    "low_ram": MemoryProfile("low_ram", "low_ram", False, _LOW_RAM),
-    "fp8+low_ram": MemoryProfile("fp8+low_ram", "low_ram", True, f"{_FP8}; {_LOW_RAM}"),
+    "low_ram": MemoryProfile("low_ram", "low_ram", False, _LOW_RAM, from_files=True),
+    "fp8+low_ram": MemoryProfile("fp8+low_ram", "low_ram", True, f"{_FP8}; {_LOW_RAM}", from_files=True),
+    # The current expert read to the host, then run one block at a time on the device; the text encoder as low_ram
+    "low_ram+group_offload": MemoryProfile(
+        "low_ram+group_offload", "group_offload", False,
+        f"{_LOW_RAM}; the expert read runs one block at a time on the device (diffusers' group offload)",
+        from_files=True,
+    ),  # fmt: skip
 }
 MEMORY_PROFILE_NAMES = tuple(MEMORY_PROFILES)
 

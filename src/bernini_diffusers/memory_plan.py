@@ -500,7 +500,7 @@ def estimate_memory(
     # expert next to its loaded tensors: they are views of the memory-mapped file, which stays mapped (and its read
     # pages resident) until the expert's last layer is cast.
     cast = expert.total if loaded is not expert else 0
-    if profile.placement == "low_ram":
+    if profile.at_load:
         # one component at a time: the text encoder while it encodes, then one expert (read from its file), then the
         # VAE; the VAE stays loaded (it also encodes the source media)
         host = max(

@@ -64,7 +64,8 @@ class BerniniLoadingMixin:
             low_noise_ckpt (`str` or `os.PathLike`, *optional*):
                 The low-noise expert's original checkpoint (for `transformer_2`), in the same forms.
             memory_profile (`str`, *optional*):
-                A memory profile applied with the load. `"low_ram"` and `"fp8+low_ram"` are chosen here only: host RAM
+                A memory profile applied with the load. `"low_ram"`, `"fp8+low_ram"` and `"low_ram+group_offload"` (the
+                expert read runs block by block on the device) are chosen here only: host RAM
                 then holds one of the text encoder and the experts at a time, each read back from its files when it
                 runs (docs/memory.md); the others are applied after the load as `enable_memory_profile` does.
             device (`str` or `torch.device`, *optional*):
@@ -89,7 +90,10 @@ class BerniniLoadingMixin:
             prepared.kwargs["scheduler"] = default_scheduler()
         if at_load:  # low_ram: what is loaded at all is the profile's to decide
             load = functools.partial(super().from_pretrained, prepared.folder)
-            pipe = low_ram.from_pretrained(load, prepared, memory.checked_device(device), fp8=profile.fp8)
+            pipe = low_ram.from_pretrained(
+                load, prepared, memory.checked_device(device), fp8=profile.fp8,
+                group_offload=profile.placement == "group_offload",
+            )  # fmt: skip
         else:
             pipe = super().from_pretrained(prepared.folder, **prepared.kwargs)
         finish_load(pipe, prepared, pretrained_model_name_or_path)

@@ -20,12 +20,12 @@ Each profile then places these (docs/memory.md): `resident` keeps everything on 
 `low_ram` one component at a time (the largest component plus its activations); `group_offload` an expert's
 non-block weights plus two blocks (the one running and the one prefetched); `fp8*` prices the experts in float8.
 Host RAM is what the CPU holds at its peak: every component for the profiles that load everything (loaded in the
-file's dtype, so a bf16 file's `fp8` peak is the bf16 load plus the float8 copy of the expert being cast: the loaded
-tensors map the file, which stays mapped until that expert's last layer is cast), and for `low_ram` the larger of the
-text encoder and one expert with the VAE. On the CPU the activations are host RAM too, and `expert_offload` holds one
-more expert (diffusers' model offload computes on `cpu:0`, which torch does not take for `cpu`, so each hook copies the
-whole component while its old storage is alive). `shard_degree` N prices FSDP's per-rank share of
-the experts on the device: 1/N of an expert plus one gathered block.
+file's dtype, so a bf16 file's `fp8` peak is the bf16 load plus the float8 copy of each expert: the loaded tensors
+map the file, and the layers kept in full precision keep it mapped while the expert is on the CPU), and for `low_ram`
+the larger of the text encoder and one expert with the VAE. On the CPU the activations are host RAM too, and
+`expert_offload` holds one more expert (diffusers' model offload computes on `cpu:0`, which torch does not take for
+`cpu`, so each hook copies the whole component while its old storage is alive). `shard_degree` N prices FSDP's
+per-rank share of the experts on the device: 1/N of an expert plus one gathered block.
 """
 
 from __future__ import annotations
@@ -496,9 +496,10 @@ def estimate_memory(
     # Host RAM: on the CPU the activations of each phase are host RAM too; on an accelerator the decoded video comes
     # back to the host at the end.
     on_cpu = device.type == "cpu"
-    # Casting a plain file to float8 (layer by layer, diffusers' layerwise casting) holds the float8 copy of a whole
-    # expert next to its loaded tensors: they are views of the memory-mapped file, which stays mapped (and its read
-    # pages resident) until the expert's last layer is cast.
+    # Casting a plain file to float8 (layer by layer, diffusers' layerwise casting) makes the float8 copy of each
+    # expert next to its loaded tensors. Those are views of the memory-mapped file, and the layers kept in full
+    # precision (norms, embeddings, proj_out) stay views of it: the whole file stays mapped, the pages the cast read
+    # stay resident, as long as the expert lives on the CPU (measured: bench_low_ram.py).
     cast = expert.total if loaded is not expert else 0
     if profile.at_load:
         # one component at a time: the text encoder while it encodes, then one expert (read from its file), then the
@@ -509,8 +510,9 @@ def estimate_memory(
             vae + (decode + loop if on_cpu else 0),
         )
     else:
-        load = text_encoder + experts * loaded.total + cast + vae
-        run = text_encoder + experts * expert.total + vae
+        load = text_encoder + experts * (loaded.total + cast) + vae
+        # on the CPU the cast experts keep their files mapped (above); on a GPU they leave the host after the load
+        run = load if on_cpu and cast else text_encoder + experts * expert.total + vae
         if on_cpu and profile.placement == "expert_offload":
             # diffusers' model offload runs on `cpu:0`, which torch does not take for `cpu`: every hook's `.to` copies
             # the whole component, and the expert's old (file-mapped) storage lives until the copy ends

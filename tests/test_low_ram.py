@@ -2,11 +2,14 @@
 holds one large component at a time (the text encoder, then each expert read from its file for its own steps), and
 the output equals the resident run's bit for bit. Peak RSS at a medium size is `benchmarks/bench_low_ram.py`'s."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from bernini_diffusers import BerniniPipeline, cli
+from bernini_diffusers import BerniniPipeline, cli, low_ram
 from bernini_diffusers.testing import save_tiny_pretrained
 
 # Two steps: the first on the high-noise expert, the second on the low-noise one (boundary 0.875).
@@ -87,3 +90,67 @@ def test_cli_low_ram(folder, tmp_path, capsys):
     # the tiny model is built in code: nothing to read back, refused before any model work
     assert cli.main([*argv, "--model", "tiny", "--output", str(tmp_path / "tiny.mp4")]) == 2
     assert "--model tiny is built in code" in capsys.readouterr().err
+
+
+def _batch(folder, tmp_path, name, entries, *extra):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    argv = ["generate", "--model", str(folder), "--inputs", str(path), "--num_frames", "5", "--height", "32",
+            "--width", "48", "--num_inference_steps", "2", "--memory_profile", "low_ram", "--device", "cpu"]  # fmt: skip
+    return cli.main([*argv, *extra])
+
+
+def test_cli_batch_runs_expert_major(folder, media_dir, tmp_path, monkeypatch, capsys):
+    """A low_ram batch reads each expert once for all its cases, writes what each case writes alone, reports a case
+    that fails in the high-noise steps while the others complete, and a rerun redoes only what was not written."""
+    entries = [
+        {"prompt": "a cat", "task_type": "t2v", "output": str(tmp_path / "out" / "a.mp4")},
+        {"prompt": "a red car", "task_type": "v2v", "video": str(media_dir / "source.mp4"),
+         "output": str(tmp_path / "out" / "b.mp4")},  # fmt: skip
+        {"prompt": "a dog", "task_type": "t2i", "output": str(tmp_path / "out" / "c.png")},
+    ]
+    alone = []
+    for i, entry in enumerate(entries):  # one case per batch: no expert-major run
+        single = {**entry, "output": str(tmp_path / "alone" / Path(entry["output"]).name)}
+        assert _batch(folder, tmp_path, f"single{i}", [single]) == 0
+        alone.append(Path(single["output"]).read_bytes())
+
+    reads = []
+    load = low_ram.LowRamStore.load
+
+    def counting(store, name):
+        if not store.components[name].loaded:
+            reads.append(name)
+        return load(store, name)
+
+    monkeypatch.setattr(low_ram.LowRamStore, "load", counting)
+    assert _batch(folder, tmp_path, "batch", entries) == 0
+    assert reads.count("transformer") == 1 and reads.count("transformer_2") == 1, reads
+    assert [Path(entry["output"]).read_bytes() for entry in entries] == alone
+
+    # the second case's noise is NaN: it fails in its high-noise steps, the others are written
+    for entry in entries:
+        Path(entry["output"]).unlink()
+    prepare = BerniniPipeline.prepare_latents
+    made = []
+
+    def poisoned(pipe, *args, **kwargs):
+        latents = prepare(pipe, *args, **kwargs)
+        made.append(latents)
+        return latents * float("nan") if len(made) == 2 else latents
+
+    monkeypatch.setattr(BerniniPipeline, "prepare_latents", poisoned)
+    capsys.readouterr()
+    assert _batch(folder, tmp_path, "batch", entries) == 1
+    err = capsys.readouterr().err
+    assert "[2/3] failed: NonFiniteOutputError" in err
+    assert [Path(entry["output"]).is_file() for entry in entries] == [True, False, True]
+    assert not list((tmp_path / "out").glob("*.lock"))
+
+    # a rerun (as after a kill) redoes only the case whose output is missing
+    monkeypatch.setattr(BerniniPipeline, "prepare_latents", prepare)
+    reads.clear()
+    assert _batch(folder, tmp_path, "batch", entries) == 0
+    assert Path(entries[1]["output"]).read_bytes() == alone[1]
+    err = capsys.readouterr().err
+    assert err.count("exists (--overwrite to redo it)") == 2

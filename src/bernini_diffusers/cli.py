@@ -646,6 +646,97 @@ def _complete_or_note(case: case_files.Case) -> bool:
     return False
 
 
+# An expert-major group holds the paused calls' tensors (latents, text embeddings, encoded conditions, plus the
+# scheduler's history: about as much again) in host RAM; it takes cases until they reach this share of the RAM
+# available when the group starts (always at least one case).
+GROUP_RAM_SHARE = 0.25
+
+
+def _runs_expert_major(args: argparse.Namespace, batch: bool, state, cases: list[case_files.Case]) -> bool:
+    """A batch of several cases under a `low_ram` profile (any of them), in one process, with no step cache (its state would carry
+    across the interleaved cases) runs expert-major."""
+    profile = getattr(args, "memory_profile", None) or ""
+    return (
+        batch and state is None and len(cases) > 1 and "low_ram" in profile
+        and getattr(args, "cache_preset", None) is None
+    )
+
+
+def _expert_major(pipe, args, cases, todo, outcomes, enhancer, started) -> None:
+    """Run `todo` expert-major: every case of a group is prepared (text encoder, then media), then every case runs its
+    high-noise steps, then every case its low-noise steps, then each is decoded and written; under `low_ram` each
+    expert is read from disk once per group instead of once per case. Each case keeps its own call state
+    (`BerniniPipeline.call_phases`), so its output equals the case run alone. Locks are held for the group's cases;
+    a case that fails is reported and the others go on; an output not written is pending for the next run."""
+    import psutil
+    import torch
+
+    from . import media
+    from .pipeline_bernini import run_phases
+
+    todo = list(todo)
+
+    def failed(entry, err) -> None:
+        case, lock, phases, _ = entry
+        if phases is not None:
+            phases.close()
+        lock.release()
+        why = printable(mask_secrets(f"{type(err).__name__}: {err}"))
+        outcomes[case.number] = _Outcome("failed", f"{case.output}: {why}")
+        print(f"[{case.number}/{len(cases)}] failed: {why}", file=sys.stderr)
+
+    while todo:
+        group, held, budget = [], 0, GROUP_RAM_SHARE * psutil.virtual_memory().available
+        while todo and (not group or held < budget):
+            case = todo.pop(0)
+            lock, reason = _claim(case, True, started)
+            if lock is None:
+                outcomes[case.number] = _Outcome("skipped", reason)
+                print(f"[{case.number}/{len(cases)}] skipped: {reason}", file=sys.stderr)
+                continue
+            print(f"[{case.number}/{len(cases)}] {case.inputs['task_type']} -> {case.output}", file=sys.stderr)
+            entry = [case, lock, None, None]  # the case, its lock, its paused call, the phase it paused at
+            try:
+                kwargs = call_arguments(args, case)
+                if enhancer is not None:
+                    enhanced = enhance_on_writer(enhancer, kwargs)
+                    if enhanced != kwargs["prompt"]:
+                        print(f"prompt: {printable(enhanced)}", file=sys.stderr)  # the endpoint's reply, escaped
+                    kwargs["prompt"] = enhanced
+                generator = torch.Generator("cpu").manual_seed(args.seed)
+                entry[2] = pipe.call_phases(**kwargs, generator=generator, output_type="np")
+                phase = next(entry[2])
+                entry[3] = phase.name
+                held += 2 * phase.state_bytes  # x2: the scheduler's history of the latents
+            except Exception as err:  # in a batch one case's failure is reported and the others run
+                failed(entry, err)
+                continue
+            group.append(entry)
+        # Every case runs its first expert's steps, then every case the second's (a case whose plan has one expert
+        # runs it in the first round and waits in the second), then each is decoded and written.
+        for last in (False, False, True):
+            live = []
+            for entry in group:
+                case, lock, phases, paused = entry
+                try:
+                    if not last:
+                        if paused != "denoised":
+                            entry[3] = next(phases).name
+                        live.append(entry)
+                        continue
+                    _status("decoding...")
+                    out = run_phases(phases)
+                    _status(f"writing {case.output}")
+                    path = media.write_output(out.frames[0], case.output, out.fps)
+                except Exception as err:
+                    failed(entry, err)
+                    continue
+                lock.release()
+                outcomes[case.number] = _Outcome("done", str(path))
+                print(path, flush=True)
+            group = live
+
+
 def generate(args: argparse.Namespace) -> int:
     """Run the command's cases with one pipeline load; returns the exit status (1 if a batch case failed).
 
@@ -699,6 +790,9 @@ def generate(args: argparse.Namespace) -> int:
             # The writer's pending list stands for its whole group, then the groups split it (cases[rank::degree]).
             numbers = set(state.broadcast_object([case.number for case in pending]))
             mine = state.assign_cases([case for case in cases if case.number in numbers])
+        if _runs_expert_major(args, batch, state, mine):
+            _expert_major(pipe, args, cases, mine, outcomes, enhancer, started)
+            mine = []
         for case in mine:
             lock, reason = _claim(case, batch, started, state)
             if lock is None:

@@ -7,12 +7,13 @@ holds the pipeline: loading, encoding, the denoising loop and decoding.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import PIL.Image
 import torch
@@ -48,6 +49,76 @@ logger = logging.get_logger(__name__)
 
 # Public names that lived here before the split stay importable from here.
 __all__ = ["BerniniPipeline", "BerniniPipelineOutput", "NonFiniteOutputError", "OUTPUT_TYPES", "branch_name"]
+
+
+_CALL_NAMES = (
+    "prompt",
+    "task_type",
+    "video",
+    "image",
+    "images",
+    "negative_prompt",
+    "system_prompt",
+    "guidance_mode",
+    "num_frames",
+    "height",
+    "width",
+    "max_image_size",
+    "fps",
+    "num_inference_steps",
+    "flow_shift",
+    "omega_vid",
+    "omega_img",
+    "omega_txt",
+    "omega_scale",
+    "eta",
+    "momentum",
+    "norm_threshold",
+    "guidance_scale",
+    "num_videos_per_prompt",
+    "generator",
+    "latents",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "output_type",
+    "return_dict",
+    "attention_kwargs",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+    "max_sequence_length",
+    "context_frames",
+    "context_overlap",
+)
+
+
+class CallPhase(NamedTuple):
+    """Where a call paused (see `BerniniPipeline.call_phases`): the phase done, and the bytes of tensors the call's
+    state holds while paused (its latents, text embeddings and encoded conditions; counted at "prepared", else 0)."""
+
+    name: str
+    state_bytes: int
+
+
+def run_phases(phases):
+    """Run a call's phases to the end and return its result."""
+    while True:
+        try:
+            next(phases)
+        except StopIteration as done:
+            return done.value
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in `value` (nested tuples, lists, dicts and objects with a `__dict__`)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type, enum.Enum)):
+        return sum(_tensor_bytes(v) for v in vars(value).values())
+    return 0
 
 
 class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeline, WanLoraLoaderMixin):
@@ -599,25 +670,29 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
         self, latents: torch.Tensor, scheduler, plan: list[tuple[int, dict[str, float]]],
         per_window: list[WindowBranches], blend: torch.Tensor, prompt_embeds, negative_prompt_embeds,
         attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs: list[str], dtype: torch.dtype,
+        start: int = 0, stop: int | None = None,
     ) -> tuple[torch.Tensor, int | None, list[str]]:
         """Step 7, the denoising loop: each step's expert and weights come from `plan`, decided before it.
 
         Guidance reduces per sample (APG norms over each video's frames), so the batch's videos never mix. Returns the
         final latents, the first step whose latents were not finite (`None` when all were: it is recorded on the
-        device and read once, after the loop) and the causes the loop adds to a non-finite result.
+        device and read once, after the loop) and the causes the loop adds to a non-finite result. `start`/`stop` run
+        only those steps (an expert-major batch runs each expert's steps for every case in turn); the scheduler keeps
+        its own history between the parts.
         """
         timesteps, experts = scheduler.timesteps, (self.transformer, self.transformer_2)
         sigmas = list(scheduler.sigmas.to(torch.float32).unbind(0))  # 0-dim float32 tensors
+        stop = len(timesteps) if stop is None else stop
         # Cache hooks start clean even when an earlier call stopped on an error before its reset.
-        for expert in (e for e in experts if e is not None):
+        for expert in (e for e in experts if e is not None and start == 0):
             expert._reset_stateful_cache()
         # The first step whose latents hold a NaN/inf, kept on the device (no host sync per step); `len(timesteps)`
         # while all are finite (docs/design.md#non-finite-results).
         first_bad = torch.full((), len(timesteps), dtype=torch.long, device=latents.device)
         replaced_latents = False
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=stop - start) as progress_bar:
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if self.interrupt or not start <= i < stop:
                     continue
                 self._current_timestep = t
                 expert_index, weights = plan[i]
@@ -820,12 +895,73 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
+        return run_phases(self._call_phases(dict(locals())))
+
+    def call_phases(self, **kwargs):
+        """The call `self(**kwargs)` as a generator of [`CallPhase`]s: it pauses after the conditions are prepared
+        ("prepared", with the bytes its state holds), where the expert changes ("first_expert_done", two-expert plans
+        only) and before decoding ("denoised"); its return value (`StopIteration.value`, or [`run_phases`]) is the
+        call's. Running several calls' phases interleaved (all "prepared", then all first-expert steps, ...) gives
+        each the output it has alone: a call keeps its own scheduler, guidance state and latents. Under the
+        `low_ram` profile this is how a batch reads each expert once. Step caches keep state across calls, so they
+        must be off when calls interleave.
+        """
+        arguments = inspect.signature(type(self).__call__).bind(self, **kwargs)
+        arguments.apply_defaults()
+        call = dict(arguments.arguments)
+        call.update({k: v for k, v in (self.config.get("call_defaults") or {}).items() if k not in kwargs})
+        callback = call["callback_on_step_end"]
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            call["callback_on_step_end_tensor_inputs"] = callback.tensor_inputs
+        return self._call_phases(call)
+
+    @torch.no_grad()
+    def _call_phases(self, call: dict[str, Any]):
+        (
+            prompt,
+            task_type,
+            video,
+            image,
+            images,
+            negative_prompt,
+            system_prompt,
+            guidance_mode,
+            num_frames,
+            height,
+            width,
+            max_image_size,
+            fps,
+            num_inference_steps,
+            flow_shift,
+            omega_vid,
+            omega_img,
+            omega_txt,
+            omega_scale,
+            eta,
+            momentum,
+            norm_threshold,
+            guidance_scale,
+            num_videos_per_prompt,
+            generator,
+            latents,
+            prompt_embeds,
+            negative_prompt_embeds,
+            output_type,
+            return_dict,
+            attention_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            max_sequence_length,
+            context_frames,
+            context_overlap,
+        ) = (call[name] for name in _CALL_NAMES)
+
         # 1. Check inputs and read the media, before any model work.
         given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds, "latents": latents}
         given = [name for name, value in given.items() if value is not None]
         expert = self._first_expert()
         limits = self._limits(expert)
-        spec, mode, videos = self._check_call(locals(), limits)
+        spec, mode, videos = self._check_call(call, limits)
         acceleration.check_cache_for_call(self, mode, num_inference_steps)  # a MagCache table of another mode/steps
         if prompt_embeds is not None and prompt_embeds.shape[-1] != expert.config.text_dim:
             raise ValueError(
@@ -883,16 +1019,33 @@ class BerniniPipeline(BerniniLoadingMixin, BerniniFeaturesMixin, DiffusionPipeli
                 f"{len(context)} x {guidance.spec.forwards_per_step} forwards per step."
             )
 
-        # 7. Denoising loop; a non-finite result is an error, never a video.
-        latents, bad_step, causes = self.denoise(
-            latents, scheduler, plan, per_window, context.weights.to(device=device, dtype=torch.float32),
-            prompt_embeds, negative_prompt_embeds, attention_kwargs, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, dtype,
-        )
+        # 7. Denoising loop; a non-finite result is an error, never a video. It pauses where the expert changes.
+        blend = context.weights.to(device=device, dtype=torch.float32)
+        switch = next((i for i, (e, _) in enumerate(plan) if e != plan[0][0]), len(plan))
+        state = (omega_txt, attention_kwargs, len(timesteps))
+        yield CallPhase("prepared", _tensor_bytes((latents, prompt_embeds, negative_prompt_embeds, window_combos)))
+        bad_step, causes = None, []
+        for start, stop in ((0, switch), (switch, len(plan))):
+            if start == stop:
+                continue
+            if start > 0:
+                yield CallPhase("first_expert_done", 0)
+            # Another call may have run in between: this call's own settings come back.
+            self._guidance_scale, self._attention_kwargs, self._num_timesteps = state
+            latents, bad_step, more = self.denoise(
+                latents, scheduler, plan, per_window, blend, prompt_embeds, negative_prompt_embeds, attention_kwargs,
+                callback_on_step_end, callback_on_step_end_tensor_inputs, dtype, start, stop,
+            )
+            causes += more
+            if bad_step is not None:
+                break
         if bad_step is not None:
             self.maybe_free_model_hooks()
             message = self._non_finite_message(bad_step, len(timesteps), plan, given, causes)
             raise NonFiniteOutputError(message, bad_step)
+
+        yield CallPhase("denoised", 0)
+        self._guidance_scale, self._attention_kwargs, self._num_timesteps = state
 
         # 8. Decode, in one process per data group (docs/design.md#parallel-layout): the others hold the same latents
         # and write nothing.

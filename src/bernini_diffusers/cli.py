@@ -653,8 +653,8 @@ GROUP_RAM_SHARE = 0.25
 
 
 def _runs_expert_major(args: argparse.Namespace, batch: bool, state, cases: list[case_files.Case]) -> bool:
-    """A batch of several cases under a `low_ram` profile (any of them), in one process, with no step cache (its state would carry
-    across the interleaved cases) runs expert-major."""
+    """A batch of several cases under a `low_ram` profile (any of them), in one process, with no step cache (its
+    state would carry across the interleaved cases) runs expert-major."""
     profile = getattr(args, "memory_profile", None) or ""
     return (
         batch and state is None and len(cases) > 1 and "low_ram" in profile

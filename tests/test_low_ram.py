@@ -154,3 +154,26 @@ def test_cli_batch_runs_expert_major(folder, media_dir, tmp_path, monkeypatch, c
     assert Path(entries[1]["output"]).read_bytes() == alone[1]
     err = capsys.readouterr().err
     assert err.count("exists (--overwrite to redo it)") == 2
+
+
+def test_interleaved_call_phases_equal_calls(media_dir):
+    """Calls run phase by phase, interleaved (the expert-major order), each equal their plain call: every call keeps
+    its own scheduler history and guidance momentum across the pauses."""
+    from bernini_diffusers.pipeline_bernini import run_phases
+    from bernini_diffusers.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    calls = [
+        dict(CALL, video=str(media_dir / "source.mp4"), momentum=-0.5, num_inference_steps=4),
+        dict(CALL, prompt="a cat", task_type="t2v", num_inference_steps=4, flow_shift=3.0),
+    ]
+    seeds = [torch.Generator().manual_seed(i) for i in range(2)]
+    alone = [pipe(**c, generator=g, output_type="np").frames for c, g in zip(calls, seeds)]
+    seeds = [torch.Generator().manual_seed(i) for i in range(2)]
+    phases = [pipe.call_phases(**c, generator=g, output_type="np") for c, g in zip(calls, seeds)]
+    assert [next(p).name for p in phases] == ["prepared", "prepared"]
+    assert [next(p).name for p in phases] == ["first_expert_done", "first_expert_done"]
+    assert [next(p).name for p in phases] == ["denoised", "denoised"]
+    for p, frames in zip(phases, alone):
+        assert np.array_equal(run_phases(p).frames, frames)

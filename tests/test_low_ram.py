@@ -96,7 +96,8 @@ def _batch(folder, tmp_path, name, entries, *extra):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
     argv = ["generate", "--model", str(folder), "--inputs", str(path), "--num_frames", "5", "--height", "32",
-            "--width", "48", "--num_inference_steps", "2", "--memory_profile", "low_ram", "--device", "cpu"]  # fmt: skip
+            "--width", "48", "--num_inference_steps", "2", "--memory_profile", "low_ram",
+            "--device", "cpu"]  # fmt: skip
     return cli.main([*argv, *extra])
 
 

@@ -16,7 +16,7 @@ FLOORS = {
     "prompt_enhancer": 1, "acceleration": 1, "memory": 1, "windows": 1, "redaction": 1,
     "transformer_bernini": 2, "parallel": 2,
     "hub_export.convert": 3, "hub_export.remote_code": 3, "loading": 3, "sharded_load": 3, "formats": 3, "memory_plan": 3, "low_ram": 3,
-    "pipeline_bernini": 4, "pipeline_output": 4, "pipeline_inputs": 4, "pipeline_features": 4, "pipeline_loading": 4,
+    "pipeline_bernini": 4, "pipeline_output": 4, "pipeline_inputs": 4, "pipeline_features": 4, "pipeline_denoising": 4, "pipeline_loading": 4,
     "conditions": 4,
     "hub_export.export": 5, "hub_export": 5,
     "tiny": 6, "options": 7, "testing": 7, "hub_export.cli": 7, "demo": 8, "cli": 9,

@@ -856,20 +856,25 @@ class BerniniPipeline(
         state = (omega_txt, attention_kwargs, len(timesteps))
         yield CallPhase("prepared", _tensor_bytes((latents, prompt_embeds, negative_prompt_embeds, window_combos)))
         bad_step, causes = None, []
-        for start, stop in ((0, switch), (switch, len(plan))):
-            if start == stop:
-                continue
-            if start > 0:
-                yield CallPhase("first_expert_done", 0)
-            # Another call may have run in between: this call's own settings come back.
-            self._guidance_scale, self._attention_kwargs, self._num_timesteps = state
-            latents, bad_step, more = self.denoise(
-                latents, scheduler, plan, per_window, blend, prompt_embeds, negative_prompt_embeds, attention_kwargs,
-                callback_on_step_end, callback_on_step_end_tensor_inputs, dtype, start, stop,
-            )
-            causes += more
-            if bad_step is not None:
-                break
+        progress_bar = self.progress_bar(total=len(plan))  # one bar for the call's steps, both experts' parts
+        try:
+            for start, stop in ((0, switch), (switch, len(plan))):
+                if start == stop:
+                    continue
+                if start > 0:
+                    yield CallPhase("first_expert_done", 0)
+                # Another call may have run in between: this call's own settings come back.
+                self._guidance_scale, self._attention_kwargs, self._num_timesteps = state
+                latents, bad_step, more = self.denoise(
+                    latents, scheduler, plan, per_window, blend, prompt_embeds, negative_prompt_embeds,
+                    attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, dtype, start, stop,
+                    progress_bar=progress_bar,
+                )
+                causes += more
+                if bad_step is not None:
+                    break
+        finally:
+            progress_bar.close()
         if bad_step is not None:
             self.maybe_free_model_hooks()
             message = self._non_finite_message(bad_step, len(timesteps), plan, given, causes)

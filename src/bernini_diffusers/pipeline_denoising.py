@@ -4,6 +4,7 @@ prediction, and the loop itself with its on-device non-finite check."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -120,7 +121,7 @@ class BerniniDenoisingMixin:
         self, latents: torch.Tensor, scheduler, plan: list[tuple[int, dict[str, float]]],
         per_window: list[WindowBranches], blend: torch.Tensor, prompt_embeds, negative_prompt_embeds,
         attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs: list[str], dtype: torch.dtype,
-        start: int = 0, stop: int | None = None,
+        start: int = 0, stop: int | None = None, progress_bar=None,
     ) -> tuple[torch.Tensor, int | None, list[str]]:
         """Step 7, the denoising loop: each step's expert and weights come from `plan`, decided before it.
 
@@ -140,7 +141,9 @@ class BerniniDenoisingMixin:
         # while all are finite (docs/design.md#non-finite-results).
         first_bad = torch.full((), len(timesteps), dtype=torch.long, device=latents.device)
         replaced_latents = False
-        with self.progress_bar(total=stop - start) as progress_bar:
+        # A call's parts share the call's bar (`progress_bar`); on its own the loop opens one for its steps.
+        bar = self.progress_bar(total=stop - start) if progress_bar is None else contextlib.nullcontext(progress_bar)
+        with bar as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt or not start <= i < stop:
                     continue

@@ -446,11 +446,15 @@ def test_sharded_weights_across_two_nodes(tmp_path):
     from parallel_worker import MULTI_NODE_PHASES
 
     port = _free_port()
+    # The rendezvous store lives in this process, not in one launcher: torchrun's agents poll the store after their
+    # workers finish, and a launcher that hosted it would take it away from the other one when it exits first.
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     launchers = [
         _start([
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", "bernini-two-nodes", str(WORKER), str(tmp_path), "--sharded_only",
+            "--rdzv-conf", "is_host=false", "--rdzv-id", "bernini-two-nodes", str(WORKER), str(tmp_path),
+            "--sharded_only",
         ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for node in (0, 1)
     ]  # fmt: skip
@@ -461,6 +465,7 @@ def test_sharded_weights_across_two_nodes(tmp_path):
         for launcher in launchers:
             if launcher.poll() is None:
                 _kill_tree(launcher)
+        del store
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
     assert [r["world_size"] for r in reports] == [4] * 4
     _check_sharded_reports(reports, MULTI_NODE_PHASES)

@@ -37,6 +37,7 @@ from .hub_export.cli import add_export_parser
 from .options import (
     DEBUG_ENV,
     HelpFormatter,
+    UsageError,
     add_debug_argument,
     add_model_arguments,
     add_prompt_enhancer_arguments,
@@ -45,6 +46,7 @@ from .options import (
     known_rope_length,
     load_pipeline,
     load_prompt_enhancer,
+    max_tokens,
     note,
     resolve_model,
     resolve_size_defaults,
@@ -259,9 +261,6 @@ def _world_size() -> int:
 # ------------------------------------------------------------------------------------------------ cases
 
 
-class UsageError(ValueError):
-    """A bad-input error whose message already speaks in flag names (`main` prints it as it is, and exits 2)."""
-
 
 class CaseBusyError(RuntimeError):
     """The output of the single case is being written by another live run (exit status 1)."""
@@ -301,19 +300,6 @@ def flag_names(message: str, keep: Sequence[str] = ()) -> str:
     return _NAMED.sub(replace, message)
 
 
-def _max_tokens(args: argparse.Namespace) -> int:
-    if args.max_tokens is not None:
-        if args.max_tokens < 1:
-            raise ValueError(f"`max_tokens`={args.max_tokens} must be >= 1.")
-        return args.max_tokens
-    raw = os.environ.get(MAX_TOKENS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_TOKENS
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"${MAX_TOKENS_ENV}={raw!r} must be an integer >= 1.")
-    return int(raw)
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     """Flag checks that need no file and no model: each error names the flag, the value and what is allowed.
 
@@ -333,7 +319,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     low, high = SEED_RANGE
     if not low <= args.seed <= high:
         raise ValueError(f"`seed`={args.seed} is outside the generator's range [-2**63, 2**64-1].")
-    _max_tokens(args)
+    max_tokens(args)
     for name in ("ulysses", "branch_parallel"):
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
@@ -464,7 +450,7 @@ def check_cases(args: argparse.Namespace, cases: list[case_files.Case]) -> None:
     from .pipeline_bernini import BerniniPipeline
 
     keep = case_files.CASE_KEYS if args.case is not None or args.inputs is not None else ()
-    limit, rope = _max_tokens(args), known_rope_length(resolve_model(args)[0])
+    limit, rope = max_tokens(args), known_rope_length(resolve_model(args)[0])
     writers: dict[str, int] = {}
     for case in cases:
         if case.problem is not None:

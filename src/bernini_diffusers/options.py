@@ -20,7 +20,9 @@ from typing import Any
 from .constants import (
     ATTENTION_BACKENDS,
     CACHE_PRESET_NAMES,
+    DEFAULT_MAX_TOKENS,
     DTYPES,
+    MAX_TOKENS_ENV,
     MEMORY_PROFILE_NAMES,
     OFFICIAL_GUIDANCE,
     PE_MAX_RETRIES,
@@ -40,6 +42,25 @@ from .constants import (
 SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 848, "max_image_size": 848, "num_inference_steps": 40}
 TINY_DEFAULTS = dict(TINY_CALL_DEFAULTS)  # the tiny pipeline's own call defaults
 DEBUG_ENV = "BERNINI_DEBUG"
+
+
+class UsageError(ValueError):
+    """A bad-input error whose message already speaks in flag names (`main` prints it as it is, and exits 2)."""
+
+
+def max_tokens(args: argparse.Namespace) -> int:
+    """The size budget of `bernini generate` and `bernini serve`: `--max_tokens`, else `$BERNINI_MAX_TOKENS`, else the
+    default."""
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise ValueError(f"`max_tokens`={args.max_tokens} must be >= 1.")
+        return args.max_tokens
+    raw = os.environ.get(MAX_TOKENS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_TOKENS
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"${MAX_TOKENS_ENV}={raw!r} must be an integer >= 1.")
+    return int(raw)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

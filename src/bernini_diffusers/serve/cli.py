@@ -106,17 +106,6 @@ def _check(args: argparse.Namespace) -> None:
         )
 
 
-def _max_tokens(args: argparse.Namespace) -> int:
-    if args.max_tokens is not None:
-        if args.max_tokens < 1:
-            raise ValueError(f"`max_tokens`={args.max_tokens} must be >= 1.")
-        return args.max_tokens
-    raw = os.environ.get(MAX_TOKENS_ENV, "").strip()
-    if raw and (not raw.isdigit() or int(raw) < 1):
-        raise ValueError(f"${MAX_TOKENS_ENV}={raw!r} must be an integer >= 1.")
-    return int(raw) if raw else DEFAULT_MAX_TOKENS
-
-
 def _enable_parallelism(pipe, args: argparse.Namespace):
     """This rank's parallel state (as `bernini generate`), None for one process."""
     if args.ulysses == 1 and args.branch_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -145,7 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in options.SIZE_DEFAULTS:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
-    max_tokens = _max_tokens(args)
+    max_tokens = options.max_tokens(args)
     options.check_environment(args)
     store = JobStore(args.jobs_dir, lease_seconds=args.lease_seconds)
     rank = int(os.environ.get("RANK", "0"))

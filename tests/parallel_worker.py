@@ -166,12 +166,93 @@ def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: 
     return phases
 
 
+# Sharded experts with a memory profile (`_shard_weights` + `_apply_sharded_profile`, as `--shard_weights
+# --memory_profile ...` runs them): (profile, ulysses, branch, cases). fp8 is compared with one process running the
+# fp8 profile; on 4 branch groups t2v leaves groups 2 and 3 with gather-only passes alone, which must place the
+# expert too.
+SHARDED_PROFILE_PHASES = [
+    ("fp8", 2, 2, ("t2v", "rv2v")),
+    ("fp8+expert_offload", 1, 2, ("r2v",)),
+    ("expert_offload", 2, 1, ("v2v",)),
+    ("expert_offload", 1, 4, ("t2v",)),
+]
+
+
+def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world: int) -> list[dict]:
+    """Each profile of SHARDED_PROFILE_PHASES on a fresh sharded pipeline: parity, storage, and the expert placement.
+
+    On the CPU an expert is always where it runs, so a placement would never move anything; `device_of` is made to
+    report the experts' shards elsewhere, so every forward and gather-only pass moves the expert (through FSDP2's
+    `module.to`) after offloading the other one, as on a GPU, and the outputs must not change. The events recorded
+    are ("activate", expert) when a placement starts and ("to", expert) for each move of an expert."""
+    from bernini_diffusers import parallel
+    from bernini_diffusers.memory import get_memory_profile
+
+    fp8_pipe = make_pipeline(args, device)
+    fp8_pipe.enable_memory_profile("fp8", device)
+    phases = []
+    for name, ulysses, branch, names in SHARDED_PROFILE_PHASES:
+        if world % (ulysses * branch):
+            continue
+        profile = get_memory_profile(name)
+        pipe = make_pipeline(args, device)
+        experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+        name_of = {id(e): n for n, e in experts.items()}
+        events: list[tuple[str, str]] = []
+        originals = (parallel.device_of, parallel.place_sharded_expert)
+        if profile.placement == "expert_offload":
+
+            def device_of(model, inner=originals[0]):
+                return torch.device("meta") if id(model) in name_of else inner(model)
+
+            def place_sharded_expert(model, device, offload_others, inner=originals[1]):
+                def recorded(active):
+                    events.append(("activate", name_of[id(active)]))
+                    offload_others(active)
+
+                return inner(model, device, recorded)
+
+            for expert_name, expert in experts.items():
+                expert.to = lambda *a, expert_name=expert_name, inner=expert.to, **k: (
+                    events.append(("to", expert_name)), inner(*a, **k))[1]  # fmt: skip
+            parallel.device_of, parallel.place_sharded_expert = device_of, place_sharded_expert
+        try:
+            pipe._shard_weights(ulysses, branch, profile)
+            pipe._apply_sharded_profile(profile, device)
+            phase = {
+                "profile": name, "ulysses_degree": ulysses, "branch_degree": branch, "cases": {},
+                "branch_rank": pipe.parallel_state.branch_rank,
+                "dtypes": sorted({str(p.dtype) for p in pipe.transformer.parameters()}),
+                "fp8_dtypes": sorted({str(p.dtype) for p in fp8_pipe.transformer.parameters()}),
+                "local_bytes": parallel.local_parameter_bytes(pipe.transformer),
+                "whole_bytes": parallel.local_parameter_bytes(fp8_pipe.transformer if profile.fp8 else
+                                                              make_pipeline(args, device).transformer),
+                "first_pre_hook": [type(h).__name__ for h in pipe.transformer._forward_pre_hooks.values()][:1],
+                "accelerate_hook": hasattr(pipe.transformer, "_hf_hook"),
+            }  # fmt: skip
+            for case in names:
+                expected = run(fp8_pipe, all_cases[case]) if profile.fp8 else reference[case]
+                events.clear()
+                out = run(pipe, all_cases[case])
+                phase["cases"][case] = {"max_abs_diff": (out - expected).abs().max().item(), "events": list(events)}
+        finally:
+            parallel.device_of, parallel.place_sharded_expert = originals
+        phases.append(phase)
+    return phases
+
+
 # Per-rank loading (`from_pretrained_sharded`): (expert files, dtype, ulysses, branch, case), each against
 # `from_pretrained` of the same files in one process.
 SHARDED_LOADS = [
     ("diffusers", "fp32", 2, 2, "rv2v"),
     ("original", "fp32", 2, 2, "t2v"),
     ("diffusers", "bf16", 1, 2, "r2v"),
+]
+# (expert files, dtype, ulysses, branch, case, memory profile) loaded sharded with a profile, each against
+# `from_pretrained(..., memory_profile=...)` of the same files in one process (bf16 files: fp8 rounds from them).
+SHARDED_PROFILE_LOADS = [
+    ("diffusers", "bf16", 1, 2, "t2v", "fp8"),
+    ("original", "fp32", 2, 2, "r2v", "fp8+expert_offload"),
 ]
 
 
@@ -189,11 +270,13 @@ def sharded_loads(out: Path, all_cases: dict, rank: int) -> list[dict]:
         save_tiny_original_checkpoints(root / "original")
     dist.barrier()
     results = []
-    for files, dtype, ulysses, branch, case in SHARDED_LOADS:
+    for files, dtype, ulysses, branch, case, profile in [(*load, None) for load in SHARDED_LOADS] + SHARDED_PROFILE_LOADS:
         kwargs = {"dtype": DTYPES[dtype]}
         if files == "original":
             kwargs.update(high_noise_ckpt=root / "original" / "bernini_renderer_high",
                           low_noise_ckpt=root / "original" / "bernini_renderer_low")  # fmt: skip
+        if profile is not None:
+            kwargs.update(memory_profile=profile, device="cpu")
         whole = BerniniPipeline.from_pretrained(root / "diffusers", **kwargs)
         whole.set_progress_bar_config(disable=True)
         expected = run(whole, all_cases[case])
@@ -201,6 +284,7 @@ def sharded_loads(out: Path, all_cases: dict, rank: int) -> list[dict]:
         pipe.set_progress_bar_config(disable=True)
         results.append({
             "files": files, "dtype": dtype, "ulysses_degree": ulysses, "branch_degree": branch, "case": case,
+            "profile": profile, "applied": list(map(str, getattr(pipe, "_memory_profile", None) or ())),
             "max_abs_diff": (run(pipe, all_cases[case]) - expected).abs().max().item(),
             "local_bytes": local_parameter_bytes(pipe.transformer),
             "whole_bytes": local_parameter_bytes(whole.transformer),
@@ -311,6 +395,7 @@ def main() -> None:
         "processors": processors(pipe),
     }
     report["sharded_phases"] = sharded_phases(args, device, all_cases, reference, whole_bytes, world)
+    report["sharded_profile_phases"] = sharded_profile_phases(args, device, all_cases, reference, world)
     if args.device == "cpu" and world == 4:
         report["sharded_loads"] = sharded_loads(args.out, all_cases, rank)
     write_report(args.out, rank, report)

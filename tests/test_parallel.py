@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,16 +161,40 @@ def test_cli_shard_weights_needs_a_clip_of_several_ranks(tmp_path, capsys, monke
     assert not list(tmp_path.iterdir())
 
 
-def test_shard_weights_refuses_a_memory_profile(monkeypatch):
+@pytest.mark.parametrize(
+    "profile, match",
+    [
+        ("fp8", r"memory profile 'fp8' applied .* chosen at load: `BerniniPipeline.from_pretrained_sharded"),
+        ("fp8+expert_offload", r"memory profile 'fp8\+expert_offload' applied .* chosen at load"),
+        ("group_offload", r"memory profile 'group_offload' .* hooks move or read whole blocks"),
+    ],
+)
+def test_shard_weights_refuses_a_profile_applied_before_it(monkeypatch, profile, match):
+    """fp8 applied to a whole pipeline has casting hooks that would act on FSDP2's gathered weights; its sharded form
+    is chosen at load. group_offload moves whole blocks. Both are refused before the process group is joined."""
     from bernini_diffusers.testing import tiny_pipeline
 
     for var in TORCHRUN_VARS:
         monkeypatch.delenv(var, raising=False)
     pipe = tiny_pipeline()
-    pipe.enable_memory_profile("fp8", "cpu")
-    with pytest.raises(ValueError, match="memory profile 'fp8'"):
+    pipe.enable_memory_profile(profile, "cpu")
+    with pytest.raises(ValueError, match=match):
         pipe.enable_parallelism(ulysses_degree=2, shard_weights=True)
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@pytest.mark.parametrize("profile", ["group_offload", "low_ram", "fp8+group_offload"])
+def test_sharded_loads_and_the_cli_refuse_profiles_that_move_whole_blocks(tmp_path, capsys, monkeypatch, profile):
+    from bernini_diffusers import BerniniPipeline, cli
+
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=re.escape(f"`memory_profile`={profile!r} cannot be combined with sharded")):
+        BerniniPipeline.from_pretrained_sharded(tmp_path, 2, memory_profile=profile)
+    argv = ["generate", "--model", "tiny", "--prompt", "x", "--ulysses", "2", "--shard_weights"]
+    assert cli.main([*argv, "--memory_profile", profile, "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "cannot be combined with --shard_weights" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_plan_prices_the_shards(capsys, monkeypatch):
@@ -416,19 +441,63 @@ def test_sharded_weights_equal_single_process_and_split_the_bytes(cpu_reports):
 
 @pytest.mark.multiprocess
 def test_each_rank_loads_only_its_shards(cpu_reports):
-    """`from_pretrained_sharded` from the diffusers layout and from original checkpoints, fp32 and bf16: outputs equal
-    `from_pretrained` of the same files, each rank holds 1 / (U x B) of an expert, dtypes as the whole load's."""
-    from parallel_worker import SHARDED_LOADS
+    """`from_pretrained_sharded` from the diffusers layout and from original checkpoints, fp32 and bf16, also with the
+    fp8 profiles (shards stored in float8): outputs equal `from_pretrained` of the same files (with the same
+    profile), each rank holds 1 / (U x B) of an expert, dtypes as the whole load's."""
+    from parallel_worker import SHARDED_LOADS, SHARDED_PROFILE_LOADS
 
+    expected = [(f, d, c, None) for f, d, _, _, c in SHARDED_LOADS] + [(f, d, c, p) for f, d, _, _, c, p in
+                                                                       SHARDED_PROFILE_LOADS]  # fmt: skip
     for report in cpu_reports:
         loads = report["sharded_loads"]
-        assert [(r["files"], r["dtype"], r["case"]) for r in loads] == [(f, d, c) for f, d, _, _, c in SHARDED_LOADS]
+        assert [(r["files"], r["dtype"], r["case"], r["profile"]) for r in loads] == expected
         for result in loads:
-            tolerance = ATOL if result["dtype"] == "fp32" else 0.0  # bf16 without Ulysses: the same operations
+            assert result["applied"] == ([result["profile"], "cpu"] if result["profile"] else [])
+            if result["profile"]:
+                assert "torch.float8_e4m3fn" in result["dtypes"]
+            # fp32, and bf16 without Ulysses: the same operations
+            tolerance = ATOL if result["dtype"] == "fp32" and result["ulysses_degree"] > 1 else 0.0
             assert result["max_abs_diff"] <= tolerance, (report["rank"], result)
             degree = result["ulysses_degree"] * result["branch_degree"]
             assert abs(result["local_bytes"] - result["whole_bytes"] / degree) <= report["block_bytes"] / degree
             assert result["dtypes"] == result["expected_dtypes"]
+
+
+@pytest.mark.multiprocess
+def test_sharded_experts_take_fp8_storage_and_expert_offload(cpu_reports):
+    """Sharded experts with the fp8 profiles store their shards in float8 (1 / N of the fp8 expert per rank) and equal
+    one process running the fp8 profile; with expert_offload each forward, and each gather-only pass of an idle
+    branch group, first offloads the other expert and then moves its own shards, in a hook that runs before FSDP2's
+    all-gather (accelerate's, which would run after it, is gone), and the outputs do not change."""
+    from parallel_worker import SHARDED_PROFILE_PHASES
+
+    for report in cpu_reports:
+        phases = report["sharded_profile_phases"]
+        assert [(p["profile"], p["ulysses_degree"], p["branch_degree"]) for p in phases] == [
+            (name, ulysses, branch) for name, ulysses, branch, _ in SHARDED_PROFILE_PHASES
+        ]
+        for phase in phases:
+            ulysses, branch, degree = phase["ulysses_degree"], phase["branch_degree"], phase["ulysses_degree"] * phase[
+                "branch_degree"]  # fmt: skip
+            fp8, offload = phase["profile"].startswith("fp8"), phase["profile"].endswith("expert_offload")
+            assert phase["dtypes"] == (phase["fp8_dtypes"] if fp8 else ["torch.float32"])
+            assert abs(phase["local_bytes"] - phase["whole_bytes"] / degree) <= report["block_bytes"] / degree
+            assert phase["accelerate_hook"] is False
+            if offload:
+                assert phase["first_pre_hook"] == ["ShardPlacement"]
+            for case, result in phase["cases"].items():
+                assert result["max_abs_diff"] <= ATOL, (report["rank"], phase["profile"], case, result)
+                events = [tuple(event) for event in result["events"]]
+                activations = [i for i, (kind, _) in enumerate(events) if kind == "activate"]
+                if not offload:
+                    assert events == []
+                    continue
+                # forwards plus gather-only passes: every slot of every step
+                assert len(activations) == STEPS * -(-FORWARDS_PER_STEP[case] // branch), (report["rank"], case)
+                for i in activations:
+                    active = events[i][1]
+                    other = "transformer_2" if active == "transformer" else "transformer"
+                    assert events[i + 1 : i + 3] == [("to", other), ("to", active)], events[i : i + 3]
 
 
 def _free_port() -> int:
@@ -500,8 +569,9 @@ def test_cli_batch_on_two_data_groups_killed_then_resumed_with_ulysses(tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
     assert 1 <= len(before) < len(names), before  # killed part-way
 
-    # The restart also shards the experts across the two ranks (--shard_weights).
-    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, "--ulysses", "2", "--shard_weights"),
+    # The restart also shards the experts across the two ranks (--shard_weights), stored in float8.
+    sharded = ["--ulysses", "2", "--shard_weights", "--memory_profile", "fp8"]
+    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, *sharded),
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     output = _finish(resumed, timeout=300)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
@@ -511,13 +581,14 @@ def test_cli_batch_on_two_data_groups_killed_then_resumed_with_ulysses(tmp_path)
     printed = [Path(line).name for line in output.splitlines() if line.startswith(str(out))]
     assert sorted(printed) == sorted(set(names) - set(before)), output[-3000:]  # one writer, each case once
 
-    # One case of each run against a single process (a batch of those two cases).
+    # One case of each run against a single process: the restart's with the fp8 profile.
     picked = [sorted(before)[0], sorted(set(names) - set(before))[0]]
-    two = tmp_path / "two.jsonl"
-    two.write_text("".join(json.dumps(entries[names.index(name)]) + "\n" for name in picked))
-    assert cli.main(["generate", *fast, "--inputs", str(two), "--output", f"{tmp_path / 'single'}/"]) == 0
-    for number, name in enumerate(picked, start=1):
-        with Image.open(out / name) as a, Image.open(tmp_path / "single" / f"{number:04d}_t2i.png") as b:
+    for name, profile in zip(picked, ([], ["--memory_profile", "fp8"])):
+        one = tmp_path / f"{name}.jsonl"
+        one.write_text(json.dumps(entries[names.index(name)]) + "\n")
+        single = tmp_path / f"single_{name}"
+        assert cli.main(["generate", *fast, *profile, "--inputs", str(one), "--output", f"{single}/"]) == 0
+        with Image.open(out / name) as a, Image.open(single / "0001_t2i.png") as b:
             diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
         assert diff <= 1, (name, diff)  # Ulysses sums in another order: at most one step of rounding
 

@@ -29,6 +29,7 @@ from .constants import (
     MAX_TOKENS_ENV,
     DTYPES,
     MAX_WINDOWED_FRAMES,
+    SHARDED_PROFILE_NAMES,
     TINY_MODEL,
     written_as_path,
 )
@@ -328,6 +329,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             "`shard_weights` shards the experts across the --ulysses x --branch_parallel ranks of a clip, but both "
             "are 1; add e.g. --ulysses 2 (with torchrun --nproc-per-node 2)."
+        )
+    profile = "expert_offload" if getattr(args, "enable_model_cpu_offload", False) else args.memory_profile
+    if args.shard_weights and profile not in (None, *SHARDED_PROFILE_NAMES):
+        raise ValueError(
+            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
+            f"blocks and experts, FSDP2 places the shards); use --memory_profile {', '.join(SHARDED_PROFILE_NAMES)}, "
+            "or drop --shard_weights."
         )
     if world % group and not getattr(args, "plan", False):  # a plan prices a launch that has not started
         raise ValueError(

@@ -258,6 +258,30 @@ def _store_experts_in_fp8(pipe) -> None:
         expert.enable_layerwise_casting(storage_dtype=FP8_STORAGE_DTYPE, compute_dtype=expert.dtype)
 
 
+def float8_parameter_names(expert: torch.nn.Module) -> list[str]:
+    """The parameters of `expert` that the `fp8` profile stores in float8: the ones diffusers' layerwise casting
+    casts, found by applying it to a copy of the expert on the meta device (its own skip patterns decide, so the
+    two can never disagree)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        probe = type(expert).from_config(expert.config)
+    probe.enable_layerwise_casting(storage_dtype=FP8_STORAGE_DTYPE, compute_dtype=torch.float32)
+    return [name for name, param in probe.named_parameters() if param.dtype == FP8_STORAGE_DTYPE]
+
+
+def store_float8(expert: torch.nn.Module) -> torch.dtype:
+    """Store the parameters the `fp8` profile would cast (`float8_parameter_names`) in float8_e4m3fn in place, without
+    casting hooks, and return the dtype they compute in (the expert's, as the profile's): the storage of sharded
+    experts, whose shards FSDP2 casts back for each block (`parallel.shard_model`). Works on the meta device too."""
+    compute_dtype = expert.dtype
+    names = set(float8_parameter_names(expert))
+    for name, param in expert.named_parameters():
+        if name in names:
+            param.data = param.data.to(FP8_STORAGE_DTYPE)
+    return compute_dtype
+
+
 def _group_offload(pipe, device: torch.device) -> None:
     # The recipe of diffusers' group-offload docs: block level with a prefetching stream for the transformers (one
     # block per group, the next one copied while the current one runs) and the text encoder (its blocks sit under

@@ -460,6 +460,7 @@ def load_pipeline(args: argparse.Namespace):
     """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
     from . import tiny
     from .memory import get_memory_profile
+    from .parallel import SHARDED_PROFILES
     from .pipeline_bernini import BerniniPipeline
 
     model, checkpoints = resolve_model(args)
@@ -471,10 +472,11 @@ def load_pipeline(args: argparse.Namespace):
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
     shard = bool(getattr(args, "shard_weights", False))
-    if shard and profile not in (None, "resident"):
+    if shard and profile not in (None, *SHARDED_PROFILES):
         raise ValueError(
-            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (FSDP2 places the shards); "
-            "use --memory_profile resident, or drop --shard_weights."
+            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
+            f"blocks and experts, FSDP2 places the shards); use --memory_profile {', '.join(SHARDED_PROFILES)}, or "
+            "drop --shard_weights."
         )
     if shard and getattr(args, "compile", False):
         raise ValueError("`compile` cannot be combined with `shard_weights` yet; drop one of them.")
@@ -483,13 +485,15 @@ def load_pipeline(args: argparse.Namespace):
         pipe = tiny.tiny_pipeline(torch_dtype=dtype)  # the VAE stays float32
         note(f"note: --model {TINY_MODEL} has random weights; its output is noise.")
         if shard:
-            pipe.enable_parallelism(args.ulysses, args.branch_parallel, shard_weights=True)
+            pipe._shard_weights(args.ulysses, args.branch_parallel, profile and get_memory_profile(profile))
     elif at_load:  # low_ram decides what is loaded at all
         pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, memory_profile=profile, device=device, **checkpoints)
     elif shard:
         # Each rank reads only its shards of the experts (docs/parallel.md); the other components load whole.
-        pipe = BerniniPipeline.from_pretrained_sharded(model, args.ulysses, args.branch_parallel, dtype=dtype,
-                                                       **checkpoints)  # fmt: skip
+        pipe = BerniniPipeline.from_pretrained_sharded(
+            model, args.ulysses, args.branch_parallel, dtype=dtype, memory_profile=profile,
+            device=None if profile is None else device, **checkpoints,
+        )  # fmt: skip
     else:
         pipe = BerniniPipeline.from_pretrained(model, dtype=dtype, **checkpoints)
     # The official flags win over the loaded config, as the official loader passes them as overrides.
@@ -510,6 +514,10 @@ def load_pipeline(args: argparse.Namespace):
     if getattr(args, "cache_preset", None) is not None:
         pipe.enable_cache_preset(args.cache_preset)
     if at_load:
+        if getattr(args, "vae_tiling", False):
+            pipe.vae.enable_tiling()
+    elif shard and profile is not None and model == TINY_MODEL:  # stored in fp8 when sharded; now its placement
+        pipe._apply_sharded_profile(get_memory_profile(profile), device)
         if getattr(args, "vae_tiling", False):
             pipe.vae.enable_tiling()
     elif profile is not None:

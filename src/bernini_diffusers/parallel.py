@@ -51,9 +51,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.utils import logging
 
+from .constants import SHARDED_PROFILE_NAMES
+
 logger = logging.get_logger(__name__)
 
 T = TypeVar("T")
+
+FLOAT8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 _YUNCHANG_INSTALL = 'pip install yunchang (or pip install "bernini_diffusers[xdit]")'
 
@@ -542,11 +546,83 @@ def gather_pass(model: torch.nn.Module) -> None:
     """Issue the all-gathers of one forward of the sharded `model`, in its order (root, then each block, each freed
     right away), without computing anything: what a branch group with one forward fewer than the others runs so
     that every rank of the sharding group takes part in the same collectives."""
+    placement = getattr(model, PLACEMENT_ATTRIBUTE, None)
+    if placement is not None:  # expert_offload: its shards come to the device first, as for a forward
+        placement.place(model)
     model.unshard()
     for block in _blocks(model):
         block.unshard()
         block.reshard()
     model.reshard()
+
+
+PLACEMENT_ATTRIBUTE = "_bernini_shard_placement"
+
+
+def device_of(model: torch.nn.Module) -> torch.device | None:
+    """Where `model`'s weights are: a sharded parameter's local tensor (the parameters kept whole may be elsewhere),
+    else its first parameter; None without parameters."""
+    first = None
+    for param in model.parameters():
+        if hasattr(param, "to_local"):
+            return param.to_local().device
+        if first is None:
+            first = param.device
+    return first
+
+
+class ShardPlacement:
+    r"""
+    The `expert_offload` memory profile for a sharded expert: just before the expert runs (or runs a
+    [`gather_pass`]), `offload_others(expert)` puts what else is on the device back on the CPU (the other expert,
+    the text encoder), then the expert's shards, and the parameters it keeps whole, move to `device`.
+
+    It is a forward pre-hook that runs before FSDP2's own, so the shards are on the device when they are
+    all-gathered. accelerate's offload hook cannot do this: it wraps `forward` and so moves the expert after FSDP2
+    has gathered it (and `module.to` reshards an FSDP2 module first, which would free the gathered weights). The
+    move itself is FSDP2's: `module.to` re-registers the moved shards (`FSDPModule._apply`).
+
+    Args:
+        device (`torch.device`):
+            Where the expert runs (the mesh's device).
+        offload_others (`Callable[[torch.nn.Module], None]`):
+            Puts everything but the given expert back on the CPU.
+    """
+
+    def __init__(self, device: torch.device, offload_others: Callable[[torch.nn.Module], None]) -> None:
+        self.device = torch.device(device)
+        self.offload_others = offload_others
+        self.handle = None  # the forward pre-hook's handle, once registered
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Put `model` on the device (and the rest on the CPU) unless it is there already."""
+        here = device_of(model)
+        if here is not None and here.type == self.device.type and (here.index or 0) == (self.device.index or 0):
+            return
+        self.offload_others(model)
+        model.to(self.device)
+
+    def __call__(self, model: torch.nn.Module, args) -> None:
+        self.place(model)
+
+
+def place_sharded_expert(
+    model: torch.nn.Module, device: torch.device, offload_others: Callable[[torch.nn.Module], None]
+) -> ShardPlacement:
+    """Give the sharded `model` a [`ShardPlacement`] (replacing an earlier one, and any accelerate offload hook, whose
+    move would come after FSDP2's all-gather); returns it."""
+    if not is_sharded(model):
+        raise ValueError(f"{type(model).__name__} is not sharded; its placement is diffusers' model offload.")
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model)
+    old = getattr(model, PLACEMENT_ATTRIBUTE, None)
+    if old is not None and old.handle is not None:
+        old.handle.remove()
+    placement = ShardPlacement(device, offload_others)
+    placement.handle = model.register_forward_pre_hook(placement, prepend=True)
+    setattr(model, PLACEMENT_ATTRIBUTE, placement)
+    return placement
 
 
 def sharded_weight_bytes(
@@ -721,15 +797,27 @@ def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> Para
     return state
 
 
+# The memory profiles a sharded pipeline takes: the experts whole in the device's memory (as shards) or, with
+# expert_offload, the idle one's shards on the CPU; fp8 storage of the shards is chosen at load (see
+# `BerniniPipeline.from_pretrained_sharded`). group_offload and low_ram move or read whole blocks and experts.
+SHARDED_PROFILES = SHARDED_PROFILE_NAMES
+
+
 def enable_parallelism(
-    pipe, ulysses_degree: int = 1, branch_degree: int = 1, shard_weights: bool = False
+    pipe,
+    ulysses_degree: int = 1,
+    branch_degree: int = 1,
+    shard_weights: bool = False,
+    float8_compute_dtype: torch.dtype | None = None,
 ) -> ParallelState:
     """Check the degrees against the pipeline's experts, join the world, split the experts' sequences and, with
     `shard_weights`, shard their weights across each data group.
 
     Used by `BerniniPipeline.enable_parallelism`, which documents the arguments. Any parallelism enabled before is
     undone first, so a script can switch degrees; sharded experts stay sharded (FSDP2 cannot be undone in place), so
-    a pipeline whose experts are sharded cannot be enabled again.
+    a pipeline whose experts are sharded cannot be enabled again. `float8_compute_dtype` is the dtype experts whose
+    weights are stored in float8 (`sharded_load.store_float8`) compute in: FSDP2 casts each unit's shards to it
+    before the all-gather.
     """
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("branch_degree", branch_degree)
@@ -740,10 +828,22 @@ def enable_parallelism(
         check_ulysses_degree(model.config.num_attention_heads, ulysses_degree, f"`{name}`")
     _check_not_sharded(experts)
     profile = (getattr(pipe, "_memory_profile", None) or ("resident",))[0]
-    if shard_weights and (profile != "resident" or getattr(pipe, "_all_hooks", None)):
+    if shard_weights and profile not in ("resident", "expert_offload"):
+        how = (
+            "fp8 storage of sharded experts is chosen at load: `BerniniPipeline.from_pretrained_sharded(..., "
+            f"memory_profile={profile!r})` or `--memory_profile {profile} --shard_weights` (its casting hooks would "
+            "act on FSDP2's gathered weights)"
+            if profile.startswith("fp8+") or profile == "fp8"
+            else "its hooks move or read whole blocks and experts, FSDP2 places the shards"
+        )
         raise ValueError(
-            f"`shard_weights`=True cannot be combined with the memory profile {profile!r} (its hooks move whole "
-            "experts, FSDP2 places the shards); load the pipeline again without it, or use the 'resident' profile."
+            f"`shard_weights`=True cannot be combined with the memory profile {profile!r} applied to this pipeline: "
+            f"{how}. Sharded experts take {', '.join(SHARDED_PROFILES)}; load the pipeline again."
+        )
+    if shard_weights and profile == "resident" and getattr(pipe, "_all_hooks", None):
+        raise ValueError(
+            "`shard_weights`=True: this pipeline has diffusers' model offload applied by hand; use "
+            "`enable_memory_profile('expert_offload')` (before or after sharding) instead."
         )
     disable_parallelism(pipe)
     state = init_parallel_state(ulysses_degree, branch_degree)
@@ -753,7 +853,13 @@ def enable_parallelism(
             parallelize_model(model, sequence)
     if shard_weights:
         for model in experts.values():
-            shard_model(model, state.data_group, state.device.type)
+            stored = {p.dtype for p in model.parameters()} & FLOAT8_DTYPES
+            if stored and float8_compute_dtype is None:
+                raise ValueError(
+                    f"the experts store {sorted(map(str, stored))} weights: pass `float8_compute_dtype`, the dtype "
+                    "their shards are gathered and computed in."
+                )
+            shard_model(model, state.data_group, state.device.type, float8_compute_dtype if stored else None)
         state.shard_weights = True
     return state
 

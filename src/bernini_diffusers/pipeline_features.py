@@ -6,6 +6,7 @@ implements it (`attention`, `acceleration`, `memory`, `parallel`), so the pipeli
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -201,13 +202,43 @@ class BerniniFeaturesMixin:
         Returns:
             `MemoryProfile`: the profile applied (`name`, `placement`, `fp8`, `description`).
         """
-        if any(parallel.is_sharded(e) for e in (self.transformer, self.transformer_2) if e is not None):
-            if name != "resident":
-                raise ValueError(
-                    f"`name`={name!r}: the experts are sharded (`shard_weights=True`), and FSDP2 places the shards; "
-                    "only 'resident' applies to a sharded pipeline."
-                )
+        sharded = any(parallel.is_sharded(e) for e in (self.transformer, self.transformer_2) if e is not None)
+        if sharded and getattr(self, "_memory_profile", None) is None and name not in ("resident", "expert_offload"):
+            how = (
+                "fp8 storage of sharded experts is chosen at load (`from_pretrained_sharded(..., memory_profile=...)`)"
+                if name in parallel.SHARDED_PROFILES
+                else "its hooks move or read whole blocks and experts, FSDP2 places the shards"
+            )
+            raise ValueError(
+                f"`name`={name!r}: the experts are sharded (`shard_weights=True`); {how}. A sharded pipeline takes "
+                "'resident' or 'expert_offload' here."
+            )
         return memory.apply_memory_profile(self, name, device, vae_tiling=vae_tiling)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
+        r"""
+        diffusers' model offload (one component on the device at a time); sharded experts (`shard_weights=True`)
+        are placed by their own [`~parallel.ShardPlacement`] instead of accelerate's hook, which would move them
+        after FSDP2 has gathered their weights. See [`~diffusers.DiffusionPipeline.enable_model_cpu_offload`].
+        """
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self._place_sharded_experts()
+
+    def _place_sharded_experts(self) -> None:
+        """Under model offload, give each sharded expert a placement hook that offloads whatever else is on the
+        device (the other expert, the text encoder) and brings its shards, before FSDP2 gathers them."""
+        experts = [e for e in (self.transformer, self.transformer_2) if e is not None and parallel.is_sharded(e)]
+        if not experts or not getattr(self, "_all_hooks", None):
+            return
+        pipe = weakref.ref(self)  # the experts' hooks must not keep the pipeline alive
+
+        def offload_others(model: torch.nn.Module) -> None:
+            for hook in pipe()._all_hooks:
+                if hook.model is not model and parallel.device_of(hook.model) not in (None, torch.device("cpu")):
+                    hook.offload()
+
+        for expert in experts:
+            parallel.place_sharded_expert(expert, self._offload_device, offload_others)
 
     @classmethod
     def estimate_memory(
@@ -327,7 +358,42 @@ class BerniniFeaturesMixin:
         self._parallel_state = parallel.enable_parallelism(
             self, ulysses_degree=ulysses_degree, branch_degree=branch_degree, shard_weights=shard_weights
         )
+        if shard_weights:  # expert_offload applied before: the sharded experts get their placement, idle on the CPU
+            self._place_sharded_experts()
+            if getattr(self, "_all_hooks", None):
+                for expert in (e for e in (self.transformer, self.transformer_2) if e is not None):
+                    expert.to("cpu")
         return self._parallel_state
+
+    def _shard_weights(
+        self, ulysses_degree: int, branch_degree: int, profile: memory.MemoryProfile | None = None
+    ) -> dict[str, torch.dtype | None]:
+        """`enable_parallelism(shard_weights=True)` for a pipeline whose memory profile is chosen with the sharding
+        (`from_pretrained_sharded`, `bernini generate --shard_weights`): with an fp8 profile the experts' weights,
+        real or still on the meta device, are stored in float8 first and their shards all-gathered in the experts'
+        dtype. Returns each expert's compute dtype for float8 storage (None otherwise); apply the profile's
+        placement with `_apply_sharded_profile` once the weights are in."""
+        if profile is not None and profile.name not in parallel.SHARDED_PROFILES:
+            raise ValueError(
+                f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (its hooks move or read "
+                f"whole blocks and experts, FSDP2 places the shards); use one of {', '.join(parallel.SHARDED_PROFILES)}."
+            )
+        experts = {n: e for n in ("transformer", "transformer_2") if (e := getattr(self, n, None)) is not None}
+        compute = {name: None for name in experts}
+        if profile is not None and profile.fp8:
+            compute = {name: memory.store_float8(expert) for name, expert in experts.items()}
+        dtypes = {dtype for dtype in compute.values() if dtype is not None}
+        if len(dtypes) > 1:
+            raise ValueError(f"the experts compute in different dtypes ({sorted(map(str, dtypes))}); load them in one.")
+        self._parallel_state = parallel.enable_parallelism(
+            self, ulysses_degree, branch_degree, shard_weights=True, float8_compute_dtype=next(iter(dtypes), None)
+        )
+        return compute
+
+    def _apply_sharded_profile(self, profile: memory.MemoryProfile, device: str | torch.device | None = None) -> None:
+        """The placement of `profile` on a pipeline sharded by `_shard_weights` (its fp8 storage is already done)."""
+        memory.apply_memory_profile(self, profile.placement, device)
+        self._memory_profile = (profile.name, self._memory_profile[1])
 
     def disable_parallelism(self) -> None:
         """Undo [`~BerniniPipeline.enable_parallelism`]: every process runs whole calls on its own again."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
 from diffusers import DiffusionPipeline
 
 from . import low_ram, memory, parallel, sharded_load
@@ -130,6 +131,14 @@ class BerniniLoadingMixin:
                 `transformer_2/` folders (diffusers layout) or from `high_noise_ckpt` / `low_noise_ckpt`.
             ulysses_degree (`int`, defaults to 1), branch_degree (`int`, defaults to 1):
                 As in [`~BerniniPipeline.enable_parallelism`]; their product must be above 1.
+            memory_profile (`str`, *optional*):
+                `"resident"`, `"expert_offload"` (the idle expert's shards, and the text encoder and the VAE while
+                they do not run, on the CPU), `"fp8"` or `"fp8+expert_offload"` (each process stores its shards in
+                float8_e4m3fn, half of bf16, and FSDP2 casts them back to the experts' dtype before each block's
+                all-gather: the values of the `fp8` profile of a whole load). Without one, call
+                `pipe.to(pipe.parallel_state.device)`.
+            device (`str` or `torch.device`, *optional*):
+                The device of `memory_profile`; this process's (`parallel_state.device`) when not given.
             kwargs:
                 The keywords of [`~BerniniPipeline.from_pretrained`] (`dtype`, `high_noise_ckpt`, ...); the
                 experts themselves cannot be passed.
@@ -138,6 +147,16 @@ class BerniniLoadingMixin:
         for name in ("transformer", "transformer_2", "quantization_config", "device_map"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"`{name}` cannot be given to from_pretrained_sharded: it reads and shards the experts.")
+        profile, device = kwargs.pop("memory_profile", None), kwargs.pop("device", None)
+        profile = None if profile is None else memory.get_memory_profile(profile)
+        if profile is not None and profile.name not in parallel.SHARDED_PROFILES:
+            raise ValueError(
+                f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (its hooks move or read "
+                f"whole blocks and experts, FSDP2 places the shards); use one of {', '.join(parallel.SHARDED_PROFILES)}."
+            )
+        if device is not None and profile is None:
+            raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
+        device = None if device is None else memory.checked_device(device)
         checkpoints = sharded_load.checkpoint_kwargs(kwargs)
         plans = sharded_load.plan_experts(pretrained_model_name_or_path, checkpoints)
         dtypes = component_dtypes(kwargs.get("dtype", kwargs.get("torch_dtype")))
@@ -146,12 +165,17 @@ class BerniniLoadingMixin:
             for name, (plan, model) in plans.items()
         }
         pipe = cls.from_pretrained(pretrained_model_name_or_path, **kwargs, **experts)
-        state = pipe.enable_parallelism(ulysses_degree, branch_degree, shard_weights=True)
+        compute = pipe._shard_weights(ulysses_degree, branch_degree, profile)
+        state = pipe.parallel_state
+        # Under expert_offload both experts' shards are read to the CPU; only the running one goes to the device.
+        load_device = torch.device("cpu") if profile is not None and profile.offloads else state.device
         for name, (plan, _) in plans.items():
             expert = getattr(pipe, name)
-            sharded_load.materialize_shards(plan, expert, state.data_group, state.device)
+            sharded_load.materialize_shards(plan, expert, state.data_group, load_device, compute[name])
             if checkpoints.get(name) is not None:
                 expert.register_to_config(_name_or_path=str(checkpoints[name]))
+        if profile is not None:
+            pipe._apply_sharded_profile(profile, device or state.device)
         return pipe
 
     @property

@@ -91,12 +91,22 @@ def cast_skeleton(plan: ConversionPlan, model: torch.nn.Module, torch_dtype: tor
     return model.eval()
 
 
-def materialize_shards(plan: ConversionPlan, model: torch.nn.Module, group, device: torch.device) -> None:
+def materialize_shards(
+    plan: ConversionPlan, model: torch.nn.Module, group, device: torch.device, compute_dtype: torch.dtype | None = None
+) -> None:
     """Allocate this process's shards of the sharded skeleton `model` on `device` and read them from the plan's files.
 
     Each parameter is an FSDP2 `DTensor` sharded on its first dimension across `group`; only this rank's rows are
-    read (`get_slice`), so no process ever holds a whole tensor larger than its shard.
+    read (`get_slice`), so no process ever holds a whole tensor larger than its shard. Parameters stored in float8
+    (`memory.store_float8`) are rounded to `compute_dtype` first, the dtype the `fp8` profile casts from, so that
+    they hold the same values as a whole load with that profile.
     """
+
+    def cast(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and compute_dtype is not None:
+            rows = rows.to(compute_dtype)
+        return rows.to(dtype)
+
     rank, degree = dist.get_rank(group), dist.get_world_size(group)
     # `to_empty` allocates every parameter and buffer without values; the buffers (RoPE tables, built on the CPU by
     # the skeleton) are put back afterwards.
@@ -112,14 +122,14 @@ def materialize_shards(plan: ConversionPlan, model: torch.nn.Module, group, devi
                     for name, info in items:
                         param = params[name]
                         if not hasattr(param, "to_local"):  # kept whole on every rank (see `shard_model`)
-                            param.copy_(handle.get_tensor(info.key).to(param.dtype))
+                            param.copy_(cast(handle.get_tensor(info.key), param.dtype))
                             continue
                         local = param.to_local()
                         if local.numel() == 0:  # a first dimension smaller than the group: no rows here
                             continue
                         start = rank * -(-info.shape[0] // degree)
                         rows = handle.get_slice(info.key)[start : start + local.shape[0]]
-                        local.copy_(rows.to(local.dtype))
+                        local.copy_(cast(rows, local.dtype))
             except SafetensorError as err:
                 raise _open_error(file, err) from None
 

@@ -94,6 +94,16 @@ def test_estimates_move_the_right_way():
     # FSDP: each rank holds 1/N of each expert plus a gathered block
     sharded = BerniniPipeline.estimate_memory("A14B", "resident", device="cuda", shard_degree=4, **size)
     assert sharded.gpu_bytes < resident.gpu_bytes - expert
+    # ... read row by row: the host holds no expert (resident), or both experts' shards (expert_offload); fp8 shards
+    # are half the bf16 ones; expert_offload leaves the device one expert's shards at a time
+    shard = {p: _plan(p, shard_degree=4, **a14b) for p in ("resident", "expert_offload", "fp8", "fp8+expert_offload")}
+    assert _ram(shard["resident"]) == _ram(resident) - 2 * expert  # the text encoder and the VAE
+    assert _ram(shard["expert_offload"]) - _ram(shard["resident"]) >= 2 * (expert // 4)
+    assert shard["fp8"].gpu_bytes < shard["resident"].gpu_bytes and _ram(shard["fp8+expert_offload"]) < _ram(
+        shard["expert_offload"])  # fmt: skip
+    assert shard["expert_offload"].gpu_bytes < shard["resident"].gpu_bytes
+    with pytest.raises(ValueError, match="'group_offload' cannot be combined with sharded weights"):
+        _plan("group_offload", shard_degree=2, **a14b)
     # a v2v call also attends to the source video: twice the tokens
     v2v = _plan(**{**a14b, "task_type": "v2v", "video": "source.mp4"}, media_sizes={"video": (848, 480)})
     assert v2v.tokens == 2 * resident.tokens and v2v.gpu_bytes > resident.gpu_bytes

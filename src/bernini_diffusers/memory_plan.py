@@ -25,7 +25,9 @@ map the file, and the layers kept in full precision keep it mapped while the exp
 the larger of the text encoder and one expert with the VAE. On the CPU the activations are host RAM too, and
 `expert_offload` holds one more expert (diffusers' model offload computes on `cpu:0`, which torch does not take for
 `cpu`, so each hook copies the whole component while its old storage is alive). `shard_degree` N prices FSDP's
-per-rank share of the experts on the device: 1/N of an expert plus one gathered block.
+per-rank share of the experts: 1/N of an expert plus one gathered block on the device (`fp8`: 1/N of the float8
+expert), read row by row from the files (`from_pretrained_sharded`), so host RAM holds the text encoder and the VAE,
+plus both experts' shards under `expert_offload`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .constants import (
     GGUF_BLOCKS,
     KNOWN_MODELS,
     PLAIN_FORMATS,
+    SHARDED_PROFILE_NAMES,
     UMT5_XXL_CONFIG,
     WAN_VAE_CONFIG,
 )
@@ -455,6 +458,11 @@ def estimate_memory(
     profile = get_memory_profile(memory_profile)
     configs = model_configs(model)
     shard_degree = _positive("shard_degree", shard_degree, int)
+    if shard_degree > 1 and profile.name not in SHARDED_PROFILE_NAMES:
+        raise ValueError(
+            f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (`shard_degree`={shard_degree}); "
+            f"sharded experts take {', '.join(SHARDED_PROFILE_NAMES)}."
+        )
     gpu_memory, ram = _positive("gpu_memory", gpu_memory), _positive("ram", ram)
     try:
         device = torch.device(device)
@@ -501,7 +509,13 @@ def estimate_memory(
     # precision (norms, embeddings, proj_out) stay views of it: the whole file stays mapped, the pages the cast read
     # stay resident, as long as the expert lives on the CPU (measured: bench_low_ram.py).
     cast = expert.total if loaded is not expert else 0
-    if profile.at_load:
+    if shard_degree > 1:
+        # `from_pretrained_sharded`: each rank reads only its rows of each tensor (cast to float8 row by row for the
+        # fp8 profiles) straight into its shards, which stay on the host only under expert_offload or on the CPU.
+        shards = experts * (expert.total // shard_degree + expert.largest_block)
+        held = shards if on_cpu or profile.placement == "expert_offload" else 0
+        host = text_encoder + vae + held + (max(encode, forward + loop, decode + loop) if on_cpu else 0)
+    elif profile.at_load:
         # one component at a time: the text encoder while it encodes, then one expert (read from its file), then the
         # VAE; the VAE stays loaded (it also encodes the source media)
         host = max(

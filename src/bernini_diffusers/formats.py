@@ -21,8 +21,10 @@ module does not implement (nvfp4, mxfp8, int8 variants, any other `comfy_quant` 
 naming the format and a layer, never read as plain weights.
 
 `detect_format` reads only headers (and the few bytes of `comfy_quant` markers); `CheckpointFormat` gives the byte
-counts a memory plan needs. `load_transformer` builds the expert; `BerniniTransformer3DModel.from_single_file` is it,
-with diffusers' signature.
+counts a memory plan needs. `plan_file` maps a file onto an expert's keys, checked against its config (a `FilePlan`:
+the stored tensor and scale of each key), which `load_transformer` reads whole and the sharded loader by rows
+(`FileRows`). `load_transformer` builds the expert; `BerniniTransformer3DModel.from_single_file` is it, with
+diffusers' signature.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from typing import Any, Mapping
 
 import gguf
 import huggingface_hub
+import numpy as np
 import torch
 from diffusers import GGUFQuantizationConfig
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from diffusers.models.model_loading_utils import load_gguf_checkpoint
-from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter, dequantize_gguf_tensor
 from safetensors import SafetensorError, safe_open
 
 from .constants import WAN21_T2V_1_3B_TRANSFORMER_CONFIG, WAN22_A14B_TRANSFORMER_CONFIG
@@ -589,6 +592,96 @@ def _check_keys(fmt: CheckpointFormat, rename: Mapping[str, str], expected, expe
         raise ValueError(f"{fmt.path!r} does not match the config of `{expert}`: " + "; ".join(parts) + ".")
 
 
+@dataclass(frozen=True)
+class FileTensor:
+    """Where one model tensor of a single-file checkpoint comes from: the stored tensor, and the scale its float8
+    values are multiplied by (scaled float8), if any."""
+
+    entry: TensorEntry
+    scale: TensorEntry | None = None
+    container: str = "safetensors"
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the stored values stand for, which (as `convert.SourceTensor.torch_dtype`) `convert.load_dtype`
+        takes: the file's float dtype (float8 included); float32 for GGUF's block types, which are dequantized."""
+        if self.container == "gguf":
+            return torch.float16 if self.entry.storage == "F16" else torch.float32
+        return FLOAT_DTYPES[self.entry.storage]
+
+
+@dataclass
+class FilePlan:
+    """Which stored tensor (and scale) each key of an expert comes from in a single-file checkpoint, checked against
+    the expert's config: what `load_transformer` reads whole and `sharded_load` reads by rows.
+
+    Attributes:
+        fmt: the checkpoint's format (`detect_format`).
+        expert: `"transformer"` or `"transformer_2"`.
+        config: the expert's transformer config.
+        tensors: model key -> its `FileTensor`, in the model's order.
+        keep_in_fp32: the model's `_keep_in_fp32_modules` (what a `dtype` load leaves in float32).
+    """
+
+    fmt: CheckpointFormat
+    expert: str
+    config: dict[str, Any]
+    tensors: dict[str, FileTensor]
+    keep_in_fp32: tuple[str, ...] = ()
+
+    @property
+    def rename(self) -> dict[str, str]:
+        """Model key -> source key."""
+        return {name: tensor.key for name, tensor in self.tensors.items()}
+
+    def load_dtype(self, name: str, torch_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype tensor `name` holds after `load_transformer(..., dtype=torch_dtype)`: for GGUF block weights, the
+        dtype its layers compute with (`GGUFQuantizationConfig.compute_dtype`)."""
+        return load_dtype(name, self.tensors[name].torch_dtype, torch_dtype, self.keep_in_fp32)
+
+    def describe(self) -> str:
+        return f"{self.expert}: {len(self.tensors)} tensors of {self.fmt.describe()}"
+
+
+def plan_file(
+    fmt: CheckpointFormat, config: Mapping[str, Any] | None = None, expert: str | None = None, argument: str = "path"
+) -> tuple[FilePlan, BerniniTransformer3DModel]:
+    """Plan the read of the single-file checkpoint `fmt` onto an expert of `config` (recognised from the shapes when
+    None), checking the key set and every shape before any weight is read.
+
+    Returns the plan and the expert built on the meta device (no weight memory).
+    """
+    if fmt.layout == "official" and expert is None:
+        if len(fmt.experts) > 1:
+            raise ValueError(
+                f"`{argument}`={fmt.path!r} holds both experts ({', '.join(fmt.experts)}); say which one to load "
+                "(`subfolder='transformer'` or `'transformer_2'`)."
+            )
+        expert = fmt.experts[0]
+    expert = expert or "transformer"
+    if config is None:
+        config = infer_config(fmt, expert)
+        logger.info(f"{fmt.path}: config recognised from the shapes: {config['num_layers']} layers, "
+                    f"ffn {config['ffn_dim']}")  # fmt: skip
+    model = expert_skeleton(config)
+    expected = expected_tensors(model)
+    rename = model_keys(fmt, expert, expected)
+    _check_keys(fmt, rename, expected, expert)
+    tensors = {
+        name: FileTensor(fmt.weights[rename[name]], fmt.scales.get(rename[name]), fmt.container) for name in expected
+    }
+    plan = FilePlan(fmt, expert, dict(config), tensors, tuple(model._keep_in_fp32_modules or ()))
+    return plan, model
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -640,34 +733,110 @@ def _keep_float8(model: torch.nn.Module, kept: Mapping[str, tuple[torch.Tensor, 
             )
 
 
+class FileRows:
+    """Rows of the tensors of a `FilePlan`, in the dtype `load_transformer(..., dtype=torch_dtype)` gives them.
+
+    `rows(name, start, stop)` copies rows `[start, stop)` of model tensor `name` (all of it without a range) out of
+    the memory-mapped file and only those: a safetensors tensor through `get_slice`, its per-channel scale sliced to
+    the same rows (a per-tensor scale is read whole); a GGUF tensor through `gguf.GGUFReader`'s array (a block type's
+    rows are its rows of blocks), its block types dequantized by diffusers' own `dequantize_gguf_tensor`, so the values
+    are the ones diffusers' GGUF layers compute with. Use it as a context manager: the file stays open inside.
+    """
+
+    def __init__(self, plan: FilePlan, torch_dtype: torch.dtype | None, ignore_scales: bool = False) -> None:
+        self.plan = plan
+        self.torch_dtype = torch_dtype
+        self.ignore_scales = ignore_scales
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self._gguf: dict[str, Any] | None = None
+
+    def __enter__(self) -> FileRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._handles.clear()
+        self._gguf = None
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except SafetensorError as err:
+                raise ValueError(f"{str(file)!r} is not a readable safetensors file ({err}).") from None
+        return self._handles[file]
+
+    def stored(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of tensor `name` as the safetensors file stores them (float8 included)."""
+        entry = self.plan.tensors[name].entry
+        if start is None and stop is None:
+            return self._handle(entry.file).get_tensor(entry.key)
+        return self._handle(entry.file).get_slice(entry.key)[start:stop]
+
+    def scale(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
+        """The scale of tensor `name`'s rows: a per-tensor scale whole, a per-channel one at the same rows."""
+        source = self.plan.tensors[name]
+        scale = source.scale
+        if scale is None:
+            return None
+        handle = self._handle(scale.file)
+        if (start is None and stop is None) or scale.numel == 1:
+            return handle.get_tensor(scale.key)
+        if scale.shape[:1] == source.shape[:1]:  # `[out]` or `[out, 1]`: one scale per row
+            return handle.get_slice(scale.key)[start:stop]
+        return handle.get_tensor(scale.key).reshape(-1)[start:stop]  # another arrangement of out values (small)
+
+    def __call__(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        dtype = self.plan.load_dtype(name, self.torch_dtype)
+        if self.plan.fmt.container == "gguf":
+            return self._gguf_rows(name, start, stop).to(dtype)
+        tensor = self.stored(name, start, stop)
+        scale = None if self.ignore_scales else self.scale(name, start, stop)
+        if scale is not None:
+            return dequantize(tensor, scale, dtype)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def _gguf_rows(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        source = self.plan.tensors[name]
+        if self._gguf is None:
+            self._gguf = {t.name: t for t in gguf.GGUFReader(str(source.entry.file)).tensors}
+        tensor = self._gguf[source.key]
+        data, plain = tensor.data, tensor.tensor_type.name in GGUF_PLAIN_TYPES
+        # The array's first axis is the tensor's rows when GGUF stores the tensor in its own shape (numpy's view of
+        # GGUF's reversed dims; a block type's last axis holds a row's blocks). Tensors stored flattened (more than 4
+        # dims, `GGUF_ORIG_SHAPE_KEY`) and 1-D block-typed ones (a bias) are small: read whole, sliced once shaped.
+        direct = (
+            source.key not in self.plan.fmt.gguf_orig_shapes
+            and (plain or len(source.shape) >= 2)
+            and data.shape[:1] == source.shape[:1]
+        )
+        whole = start is None and stop is None
+        values = torch.from_numpy(np.array(data if whole or not direct else data[start:stop]))  # copies those rows
+        if not plain:  # wrapped as diffusers' `load_gguf_checkpoint` does
+            values = dequantize_gguf_tensor(GGUFParameter(values, quant_type=tensor.tensor_type))
+        if not direct:
+            values = values.reshape(source.shape)
+            if not whole:
+                values = values[start:stop]
+        return values
+
+
 def _read_safetensors(
-    fmt, rename, model, torch_dtype, ignore_scales: bool = False, keep_float8: bool = False, kept=None
+    plan: FilePlan, torch_dtype, ignore_scales: bool = False, keep_float8: bool = False, kept=None
 ) -> dict[str, torch.Tensor]:
     """The model's state dict read from the file, tensor by tensor: scaled float8 dequantized to the load dtype, or
     (`keep_float8`) the float8 Linear weights kept as stored, with their scale and dtype collected into `kept`."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
     state = {}
-    with ExitStack() as stack:
-        handles = {}
-
-        def handle(file):
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-            return handles[file]
-
-        for model_key, source in rename.items():
-            entry = fmt.weights[source]
-            tensor = handle(entry.file).get_tensor(source)
-            dtype = load_dtype(model_key, torch.float32, torch_dtype, keep)
-            scale = fmt.scales.get(source)
-            if keep_float8 and tensor.dtype in FLOAT8_DTYPES.values() and tensor.ndim == 2:
-                one = torch.ones((), dtype=torch.float32)
-                kept[model_key] = (handle(scale.file).get_tensor(scale.key) if scale is not None else one, dtype)
-            elif scale is not None and not ignore_scales:
-                tensor = dequantize(tensor, handle(scale.file).get_tensor(scale.key), dtype)
-            elif tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            state[model_key] = tensor
+    with FileRows(plan, torch_dtype, ignore_scales) as rows:
+        for name, source in plan.tensors.items():
+            if keep_float8 and source.entry.storage in FLOAT8_DTYPES and len(source.shape) == 2:
+                scale = rows.scale(name)
+                kept[name] = (scale if scale is not None else torch.ones((), dtype=torch.float32),
+                              plan.load_dtype(name, torch_dtype))  # fmt: skip
+                state[name] = rows.stored(name)
+            else:
+                state[name] = rows(name)
     return state
 
 
@@ -707,33 +876,19 @@ def load_transformer(
     """
     fmt = fmt or detect_format(path, argument)
     logger.info(fmt.describe())
-    if fmt.layout == "official":
-        if expert is None:
-            if len(fmt.experts) > 1:
-                raise ValueError(
-                    f"`{argument}`={str(path)!r} holds both experts ({', '.join(fmt.experts)}); say which one to load "
-                    "(`subfolder='transformer'` or `'transformer_2'`)."
-                )
-            expert = fmt.experts[0]
-    expert = expert or "transformer"
-    if config is None:
-        config = infer_config(fmt, expert)
-        logger.info(f"{fmt.path}: config recognised from the shapes: {config['num_layers']} layers, "
-                    f"ffn {config['ffn_dim']}")  # fmt: skip
-    model = expert_skeleton(config)
-    expected = expected_tensors(model)
-    rename = model_keys(fmt, expert, expected)
-    _check_keys(fmt, rename, expected, expert)
+    plan, model = plan_file(fmt, config, expert, argument)
     if fmt.layout == "official" and fmt.quantization == "none" and quantization_config is None:
         # The official shards: the conversion `from_pretrained(high_noise_ckpt=...)` has always used.
-        source = {k: SourceTensor(e.file, k, e.storage, e.shape) for k, e in _expert_weights(fmt, expert).items()}
-        plan = plan_conversion(source, expert, expected, checkpoint=fmt.path, keep_in_fp32=model._keep_in_fp32_modules)
-        model = load_expert_weights(plan, model, dtype)
+        expected = expected_tensors(model)
+        weights = _expert_weights(fmt, plan.expert)
+        source = {k: SourceTensor(e.file, k, e.storage, e.shape) for k, e in weights.items()}
+        conversion = plan_conversion(source, plan.expert, expected, checkpoint=fmt.path, keep_in_fp32=plan.keep_in_fp32)
+        model = load_expert_weights(conversion, model, dtype)
     elif fmt.container == "gguf" or quantization_config is not None:
-        model = _load_with_diffusers(fmt, rename, config, dtype, quantization_config, model)
+        model = _load_with_diffusers(plan, dtype, quantization_config, model)
     else:
         kept: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
-        state = _read_safetensors(fmt, rename, model, dtype, _ignore_scales, keep_float8, kept)
+        state = _read_safetensors(plan, dtype, _ignore_scales, keep_float8, kept)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
         _keep_float8(model, kept)
@@ -741,10 +896,11 @@ def load_transformer(
     return model
 
 
-def _load_with_diffusers(fmt, rename, config, dtype, quantization_config, skeleton) -> BerniniTransformer3DModel:
+def _load_with_diffusers(plan: FilePlan, dtype, quantization_config, skeleton) -> BerniniTransformer3DModel:
     """GGUF files (and any file with a `quantization_config`) through diffusers' own single-file loader, handed a
     state dict already in diffusers' keys with every scale applied: its quantizer keeps GGUF weights quantized and
     dequantizes them layer by layer at compute."""
+    fmt, rename, config = plan.fmt, plan.rename, plan.config
     if fmt.container == "gguf":
         if quantization_config is None:
             quantization_config = GGUFQuantizationConfig(compute_dtype=dtype or torch.float32)
@@ -764,7 +920,7 @@ def _load_with_diffusers(fmt, rename, config, dtype, quantization_config, skelet
     else:
         if isinstance(quantization_config, GGUFQuantizationConfig):
             raise ValueError(f"`quantization_config` is a GGUFQuantizationConfig but {fmt.path!r} is not a GGUF file.")
-        state = _read_safetensors(fmt, rename, skeleton, dtype)
+        state = _read_safetensors(plan, dtype)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps({**dict(config), "_class_name": "WanTransformer3DModel"}))
         # diffusers' own `FromOriginalModelMixin.from_single_file` (our class overrides the name).

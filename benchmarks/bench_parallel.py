@@ -188,7 +188,7 @@ def shard_worker(args: argparse.Namespace) -> int:
         plan, model = _folder_plan(folder, "transformer")
         model = cast_skeleton(plan, model, torch.bfloat16)
         shard_model(model, state.data_group, "cpu")
-        materialize_shards(plan, model, state.data_group, state.device)
+        materialize_shards(plan, model, state.data_group, state.device, torch_dtype=torch.bfloat16)
     loaded = psutil.Process().memory_info()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes, DTensor or not

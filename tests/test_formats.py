@@ -194,7 +194,7 @@ def _scaled(state, fp8=torch.float8_e4m3fn, legacy=False, per_channel=False, pre
         tensors[name] = stored
         dequantized[key] = stored.float() * scale
         if legacy:
-            tensors[f"{layer}.scale_weight"] = scale.reshape(1)
+            tensors[f"{layer}.scale_weight"] = scale.reshape(-1)  # (1,), or (out,) per channel
             tensors[f"{layer}.scale_input"] = torch.ones(1)
         else:
             tensors[f"{layer}.weight_scale"] = scale.reshape(scale.shape[0], 1) if per_channel else scale.reshape(())

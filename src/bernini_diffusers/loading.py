@@ -43,7 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .constants import TINY_MODEL, written_as_path
-from .formats import load_transformer
+from .formats import FilePlan, detect_format, load_transformer, plan_file
 from .hub_export.convert import (
     EXPERTS,
     ConversionPlan,
@@ -440,7 +440,12 @@ def plan_checkpoint(
 
     Returns the plan and the expert built on the meta device (no weight memory), whose float32 modules the plan keeps.
     """
-    checkpoint = resolve_checkpoint(spec, expert, hub)
+    return _plan_resolved(resolve_checkpoint(spec, expert, hub), expert, config)
+
+
+def _plan_resolved(
+    checkpoint: CheckpointFiles, expert: str, config: Mapping[str, Any]
+) -> tuple[ConversionPlan, torch.nn.Module]:
     source = read_checkpoint(checkpoint.files, checkpoint.weight_map)
     model = expert_skeleton(config)
     plan = plan_conversion(
@@ -450,6 +455,27 @@ def plan_checkpoint(
         checkpoint=f"{CHECKPOINT_ARGUMENTS[expert]}={checkpoint.name!r}",
         keep_in_fp32=model._keep_in_fp32_modules or (),
     )
+    logger.info(plan.describe())
+    return plan, model
+
+
+def _single_file(checkpoint: CheckpointFiles) -> Path | None:
+    """The file of a checkpoint that is one file (any format of `formats`), else None (official shards)."""
+    return checkpoint.files[0] if len(checkpoint.files) == 1 and checkpoint.weight_map is None else None
+
+
+def plan_checkpoint_expert(
+    spec: str | os.PathLike, expert: str, config: Mapping[str, Any], hub: Mapping[str, Any] | None = None
+) -> tuple[ConversionPlan | FilePlan, torch.nn.Module]:
+    """The plan of the checkpoint `load_checkpoint_expert` would read, and the expert on the meta device: a file
+    through `formats.plan_file` (any single-file format), official shards through `plan_checkpoint`. Keys and
+    shapes are checked against `config` (the base's `transformer*/config.json`) before any weight is read."""
+    checkpoint = resolve_checkpoint(spec, expert, hub)
+    file = _single_file(checkpoint)
+    if file is None:
+        return _plan_resolved(checkpoint, expert, config)
+    argument = CHECKPOINT_ARGUMENTS[expert]
+    plan, model = plan_file(detect_format(file, argument), config, expert, argument)
     logger.info(plan.describe())
     return plan, model
 
@@ -468,9 +494,9 @@ def load_checkpoint_expert(
     by `formats.load_transformer`, whatever its format (official, Wan, ComfyUI, float8, scaled float8, GGUF).
     """
     checkpoint = resolve_checkpoint(spec, expert, hub)
-    if len(checkpoint.files) == 1 and checkpoint.weight_map is None:
+    if _single_file(checkpoint) is not None:
         return load_transformer(
-            checkpoint.files[0], config, expert=expert, dtype=torch_dtype, argument=CHECKPOINT_ARGUMENTS[expert]
+            _single_file(checkpoint), config, expert=expert, dtype=torch_dtype, argument=CHECKPOINT_ARGUMENTS[expert]
         )
     plan, model = plan_checkpoint(spec, expert, config, hub)
     model = load_expert_weights(plan, model, torch_dtype)

@@ -128,7 +128,9 @@ class BerniniLoadingMixin:
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`):
                 As in [`~BerniniPipeline.from_pretrained`]; the experts are read from its `transformer/` and
-                `transformer_2/` folders (diffusers layout) or from `high_noise_ckpt` / `low_noise_ckpt`.
+                `transformer_2/` folders (diffusers layout) or from `high_noise_ckpt` / `low_noise_ckpt` in any form
+                `from_pretrained` takes (official folders, single files of every format of docs/checkpoints.md). A
+                GGUF expert is held dequantized, in `dtype`: FSDP2 shards plain tensors, not GGUF's blocks.
             ulysses_degree (`int`, defaults to 1), branch_degree (`int`, defaults to 1):
                 As in [`~BerniniPipeline.enable_parallelism`]; their product must be above 1.
             memory_profile (`str`, *optional*):
@@ -171,7 +173,9 @@ class BerniniLoadingMixin:
         load_device = torch.device("cpu") if profile is not None and profile.offloads else state.device
         for name, (plan, _) in plans.items():
             expert = getattr(pipe, name)
-            sharded_load.materialize_shards(plan, expert, state.data_group, load_device, compute[name])
+            dtype = dtypes.get(name, dtypes.get("default"))
+            sharded_load.materialize_shards(plan, expert, state.data_group, load_device, compute[name],
+                                            torch_dtype=dtype)  # fmt: skip
             if checkpoints.get(name) is not None:
                 expert.register_to_config(_name_or_path=str(checkpoints[name]))
         if profile is not None:

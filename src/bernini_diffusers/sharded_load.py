@@ -2,19 +2,27 @@
 
 `BerniniPipeline.from_pretrained_sharded` builds the experts on the meta device (no weight memory), shards them with
 `parallel.shard_model` across the data group, allocates this process's shards and fills them with the rows of each
-tensor that FSDP2 gives it (`Shard(0)`: rank r of N holds rows `[r * ceil(R / N), (r + 1) * ceil(R / N))`), read with
-safetensors' `get_slice` from the memory-mapped files. The largest thing a process holds while loading is its own
-shards, so host memory per process is about 1 / N of an expert, not a whole expert per process.
+tensor that FSDP2 gives it (`Shard(0)`: rank r of N holds rows `[r * ceil(R / N), (r + 1) * ceil(R / N))`), read from
+the memory-mapped files. The largest thing a process holds while loading is its own shards, so host memory per
+process is about 1 / N of an expert, not a whole expert per process.
 
-Both expert layouts the loader reads are served by one conversion plan (`hub_export.convert.plan_conversion`): the
-diffusers layout (`transformer/`, `transformer_2/`, bare keys) and the original checkpoints (`high_noise_ckpt`,
-`low_noise_ckpt`: EMA copies preferred), so key sets, shapes and dtypes are checked before any weight is read.
+Every source the unsharded load reads is served, each described by a plan checked (key set, shapes) before any
+weight is read, and read by a row reader (`open_rows`: a model tensor's rows in the dtype the unsharded load gives):
+
+- the diffusers layout (`transformer/`, `transformer_2/`, bare keys) and original checkpoint folders or indexes
+  (`high_noise_ckpt`, `low_noise_ckpt`: EMA copies preferred), by a conversion plan
+  (`hub_export.convert.plan_conversion`), rows read with safetensors' `get_slice`;
+- a checkpoint that is one file, in any format `formats` reads (official, Wan, ComfyUI or diffusers keys; plain
+  float, plain or scaled float8, GGUF), by a `formats.FilePlan`, rows read by `formats.FileRows` (scaled float8
+  dequantized with its scales' rows, GGUF block types dequantized by diffusers). A GGUF expert is held dequantized,
+  in the load dtype: FSDP2 shards plain tensors, not GGUF's packed blocks.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +30,11 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
+from .formats import FilePlan, FileRows
 from .hub_export.convert import (
     EXPERTS,
     WEIGHTS_INDEX_NAME,
     ConversionPlan,
-    _by_file,
     _open_error,
     expected_tensors,
     expert_skeleton,
@@ -35,7 +43,7 @@ from .hub_export.convert import (
     plan_conversion,
     read_checkpoint,
 )
-from .loading import CHECKPOINT_ARGUMENTS, plan_checkpoint, resolve_layout
+from .loading import CHECKPOINT_ARGUMENTS, plan_checkpoint_expert, resolve_layout
 from .transformer_bernini import BerniniTransformer3DModel
 
 
@@ -62,9 +70,10 @@ def _folder_plan(folder: Path, expert: str) -> tuple[ConversionPlan, torch.nn.Mo
 
 def plan_experts(
     pretrained_model_name_or_path: str | os.PathLike, checkpoints: Mapping[str, Any] | None = None
-) -> dict[str, tuple[ConversionPlan, torch.nn.Module]]:
-    """Each expert's conversion plan and its skeleton (parameters on the meta device), from a local diffusers folder
-    or, with `checkpoints` (`{"transformer": high_noise_ckpt, "transformer_2": low_noise_ckpt}`), original files."""
+) -> dict[str, tuple[ConversionPlan | FilePlan, torch.nn.Module]]:
+    """Each expert's plan and its skeleton (parameters on the meta device), from a local diffusers folder or, with
+    `checkpoints` (`{"transformer": high_noise_ckpt, "transformer_2": low_noise_ckpt}`), checkpoints in any form
+    `from_pretrained` takes: official shards (a conversion plan) or one file of any format (a `formats.FilePlan`)."""
     layout = resolve_layout(pretrained_model_name_or_path, {})
     plans = {}
     for expert in EXPERTS:
@@ -74,7 +83,7 @@ def plan_experts(
         spec = (checkpoints or {}).get(expert)
         if spec is not None:
             config = BerniniTransformer3DModel.load_config(files.root / expert)
-            plans[expert] = plan_checkpoint(spec, expert, config)
+            plans[expert] = plan_checkpoint_expert(spec, expert, config)
         else:
             plans[expert] = _folder_plan(files.root / expert, expert)
     if not plans:
@@ -83,7 +92,9 @@ def plan_experts(
     return plans
 
 
-def cast_skeleton(plan: ConversionPlan, model: torch.nn.Module, torch_dtype: torch.dtype | None) -> torch.nn.Module:
+def cast_skeleton(
+    plan: ConversionPlan | FilePlan, model: torch.nn.Module, torch_dtype: torch.dtype | None
+) -> torch.nn.Module:
     """Give the skeleton's (meta) parameters the dtypes `from_pretrained(dtype=...)` would give the loaded ones."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, param in model.named_parameters():
@@ -91,15 +102,52 @@ def cast_skeleton(plan: ConversionPlan, model: torch.nn.Module, torch_dtype: tor
     return model.eval()
 
 
+RowReader = Callable[[str, int | None, int | None], torch.Tensor]
+
+
+@contextmanager
+def open_rows(plan: ConversionPlan | FilePlan, torch_dtype: torch.dtype | None) -> Iterator[RowReader]:
+    """A reader of rows of the plan's tensors: `read(name, start, stop)` returns rows `[start, stop)` of model tensor
+    `name` (all of it with `None, None`) in the dtype `from_pretrained(dtype=torch_dtype)` gives it, copying only
+    those rows out of the memory-mapped files. The files stay open inside the `with` block."""
+    if isinstance(plan, FilePlan):
+        with FileRows(plan, torch_dtype) as rows:
+            yield rows
+        return
+    with ExitStack() as stack:
+        handles = {}
+
+        def read(name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+            info = plan.tensors[name]
+            try:
+                if info.file not in handles:
+                    handles[info.file] = stack.enter_context(safe_open(str(info.file), framework="pt"))
+                handle = handles[info.file]
+                whole = start is None and stop is None
+                rows = handle.get_tensor(info.key) if whole else handle.get_slice(info.key)[start:stop]
+            except SafetensorError as err:
+                raise _open_error(info.file, err) from None
+            return rows.to(load_dtype(name, info.torch_dtype, torch_dtype, plan.keep_in_fp32))
+
+        yield read
+
+
 def materialize_shards(
-    plan: ConversionPlan, model: torch.nn.Module, group, device: torch.device, compute_dtype: torch.dtype | None = None
+    plan: ConversionPlan | FilePlan,
+    model: torch.nn.Module,
+    group,
+    device: torch.device,
+    compute_dtype: torch.dtype | None = None,
+    *,
+    torch_dtype: torch.dtype | None,
 ) -> None:
     """Allocate this process's shards of the sharded skeleton `model` on `device` and read them from the plan's files.
 
     Each parameter is an FSDP2 `DTensor` sharded on its first dimension across `group`; only this rank's rows are
-    read (`get_slice`), so no process ever holds a whole tensor larger than its shard. Parameters stored in float8
-    (`memory.store_float8`) are rounded to `compute_dtype` first, the dtype the `fp8` profile casts from, so that
-    they hold the same values as a whole load with that profile.
+    read (`open_rows`, in the dtype a `from_pretrained(dtype=torch_dtype)` load gives them), so no process ever holds
+    a whole tensor larger than its shard. Parameters stored in float8 (`memory.store_float8`) are rounded to
+    `compute_dtype` first, the dtype the `fp8` profile casts from, so that they hold the same values as a whole load
+    with that profile.
     """
 
     def cast(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,25 +161,20 @@ def materialize_shards(
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    with torch.no_grad(), open_rows(plan, torch_dtype) as read:
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
-        for file, items in _by_file(plan.tensors.items()):
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for name, info in items:
-                        param = params[name]
-                        if not hasattr(param, "to_local"):  # kept whole on every rank (see `shard_model`)
-                            param.copy_(cast(handle.get_tensor(info.key), param.dtype))
-                            continue
-                        local = param.to_local()
-                        if local.numel() == 0:  # a first dimension smaller than the group: no rows here
-                            continue
-                        start = rank * -(-info.shape[0] // degree)
-                        rows = handle.get_slice(info.key)[start : start + local.shape[0]]
-                        local.copy_(cast(rows, local.dtype))
-            except SafetensorError as err:
-                raise _open_error(file, err) from None
+        for name, info in plan.tensors.items():
+            param = params[name]
+            if not hasattr(param, "to_local"):  # kept whole on every rank (see `shard_model`)
+                param.copy_(cast(read(name, None, None), param.dtype))
+                continue
+            local = param.to_local()
+            if local.numel() == 0:  # a first dimension smaller than the group: no rows here
+                continue
+            start = rank * -(-info.shape[0] // degree)
+            rows = read(name, start, start + local.shape[0])
+            local.copy_(cast(rows, local.dtype))
 
 
 def checkpoint_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

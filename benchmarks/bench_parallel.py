@@ -18,8 +18,9 @@ Weight sharding (`shard_weights`, FSDP2), on the CPU with gloo:
 writes a medium expert (the 1.3B model's width, 1536 x 12 heads, ffn 8960, `--shard_layers` blocks, bf16: about
 0.75 GB at 8 blocks) in the diffusers layout, then launches `torchrun --nproc-per-node N` twice on it: every rank
 loading the whole expert (`from_pretrained`, the unsharded layout) and every rank reading only its shards (the
-`from_pretrained_sharded` path), plus the whole expert copied out of the memory map (as a load that converts
-leaves it). Each run reports per rank its parameter bytes, the anonymous memory (RSS less mapped file pages) after the
+`from_pretrained_sharded` path), the same with the shards stored in float8 (`memory_profile="fp8"`: gathered and
+computed in bf16), plus the whole expert copied out of the memory map (as a load that converts leaves it). Each run
+reports per rank its parameter bytes, the anonymous memory (RSS less mapped file pages) after the
 load and after the forwards, the peak RSS, and the time of one forward under Ulysses N; the script prints
 sharded / whole ratios.
 """
@@ -50,7 +51,7 @@ def parse_args() -> argparse.Namespace:
                         help="measure weight sharding on the CPU with N processes instead (see above)")
     parser.add_argument("--shard_layers", type=int, default=8, help="blocks of the --shard expert")
     parser.add_argument("--shard_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--shard_mode", choices=("whole", "copied", "sharded"), default="whole", help=argparse.SUPPRESS)
+    parser.add_argument("--shard_mode", choices=("whole", "copied", "sharded", "sharded_fp8"), default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--shard_out", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -125,7 +126,7 @@ def shard_driver(args: argparse.Namespace) -> int:
         model.save_pretrained(folder)
         del model
         results = {}
-        for mode in ("whole", "copied", "sharded"):
+        for mode in ("whole", "copied", "sharded", "sharded_fp8"):
             out = Path(tmp) / f"{mode}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.shard}",
                        __file__, "--shard_worker", str(folder), "--shard_mode", mode, "--shard_out", str(out),
@@ -133,12 +134,12 @@ def shard_driver(args: argparse.Namespace) -> int:
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             subprocess.run(command, check=True, env=env)
             results[mode] = json.loads(out.read_text())
-    whole, copied, sharded = results["whole"], results["copied"], results["sharded"]
+    whole, copied, sharded, fp8 = results["whole"], results["copied"], results["sharded"], results["sharded_fp8"]
     print(f"CPU, gloo, {args.shard} processes, Ulysses {args.shard}; expert of {args.shard_layers} blocks at the 1.3B "
           f"width, bf16, {whole['total_bytes'] / 1e9:.2f} GB; {whole['tokens']} tokens per forward")
-    print("| per rank (max over ranks) | whole, memory-mapped | whole, copied | sharded (FSDP2) | sharded / whole "
-          "mapped | sharded / whole copied |")
-    print("|---|---|---|---|---|---|")
+    print("| per rank (max over ranks) | whole, memory-mapped | whole, copied | sharded (FSDP2) | sharded fp8 | "
+          "sharded / whole mapped | sharded / whole copied | sharded fp8 / whole mapped |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = [("parameter bytes", "param_bytes", 1e9, "GB"),
             ("anonymous memory added by the load", "load_anon", 1e9, "GB"),
             ("anonymous memory after the forwards", "forward_anon", 1e9, "GB"),
@@ -146,10 +147,11 @@ def shard_driver(args: argparse.Namespace) -> int:
             ("peak RSS after the forwards", "peak_rss", 1e9, "GB"),
             ("time per forward", "forward_s", 1, "s")]  # fmt: skip
     for label, key, scale, unit in rows:
-        a, c, b = max(whole[key]), max(copied[key]), max(sharded[key])
-        print(f"| {label} | {a / scale:.3f} {unit} | {c / scale:.3f} {unit} | {b / scale:.3f} {unit} | {b / a:.3f} "
-              f"| {b / c:.3f} |")
-    print(f"max |sharded - whole| of the forward output: {abs(sharded['checksum'] - whole['checksum']):.3e} (sum)")
+        a, c, b, f = max(whole[key]), max(copied[key]), max(sharded[key]), max(fp8[key])
+        print(f"| {label} | {a / scale:.3f} {unit} | {c / scale:.3f} {unit} | {b / scale:.3f} {unit} | "
+              f"{f / scale:.3f} {unit} | {b / a:.3f} | {b / c:.3f} | {f / a:.3f} |")
+    print(f"|sharded - whole| of the forward output's sum: {abs(sharded['checksum'] - whole['checksum']):.3e}; "
+          f"sharded fp8 (weights rounded to float8): {abs(fp8['checksum'] - whole['checksum']):.3e}")
     return 0
 
 
@@ -163,6 +165,7 @@ def shard_worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from bernini_diffusers import BerniniTransformer3DModel
+    from bernini_diffusers.memory import store_float8
     from bernini_diffusers.parallel import (
         UlyssesSequence,
         init_parallel_state,
@@ -187,8 +190,10 @@ def shard_worker(args: argparse.Namespace) -> int:
     else:
         plan, model = _folder_plan(folder, "transformer")
         model = cast_skeleton(plan, model, torch.bfloat16)
-        shard_model(model, state.data_group, "cpu")
-        materialize_shards(plan, model, state.data_group, state.device, torch_dtype=torch.bfloat16)
+        # sharded_fp8: the fp8 profile's layers stored in float8, gathered in bf16 (from_pretrained_sharded's fp8)
+        compute = store_float8(model) if args.shard_mode == "sharded_fp8" else None
+        shard_model(model, state.data_group, "cpu", param_dtype=compute)
+        materialize_shards(plan, model, state.data_group, state.device, compute, torch_dtype=torch.bfloat16)
     loaded = psutil.Process().memory_info()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes, DTensor or not

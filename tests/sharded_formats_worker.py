@@ -22,13 +22,15 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = dict(prompt="a red ball rolls", task_type="t2v", num_frames=5, height=32, width=48, num_inference_steps=3,
              output_type="latent")  # fmt: skip
-# (high_noise_ckpt file, low_noise_ckpt file, dtype, ulysses_degree, branch_degree): the files are those of the
-# test's `write_checkpoints`. Ulysses needs yunchang; without it that load runs on branch_degree=2.
+# (high_noise_ckpt file, low_noise_ckpt file, dtype, ulysses_degree, branch_degree, memory profile): the files are
+# those of the test's `write_checkpoints`. Ulysses needs yunchang; without it that load runs on branch_degree=2. The
+# fp8 profile stores the shards in float8 (from the load dtype, as the whole load's fp8 profile does).
 LOADS = [
-    ("comfy_fp8", "legacy_fp8_per_channel", "fp32", 1, 2),
-    ("gguf_q8_0", "wan_bf16", "fp32", 2, 1),
-    ("official", "official", "fp32", 1, 2),
-    ("gguf_q4_0", "comfy_fp8", "bf16", 1, 2),
+    ("comfy_fp8", "legacy_fp8_per_channel", "fp32", 1, 2, None),
+    ("gguf_q8_0", "wan_bf16", "fp32", 2, 1, None),
+    ("official", "official", "fp32", 1, 2, None),
+    ("gguf_q4_0", "comfy_fp8", "bf16", 1, 2, None),
+    ("plain_fp8", "legacy_fp8_per_channel", "bf16", 1, 2, "fp8"),
 ]
 EXPERTS = ("transformer", "transformer_2")
 
@@ -86,10 +88,12 @@ def main() -> None:
     paths = json.loads((args.files / "files.json").read_text())
     base = args.files / "base"
     results = []
-    for high, low, dtype, ulysses, branch in LOADS:
+    for high, low, dtype, ulysses, branch, profile in LOADS:
         if ulysses > 1 and not has_yunchang:
             ulysses, branch = 1, ulysses * branch
         kwargs = {"high_noise_ckpt": paths[high], "low_noise_ckpt": paths[low], "dtype": DTYPES[dtype]}
+        if profile is not None:
+            kwargs.update(memory_profile=profile, device="cpu")
         whole = BerniniPipeline.from_pretrained(base, **kwargs)
         whole.set_progress_bar_config(disable=True)
         expected = whole(**SMALL, generator=torch.Generator().manual_seed(42)).frames.float()
@@ -99,6 +103,7 @@ def main() -> None:
         group = pipe.parallel_state.data_group
         result = {
             "high": high, "low": low, "dtype": dtype, "ulysses_degree": ulysses, "branch_degree": branch,
+            "profile": profile,
             "max_abs_diff": (out - expected).abs().max().item(),
             # a whole block's bytes as loaded here (dequantized, for GGUF): the rounding allowed per rank
             "block_bytes": sum(p.numel() * p.element_size() for p in pipe.transformer.blocks[0].parameters()),

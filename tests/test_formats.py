@@ -275,10 +275,12 @@ def test_plain_float8(tiny, tmp_path, fp8):
 # ------------------------------------------------------------------------------------------------ GGUF
 
 
-def _write_gguf(path: Path, state, quant, k_blocks: bool = False):
+def _write_gguf(path: Path, state, quant, k_blocks: bool = False, flatten: bool = False):
     """A GGUF file of `state` (Wan keys), its 2-D block weights in `quant`. The `gguf` package quantizes F16, BF16,
     Q8_0 and Q4_0 itself; it has no K-quant quantizer, so K-quant files get valid random blocks (small scales) and
-    the reference is the package's own dequantization of the same bytes. Returns the float weights it encodes."""
+    the reference is the package's own dequantization of the same bytes. With `flatten`, tensors of more than 4 dims
+    are stored as city96's converter stores them: 2-D, their shape in `comfy.gguf.orig_shape.<name>`. Returns the
+    float weights it encodes."""
     writer = gguf.GGUFWriter(str(path), "wan")
     encoded = {}
     rng = np.random.default_rng(0)
@@ -298,6 +300,10 @@ def _write_gguf(path: Path, state, quant, k_blocks: bool = False):
                 data = gguf.quants.quantize(array, quant)
             writer.add_tensor(wan_key(key), data, raw_dtype=quant)
             encoded[key] = torch.from_numpy(gguf.quants.dequantize(data, quant).copy()).reshape(value.shape)
+        elif flatten and array.ndim > 4:
+            writer.add_tensor(wan_key(key), array.reshape(array.shape[0], -1))
+            writer.add_array(f"comfy.gguf.orig_shape.{wan_key(key)}", list(array.shape))
+            encoded[key] = value
         else:
             writer.add_tensor(wan_key(key), array)
             encoded[key] = value

@@ -1,6 +1,7 @@
 """The sharded loader (`from_pretrained_sharded`) reading single-file checkpoints in every format formats.py reads:
-scaled float8 (ComfyUI's current format per tensor, the older one per channel), GGUF (Q8_0, Q4_0, F32 small tensors),
-Wan keys in bf16 and one official file holding both experts.
+scaled float8 (ComfyUI's current format per tensor, the older one per channel), plain float8, GGUF (Q8_0, Q4_0, F32
+small tensors, a 5-D tensor stored flattened), Wan keys in bf16, diffusers keys under ComfyUI's prefix in fp16 and one
+official file holding both experts.
 
 In this process: each file's rows, read as a rank reads them, equal the rows of what the unsharded load of the same
 file computes with (values and dtypes), and a file that does not fit the base's config is refused before any weight
@@ -41,7 +42,10 @@ FORMATS = {
     "legacy_fp8_per_channel": "scaled_float8_legacy",
     "gguf_q8_0": "gguf",
     "gguf_q4_0": "gguf",
+    "gguf_q8_0_flattened": "gguf",
     "wan_bf16": "none",
+    "comfy_diffusers_keys_f16": "none",
+    "plain_fp8": "float8",
     "official": "none",
 }
 
@@ -60,7 +64,13 @@ def write_checkpoints(root: Path) -> dict[str, str]:
     save_file(_scaled(_state(22), legacy=True, per_channel=True)[0], str(paths["legacy_fp8_per_channel"]))
     _write_gguf(paths["gguf_q8_0"], _state(23), gguf.GGMLQuantizationType.Q8_0)
     _write_gguf(paths["gguf_q4_0"], _state(24), gguf.GGMLQuantizationType.Q4_0)
+    _write_gguf(paths["gguf_q8_0_flattened"], _state(28), gguf.GGMLQuantizationType.Q8_0, flatten=True)
     save_file({wan_key(k): v.to(torch.bfloat16) for k, v in _state(25).items()}, str(paths["wan_bf16"]))
+    save_file({f"model.diffusion_model.{k}": v.half() for k, v in _state(29).items()},
+              str(paths["comfy_diffusers_keys_f16"]))  # fmt: skip
+    fp8 = {wan_key(k): v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v
+           for k, v in _state(30).items()}  # fmt: skip
+    save_file(fp8, str(paths["plain_fp8"]))
     both = {original_key(k, "transformer"): v for k, v in _state(26).items()}
     both.update({original_key(k, "transformer_2"): v for k, v in _state(27).items()})
     save_file(both, str(paths["official"]))
@@ -86,6 +96,8 @@ def test_rows_equal_the_whole_load(checkpoints, name, dtype):
     expert = "transformer_2" if name == "official" else "transformer"  # the second expert of the two-expert file
     plan, _ = plan_checkpoint_expert(paths[name], expert, CONFIG)
     assert plan.fmt.quantization == FORMATS[name]
+    if name.endswith("flattened"):
+        assert plan.fmt.gguf_orig_shapes  # the 5-D patch embedding, read whole and sliced
     whole = effective_weights(load_checkpoint_expert(paths[name], expert, CONFIG, dtype))
     assert set(plan.tensors) == set(whole)
     with sharded_load.open_rows(plan, dtype) as read:
@@ -96,19 +108,24 @@ def test_rows_equal_the_whole_load(checkpoints, name, dtype):
             assert torch.equal(read(key, None, None), expected), key  # read whole (a parameter FSDP2 keeps whole)
 
 
-@pytest.mark.parametrize("fault", ["shapes", "missing"])
+@pytest.mark.parametrize("fault", ["shapes", "missing", "gguf_fp8"])
 def test_a_file_that_does_not_fit_is_refused_before_any_weight_is_read(checkpoints, tmp_path, monkeypatch, fault):
+    """Wrong shapes and missing keys, named as the unsharded load names them; and the fp8 profile over a GGUF expert,
+    refused as the unsharded load refuses it (already quantized)."""
     root, paths = checkpoints
-    if fault == "shapes":
+    kwargs, bad = {}, tmp_path / "bad.safetensors"
+    if fault == "gguf_fp8":
+        kwargs, bad, match = {"memory_profile": "fp8"}, paths["gguf_q8_0"], "already quantized"
+    elif fault == "shapes":
         state = {wan_key(k): v for k, v in tiny_transformer(21, ffn_dim=CONFIG["ffn_dim"] * 2).state_dict().items()}
         match = r"does not match the config of `transformer`: .* tensor\(s\) of another shape"
     else:
         state = {wan_key(k): v for k, v in _state(21).items() if not k.startswith("blocks.1.ffn.")}
         match = r"does not match the config of `transformer`: 4 missing key\(s\): blocks.1.ffn"
-    bad = tmp_path / "bad.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(bad))
+    if fault != "gguf_fp8":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(bad))
     with pytest.raises(ValueError, match=match):  # the unsharded load says the same
-        BerniniPipeline.from_pretrained(root / "base", high_noise_ckpt=bad, low_noise_ckpt=paths["wan_bf16"])
+        BerniniPipeline.from_pretrained(root / "base", high_noise_ckpt=bad, low_noise_ckpt=paths["wan_bf16"], **kwargs)
 
     def never(*args, **kwargs):
         raise AssertionError("a weight was read or the pipeline loaded before the file was checked")
@@ -118,7 +135,7 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_is_read(checkpoin
     monkeypatch.setattr(BerniniPipeline, "from_pretrained", never)
     with pytest.raises(ValueError, match=match):
         BerniniPipeline.from_pretrained_sharded(root / "base", 1, 2, high_noise_ckpt=bad,
-                                                low_noise_ckpt=paths["wan_bf16"])  # fmt: skip
+                                                low_noise_ckpt=paths["wan_bf16"], **kwargs)  # fmt: skip
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())  # refused before any launch
 
 
@@ -172,8 +189,8 @@ def _launch(out: Path, files: Path, nproc: int = 2, timeout: float = 300) -> lis
 @pytest.mark.multiprocess
 def test_sharded_loads_of_single_files_equal_the_whole_load(checkpoints, tmp_path):
     """Each load of the worker's `LOADS`: the output equals the unsharded pipeline's (1e-5 in fp32; bf16 without
-    Ulysses runs the same operations), every shard equals its rows of the whole load in value and dtype, and each of
-    the 2 ranks holds half of each expert (up to a block's rounding)."""
+    Ulysses runs the same operations), every shard equals its rows of the whole load in value and dtype (float8 with
+    the fp8 profile), and each of the 2 ranks holds half of each expert (up to a block's rounding)."""
     root, _ = checkpoints
     reports = _launch(tmp_path / "reports", root)
     for report in reports:

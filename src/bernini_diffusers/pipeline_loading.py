@@ -161,6 +161,8 @@ class BerniniLoadingMixin:
         device = None if device is None else memory.checked_device(device)
         checkpoints = sharded_load.checkpoint_kwargs(kwargs)
         plans = sharded_load.plan_experts(pretrained_model_name_or_path, checkpoints)
+        if profile is not None and profile.fp8:
+            sharded_load.check_float8_storage(plans, profile.name)
         dtypes = component_dtypes(kwargs.get("dtype", kwargs.get("torch_dtype")))
         experts = {
             name: sharded_load.cast_skeleton(plan, model, dtypes.get(name, dtypes.get("default")))

@@ -92,6 +92,17 @@ def plan_experts(
     return plans
 
 
+def check_float8_storage(plans: Mapping[str, tuple[ConversionPlan | FilePlan, torch.nn.Module]], profile: str) -> None:
+    """Refuse an `fp8` memory profile for a GGUF expert, as `memory.apply_memory_profile` refuses it for the whole
+    (quantized) load: stored in float8, its dequantized shards would be quantized a second time."""
+    for expert, (plan, _) in plans.items():
+        if isinstance(plan, FilePlan) and plan.fmt.container == "gguf":
+            raise ValueError(
+                f"`memory_profile`={profile!r}: `{expert}` is a GGUF file ({plan.fmt.path!r}), already quantized; fp8 "
+                "storage applies to unquantized experts. Use a profile without fp8 (`expert_offload` or none)."
+            )
+
+
 def cast_skeleton(
     plan: ConversionPlan | FilePlan, model: torch.nn.Module, torch_dtype: torch.dtype | None
 ) -> torch.nn.Module:

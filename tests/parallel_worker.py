@@ -162,6 +162,11 @@ def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: 
             pipe.enable_parallelism(ulysses_degree=ulysses, branch_degree=branch, shard_weights=True)
         except ValueError as err:
             phase["enable_again"] = str(err)
+        for profile in ("fp8", "group_offload"):
+            try:
+                pipe.enable_memory_profile(profile, device)
+            except ValueError as err:
+                phase[f"{profile}_after"] = str(err)
         phases.append(phase)
     return phases
 
@@ -238,6 +243,22 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
         finally:
             parallel.device_of, parallel.place_sharded_expert = originals
         phases.append(phase)
+    # The other order: expert_offload applied to the whole pipeline, then `enable_parallelism(shard_weights=True)`;
+    # and the fp8 profile asked of a pipeline already sharded (refused: it is chosen with the sharding).
+    pipe = make_pipeline(args, device)
+    pipe.enable_memory_profile("expert_offload", device)
+    pipe.enable_parallelism(ulysses_degree=1, branch_degree=2, shard_weights=True)
+    order = {
+        "profile": "expert_offload first", "cases": {},
+        "first_pre_hook": [type(h).__name__ for h in pipe.transformer._forward_pre_hooks.values()][:1],
+        "accelerate_hook": hasattr(pipe.transformer, "_hf_hook"),
+    }  # fmt: skip
+    order["cases"]["r2v"] = {"max_abs_diff": (run(pipe, all_cases["r2v"]) - reference["r2v"]).abs().max().item()}
+    try:
+        pipe.enable_memory_profile("fp8", device)
+    except ValueError as err:
+        order["fp8_after"] = str(err)
+    phases.append(order)
     return phases
 
 

@@ -426,6 +426,8 @@ def _check_sharded_reports(reports: list[dict], phases: dict) -> None:
             is_writer = phase["branch_rank"] == 0 and report["rank"] % ulysses == 0
             assert phase["decoded"] == is_writer
             assert "load the pipeline again" in phase["enable_again"]
+            assert "fp8 storage of sharded experts is chosen at load" in phase["fp8_after"]
+            assert "hooks move or read whole blocks" in phase["group_offload_after"]
 
 
 @pytest.mark.multiprocess
@@ -472,7 +474,11 @@ def test_sharded_experts_take_fp8_storage_and_expert_offload(cpu_reports):
     from parallel_worker import SHARDED_PROFILE_PHASES
 
     for report in cpu_reports:
-        phases = report["sharded_profile_phases"]
+        *phases, order = report["sharded_profile_phases"]
+        # expert_offload applied before the sharding: the same placement; fp8 after it is refused
+        assert order["profile"] == "expert_offload first" and order["cases"]["r2v"]["max_abs_diff"] <= ATOL
+        assert order["first_pre_hook"] == ["ShardPlacement"] and order["accelerate_hook"] is False
+        assert "'expert_offload'" in order["fp8_after"]  # the pipeline runs one profile already
         assert [(p["profile"], p["ulysses_degree"], p["branch_degree"]) for p in phases] == [
             (name, ulysses, branch) for name, ulysses, branch, _ in SHARDED_PROFILE_PHASES
         ]

@@ -358,12 +358,17 @@ class BerniniFeaturesMixin:
         self._parallel_state = parallel.enable_parallelism(
             self, ulysses_degree=ulysses_degree, branch_degree=branch_degree, shard_weights=shard_weights
         )
-        if shard_weights:  # expert_offload applied before: the sharded experts get their placement, idle on the CPU
-            self._place_sharded_experts()
-            if getattr(self, "_all_hooks", None):
-                for expert in (e for e in (self.transformer, self.transformer_2) if e is not None):
-                    expert.to("cpu")
+        if shard_weights:
+            self._offload_sharded_experts()
         return self._parallel_state
+
+    def _offload_sharded_experts(self) -> None:
+        """After sharding under expert_offload (applied before it): the experts get their placement hooks and their
+        shards go to the CPU until they run."""
+        if getattr(self, "_all_hooks", None):
+            self._place_sharded_experts()
+            for expert in (e for e in (self.transformer, self.transformer_2) if e is not None):
+                expert.to("cpu")
 
     def _shard_weights(
         self, ulysses_degree: int, branch_degree: int, profile: memory.MemoryProfile | None = None
@@ -388,6 +393,7 @@ class BerniniFeaturesMixin:
         self._parallel_state = parallel.enable_parallelism(
             self, ulysses_degree, branch_degree, shard_weights=True, float8_compute_dtype=next(iter(dtypes), None)
         )
+        self._offload_sharded_experts()
         return compute
 
     def _apply_sharded_profile(self, profile: memory.MemoryProfile, device: str | torch.device | None = None) -> None:

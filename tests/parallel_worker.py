@@ -134,7 +134,7 @@ def layer_check(pipe) -> dict:
 
 def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: dict, world: int) -> list[dict]:
     """Each sharded layout the world allows on a fresh pipeline: parity with one process, forwards, local bytes."""
-    from bernini_diffusers.parallel import local_parameter_bytes
+    from bernini_diffusers.parallel import is_sharded, local_parameter_bytes
 
     phases = []
     for (ulysses, branch), names in (MULTI_NODE_PHASES if args.sharded_only else SHARDED_PHASES).items():
@@ -149,6 +149,7 @@ def sharded_phases(args, device, all_cases: dict, reference: dict, whole_bytes: 
             "shard_degree": state.shard_degree,
             "branch_rank": state.branch_rank,
             "local_bytes": {name: local_parameter_bytes(getattr(pipe, name)) for name in whole_bytes},
+            "text_encoder_sharded": is_sharded(pipe.text_encoder),
             "cases": {},
         }
         for name in names:
@@ -338,7 +339,8 @@ def main() -> None:
 
     pipe = make_pipeline(args, device)
     all_cases = cases()
-    whole_bytes = {name: local_parameter_bytes(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    whole_bytes = {name: local_parameter_bytes(getattr(pipe, name)) for name in ("transformer", "transformer_2",
+                                                                                    "text_encoder")}  # fmt: skip
     if args.sharded_only:
         all_cases = {name: all_cases[name] for name in {n for names in MULTI_NODE_PHASES.values() for n in names}}
     reference = {name: run(pipe, case) for name, case in all_cases.items()}

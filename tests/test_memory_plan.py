@@ -104,6 +104,10 @@ def test_estimates_move_the_right_way():
     assert shard["expert_offload"].gpu_bytes < shard["resident"].gpu_bytes
     with pytest.raises(ValueError, match="'group_offload' cannot be combined with sharded weights"):
         _plan("group_offload", shard_degree=2, **a14b)
+    # a sharded GGUF expert is held dequantized (FSDP2 cannot shard packed blocks): priced as the bf16 one
+    assert _plan("resident", "Q4_K", shard_degree=4, **a14b).gpu_bytes == shard["resident"].gpu_bytes
+    with pytest.raises(ValueError, match="GGUF expert is already quantized"):
+        _plan("fp8", "Q4_K", shard_degree=4, **a14b)
     # a v2v call also attends to the source video: twice the tokens
     v2v = _plan(**{**a14b, "task_type": "v2v", "video": "source.mp4"}, media_sizes={"video": (848, 480)})
     assert v2v.tokens == 2 * resident.tokens and v2v.gpu_bytes > resident.gpu_bytes

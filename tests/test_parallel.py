@@ -418,6 +418,7 @@ def _check_sharded_reports(reports: list[dict], phases: dict) -> None:
                 assert result["max_abs_diff"] <= ATOL, (report["rank"], ulysses, branch, case, result["max_abs_diff"])
                 mine = len(range(phase["branch_rank"], FORWARDS_PER_STEP[case], branch))
                 assert result["forwards"] == STEPS * WINDOWS.get(case, 1) * mine, (report["rank"], branch, case)
+            assert phase["text_encoder_sharded"]  # every rank of the clip encodes the same prompts
             for name, whole in report["whole_bytes"].items():
                 local = phase["local_bytes"][name]
                 # FSDP2 splits every parameter on its first dimension: 1/N of the whole up to rounding, well under a

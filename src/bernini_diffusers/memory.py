@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from accelerate import init_empty_weights
 from diffusers.hooks import apply_group_offloading
 
 logger = logging.getLogger(__name__)
@@ -262,8 +263,6 @@ def float8_parameter_names(expert: torch.nn.Module) -> list[str]:
     """The parameters of `expert` that the `fp8` profile stores in float8: the ones diffusers' layerwise casting
     casts, found by applying it to a copy of the expert on the meta device (its own skip patterns decide, so the
     two can never disagree)."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         probe = type(expert).from_config(expert.config)
     probe.enable_layerwise_casting(storage_dtype=FP8_STORAGE_DTYPE, compute_dtype=torch.float32)

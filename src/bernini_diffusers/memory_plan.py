@@ -27,7 +27,8 @@ the larger of the text encoder and one expert with the VAE. On the CPU the activ
 `cpu`, so each hook copies the whole component while its old storage is alive). `shard_degree` N prices FSDP's
 per-rank share of the experts: 1/N of an expert plus one gathered block on the device (`fp8`: 1/N of the float8
 expert), read row by row from the files (`from_pretrained_sharded`), so host RAM holds the text encoder and the VAE,
-plus both experts' shards under `expert_offload`.
+plus both experts' shards under `expert_offload`; the text encoder is sharded too (1/N, plus its token embedding and
+one block gathered while it encodes).
 """
 
 from __future__ import annotations
@@ -469,6 +470,14 @@ def estimate_memory(
     except (RuntimeError, TypeError):
         raise ValueError(f"`device`={device!r} is not a torch device; use cpu, cuda, cuda:N.") from None
     fmt = "fp8" if profile.fp8 and checkpoint_format in PLAIN_FORMATS else checkpoint_format
+    if shard_degree > 1 and checkpoint_format in GGUF_BLOCKS:
+        if profile.fp8:
+            raise ValueError(
+                f"`memory_profile`={profile.name!r}: a GGUF expert is already quantized; sharded, it is held "
+                "dequantized in the compute dtype, and the fp8 profile does not apply to it."
+            )
+        # FSDP2 cannot shard GGUF's packed blocks: a sharded GGUF expert is held dequantized in the compute dtype.
+        fmt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
     expert = expert_bytes(configs.transformer, fmt, dtype)
     # A plain file under an fp8 profile is read in its dtype, then cast: the load holds the file's bytes.
     loaded = expert_bytes(configs.transformer, checkpoint_format, dtype) if checkpoint_format != fmt else expert
@@ -486,16 +495,22 @@ def estimate_memory(
     process = _process_bytes()
     experts = configs.num_experts
 
-    # Per rank: 1/N of an expert's weights, plus one block gathered whole while it runs.
+    # Per rank: 1/N of an expert's weights, plus one block gathered whole while it runs; the text encoder likewise
+    # (its root holds the token embedding, gathered while it encodes).
     expert_device = expert.total if shard_degree == 1 else expert.total // shard_degree + expert.largest_block
+    text_encoder_device = text_encoder
+    if shard_degree > 1:
+        embedding = configs.text_encoder["vocab_size"] * configs.text_encoder["d_model"] * dtype.itemsize
+        block = (text_encoder - embedding) // configs.text_encoder["num_layers"]
+        text_encoder_device = text_encoder // shard_degree + embedding + block
     non_block = expert.total - expert.blocks
     phases = {  # what the device holds while each component runs, for the one-component-at-a-time placements
-        "text encoder": text_encoder + encode,
+        "text encoder": text_encoder_device + encode,
         "expert": expert_device + forward + loop,
         "VAE decode": vae + decode + loop,
     }
     if profile.placement == "resident":
-        gpu = text_encoder + experts * expert_device + vae + max(encode, forward + loop, decode + loop)
+        gpu = text_encoder_device + experts * expert_device + vae + max(encode, forward + loop, decode + loop)
     elif profile.placement in ("expert_offload", "low_ram"):
         gpu = max(phases.values())
     else:  # group_offload: the text encoder as one group; an expert's non-block weights and two blocks; VAE layers

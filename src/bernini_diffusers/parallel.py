@@ -25,7 +25,8 @@ rank 0 of branch group 0) writes that group's results.
   with the same guidance code as a single process.
 - **Data**: `assign_cases(cases, data_rank, data_degree)` gives each data group `cases[data_rank::data_degree]`.
 - **Weight sharding** (`shard_weights=True`): every transformer block of both experts, and their other parameters,
-  are sharded with torch's FSDP2 (`fully_shard`) across the `ulysses_degree x branch_degree` ranks of a data group,
+  and the text encoder's blocks and embeddings, are sharded with torch's FSDP2 (`fully_shard`) across the
+  `ulysses_degree x branch_degree` ranks of a data group,
   all-gathered just before they run and freed after. Branch groups that run fewer forwards in a step than the others
   make up the difference with gather-only passes (`gather_pass`), so every rank issues the same all-gathers in the
   same order.
@@ -45,6 +46,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import send_to_device
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -481,9 +484,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a model FSDP2 shards one by one: an expert's `blocks`, a T5 encoder's `encoder.block`."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no `blocks` to shard.")
+        blocks = getattr(getattr(model, "encoder", None), "block", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks` (or `encoder.block`) to shard.")
     return list(blocks)
 
 
@@ -497,7 +503,7 @@ def shard_model(
 
     Args:
         model (`torch.nn.Module`):
-            An expert with `blocks`; its parameters may be on the meta device (then load them with
+            An expert with `blocks`, or a T5 encoder (`encoder.block`); its parameters may be on the meta device (then load them with
             `torch.distributed.checkpoint.state_dict.set_model_state_dict` afterwards).
         group (`torch.distributed.ProcessGroup`):
             The ranks that share the weights. They must run the same forwards in the same order (see
@@ -602,25 +608,26 @@ class ShardPlacement:
         self.offload_others(model)
         model.to(self.device)
 
-    def __call__(self, model: torch.nn.Module, args) -> None:
+    def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.place(model)
+        # As accelerate's offload hook does: the inputs follow the weights (the text encoder's token ids are put
+        # where its weights were, the CPU, before this hook brings them to the device).
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
 
 def place_sharded_expert(
     model: torch.nn.Module, device: torch.device, offload_others: Callable[[torch.nn.Module], None]
 ) -> ShardPlacement:
-    """Give the sharded `model` a [`ShardPlacement`] (replacing an earlier one, and any accelerate offload hook, whose
+    """Give the sharded `model` (an expert or the text encoder) a [`ShardPlacement`] (replacing an earlier one, and any accelerate offload hook, whose
     move would come after FSDP2's all-gather); returns it."""
     if not is_sharded(model):
         raise ValueError(f"{type(model).__name__} is not sharded; its placement is diffusers' model offload.")
-    from accelerate.hooks import remove_hook_from_module
-
     remove_hook_from_module(model)
     old = getattr(model, PLACEMENT_ATTRIBUTE, None)
     if old is not None and old.handle is not None:
         old.handle.remove()
     placement = ShardPlacement(device, offload_others)
-    placement.handle = model.register_forward_pre_hook(placement, prepend=True)
+    placement.handle = model.register_forward_pre_hook(placement, prepend=True, with_kwargs=True)
     setattr(model, PLACEMENT_ATTRIBUTE, placement)
     return placement
 
@@ -852,6 +859,10 @@ def enable_parallelism(
         for model in experts.values():
             parallelize_model(model, sequence)
     if shard_weights:
+        # The text encoder too: every rank of a data group encodes the same prompts, so its all-gathers stay in step.
+        text_encoder = getattr(pipe, "text_encoder", None)
+        if text_encoder is not None and not is_sharded(text_encoder):
+            shard_model(text_encoder, state.data_group, state.device.type)
         for model in experts.values():
             stored = {p.dtype for p in model.parameters()} & FLOAT8_DTYPES
             if stored and float8_compute_dtype is None:

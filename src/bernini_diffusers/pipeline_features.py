@@ -217,17 +217,17 @@ class BerniniFeaturesMixin:
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
         r"""
-        diffusers' model offload (one component on the device at a time); sharded experts (`shard_weights=True`)
-        are placed by their own [`~parallel.ShardPlacement`] instead of accelerate's hook, which would move them
-        after FSDP2 has gathered their weights. See [`~diffusers.DiffusionPipeline.enable_model_cpu_offload`].
+        diffusers' model offload (one component on the device at a time); sharded experts and text encoder
+        (`shard_weights=True`) are placed by their own [`~parallel.ShardPlacement`] instead of accelerate's hook,
+        which would move them after FSDP2 has gathered their weights. See [`~diffusers.DiffusionPipeline.enable_model_cpu_offload`].
         """
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
         self._place_sharded_experts()
 
     def _place_sharded_experts(self) -> None:
-        """Under model offload, give each sharded expert a placement hook that offloads whatever else is on the
-        device (the other expert, the text encoder) and brings its shards, before FSDP2 gathers them."""
-        experts = [e for e in (self.transformer, self.transformer_2) if e is not None and parallel.is_sharded(e)]
+        """Under model offload, give each sharded component (the experts, the text encoder) a placement hook that
+        offloads whatever else is on the device and brings its shards, before FSDP2 gathers them."""
+        experts = self._sharded_components()
         if not experts or not getattr(self, "_all_hooks", None):
             return
         pipe = weakref.ref(self)  # the experts' hooks must not keep the pipeline alive
@@ -344,10 +344,10 @@ class BerniniFeaturesMixin:
                 distinct forwards per step, dealt round-robin); the outputs are exchanged and combined as in one
                 process.
             shard_weights (`bool`, defaults to `False`):
-                Shard every block of both experts, and their other weights, with torch's FSDP2 across the
-                `ulysses_degree x branch_degree` processes of each data group (needs that product above 1): each
-                process keeps 1 / (U x B) of each expert, on `state.device`, and all-gathers a block just before it
-                runs. The sharding stays for the pipeline's life: load it again to change the layout; every process
+                Shard every block of both experts, and their other weights, and the text encoder, with torch's
+                FSDP2 across the `ulysses_degree x branch_degree` processes of each data group (needs that product
+                above 1): each process keeps 1 / (U x B) of each, on `state.device`, and all-gathers a block just
+                before it runs. The sharding stays for the pipeline's life: load it again to change the layout; every process
                 of a data group must keep making the same calls (docs/parallel.md).
 
         Returns:
@@ -363,12 +363,27 @@ class BerniniFeaturesMixin:
         return self._parallel_state
 
     def _offload_sharded_experts(self) -> None:
-        """After sharding under expert_offload (applied before it): the experts get their placement hooks and their
-        shards go to the CPU until they run."""
+        """After sharding under expert_offload (applied before it): the sharded components (the experts and the text
+        encoder) get their placement hooks and their shards go to the CPU until they run."""
         if getattr(self, "_all_hooks", None):
             self._place_sharded_experts()
-            for expert in (e for e in (self.transformer, self.transformer_2) if e is not None):
-                expert.to("cpu")
+            for component in self._sharded_components():
+                component.to("cpu")
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """diffusers' execution device, which it reads from accelerate's offload hooks; sharded components placed by
+        a [`~parallel.ShardPlacement`] have none, so under model offload their placement's device is the answer."""
+        for component in self._sharded_components():
+            placement = getattr(component, parallel.PLACEMENT_ATTRIBUTE, None)
+            if placement is not None:
+                return placement.device
+        return super()._execution_device
+
+    def _sharded_components(self) -> list[torch.nn.Module]:
+        """The components sharded by `enable_parallelism(shard_weights=True)`: the experts and the text encoder."""
+        names = ("text_encoder", "transformer", "transformer_2")
+        return [c for n in names if (c := getattr(self, n, None)) is not None and parallel.is_sharded(c)]
 
     def _shard_weights(
         self, ulysses_degree: int, branch_degree: int, profile: memory.MemoryProfile | None = None

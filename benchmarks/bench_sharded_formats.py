@@ -83,23 +83,10 @@ def write_files(folder: Path, layers: int) -> dict[str, Path]:
 
 
 def _wan_names(state) -> list[str]:
-    """Wan's original names of diffusers' keys (the renames of diffusers' converter, reversed)."""
-    renames = [
-        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-        ("condition_embedder.time_proj", "time_projection.1"),
-        ("attn1", "self_attn"), ("attn2", "cross_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
-        (".to_v.", ".v."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
-    ]  # fmt: skip
-    names = []
-    for key in state:
-        for new, old in renames:
-            key = key.replace(new, old)
-        key = key.replace("norm2", "norm__x").replace("norm3", "norm2").replace("norm__x", "norm3")
-        names.append("head.modulation" if key == "scale_shift_table" else key.replace("scale_shift_table", "modulation"))
-    return names
+    """Wan's original names of diffusers' keys."""
+    from bernini_diffusers.testing import wan_key
+
+    return [wan_key(key) for key in state]
 
 
 def _status(field: str) -> int:

@@ -33,31 +33,11 @@ from bernini_diffusers.formats import (
 )
 from bernini_diffusers.hub_export.convert import expected_tensors, expert_skeleton
 from bernini_diffusers.memory import apply_memory_profile, parameter_bytes
+from bernini_diffusers.testing import wan_key
 from bernini_diffusers.tiny import TINY_TRANSFORMER_CONFIG, tiny_transformer
 
 CONFIG = dict(TINY_TRANSFORMER_CONFIG)
 Q = gguf.GGMLQuantizationType
-
-# diffusers' key -> Wan's original key (the inverse of diffusers' `convert_wan_transformer_to_diffusers`, tested).
-_TO_WAN = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("attn1", "self_attn"), ("attn2", "cross_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
-    (".to_v.", ".v."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
-]  # fmt: skip
-
-
-def wan_key(key: str) -> str:
-    for new, old in _TO_WAN:
-        key = key.replace(new, old)
-    key = key.replace("norm2", "norm__x").replace("norm3", "norm2").replace("norm__x", "norm3")
-    if key == "scale_shift_table":
-        return "head.modulation"
-    return key.replace("scale_shift_table", "modulation")
-
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -4,7 +4,6 @@ parallelism in `torchrun` processes (gloo, CPU, fp32), each run compared with th
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,13 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from bernini_diffusers import BerniniPipeline, BerniniPipelineOutput
 from bernini_diffusers.parallel import ParallelLayout, assign_cases, check_ulysses_degree, divisors
 from bernini_diffusers.testing import tiny_transformer
+
+from torchrun_launch import TORCHRUN_VARS, finish, kill_tree, start, torchrun_command
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 CASES = ("t2v", "v2v", "r2v", "rv2v", "v2v_windows", "rv2v_windows")
@@ -28,7 +28,6 @@ FORWARDS_PER_STEP = {"t2v": 2, "v2v": 2, "r2v": 3, "rv2v": 4, "v2v_windows": 2, 
 WINDOWS = {"v2v_windows": 3, "rv2v_windows": 3}
 STEPS = 3  # SMALL["num_inference_steps"] in the worker
 ATOL = 1e-5
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ------------------------------------------------------------------------------------------------ in this process
@@ -228,57 +227,11 @@ def test_a_process_that_does_not_write_cannot_save(tmp_path):
 # ------------------------------------------------------------------------------------------------ torchrun
 
 
-def _torchrun_command(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-
-
-def _start(command: list[str], **kwargs) -> subprocess.Popen:
-    """Start `command` without inherited torchrun variables (and one thread per process: 2 cores are shared)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for var in TORCHRUN_VARS:
-        env.pop(var, None)
-    return subprocess.Popen(command, env=env, text=True, **kwargs)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL `proc` and every process under it. torchrun starts each worker in a session of its own, so killing
-    torchrun's process group would leave the workers running."""
-    try:
-        root = psutil.Process(proc.pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait(timeout=30)
-
-
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    """Wait for `proc` and return its output; on a timeout or a failure kill it and its workers and fail, so no
-    process outlives the test."""
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        output, _ = proc.communicate()
-        pytest.fail(f"the parallel processes did not finish within {timeout} s:\n{(output or '')[-6000:]}")
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{(output or '')[-6000:]}")
-    return output or ""
-
-
 def _launch(out: Path, nproc: int, *args: str, timeout: float = 300) -> list[dict]:
     """Run the worker under `torchrun --standalone` (a free port) and read every rank's report."""
-    proc = _start(_torchrun_command(nproc, str(WORKER), str(out), *args), stdout=subprocess.PIPE,
+    proc = start(torchrun_command(nproc, str(WORKER), str(out), *args), stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT)  # fmt: skip
-    _finish(proc, timeout)
+    finish(proc, timeout)
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
 
 
@@ -484,8 +437,7 @@ def test_sharded_experts_take_fp8_storage_and_expert_offload(cpu_reports):
             (name, ulysses, branch) for name, ulysses, branch, _ in SHARDED_PROFILE_PHASES
         ]
         for phase in phases:
-            ulysses, branch, degree = phase["ulysses_degree"], phase["branch_degree"], phase["ulysses_degree"] * phase[
-                "branch_degree"]  # fmt: skip
+            branch, degree = phase["branch_degree"], phase["ulysses_degree"] * phase["branch_degree"]
             fp8, offload = phase["profile"].startswith("fp8"), phase["profile"].endswith("expert_offload")
             assert phase["dtypes"] == (phase["fp8_dtypes"] if fp8 else ["torch.float32"])
             assert abs(phase["local_bytes"] - phase["whole_bytes"] / degree) <= report["block_bytes"] / degree
@@ -526,7 +478,7 @@ def test_sharded_weights_across_two_nodes(tmp_path):
     # workers finish, and a launcher that hosted it would take it away from the other one when it exits first.
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     launchers = [
-        _start([
+        start([
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-conf", "is_host=false", "--rdzv-id", "bernini-two-nodes", str(WORKER), str(tmp_path),
@@ -536,11 +488,11 @@ def test_sharded_weights_across_two_nodes(tmp_path):
     ]  # fmt: skip
     try:
         for launcher in launchers:
-            _finish(launcher, timeout=300)
+            finish(launcher, timeout=300)
     finally:
         for launcher in launchers:
             if launcher.poll() is None:
-                _kill_tree(launcher)
+                kill_tree(launcher)
         del store
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
     assert [r["world_size"] for r in reports] == [4] * 4
@@ -564,23 +516,23 @@ def test_cli_batch_on_two_data_groups_killed_then_resumed_with_ulysses(tmp_path)
     argv = ["generate", *fast, "--inputs", str(batch), "--output", f"{out}/"]
     names = [f"{i:04d}_t2i.png" for i in range(1, len(entries) + 1)]
 
-    killed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv),
+    killed = start(torchrun_command(2, "-m", "bernini_diffusers.cli", *argv),
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("[!.]*.png")) and killed.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
-        _kill_tree(killed)  # torchrun and both ranks, as a crash would
+        kill_tree(killed)  # torchrun and both ranks, as a crash would
     # A kill during a write leaves a hidden temporary, never a partial output under the final name.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
     assert 1 <= len(before) < len(names), before  # killed part-way
 
     # The restart also shards the experts across the two ranks (--shard_weights), stored in float8.
     sharded = ["--ulysses", "2", "--shard_weights", "--memory_profile", "fp8"]
-    resumed = _start(_torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, *sharded),
+    resumed = start(torchrun_command(2, "-m", "bernini_diffusers.cli", *argv, *sharded),
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    output = _finish(resumed, timeout=300)
+    output = finish(resumed, timeout=300)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*.png")}
     assert sorted(after) == names
     assert all(after[name] == stamp for name, stamp in before.items())  # finished cases were not redone

@@ -13,13 +13,10 @@ half of every expert.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
-import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -27,16 +24,16 @@ from safetensors.torch import save_file
 from bernini_diffusers import BerniniPipeline, sharded_load
 from bernini_diffusers.hub_export.convert import original_key
 from bernini_diffusers.loading import load_checkpoint_expert, plan_checkpoint_expert
-from bernini_diffusers.testing import save_tiny_pretrained
+from bernini_diffusers.testing import save_tiny_pretrained, wan_key
 from bernini_diffusers.tiny import TINY_TRANSFORMER_CONFIG, tiny_transformer
 
 from sharded_formats_worker import EXPERTS, LOADS, effective_weights
-from test_formats import _scaled, _write_gguf, wan_key
+from torchrun_launch import finish, start, torchrun_command
+from test_formats import _scaled, _write_gguf
 
 WORKER = Path(__file__).with_name("sharded_formats_worker.py")
 CONFIG = dict(TINY_TRANSFORMER_CONFIG)
 ATOL = 1e-5
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 FORMATS = {
     "comfy_fp8": "scaled_float8",
     "legacy_fp8_per_channel": "scaled_float8_legacy",
@@ -142,47 +139,11 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_is_read(checkpoin
 # ------------------------------------------------------------------------------------------------ torchrun
 
 
-def _start(command: list[str], **kwargs) -> subprocess.Popen:
-    """Start `command` without inherited torchrun variables (and one thread per process: 2 cores are shared)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for var in TORCHRUN_VARS:
-        env.pop(var, None)
-    return subprocess.Popen(command, env=env, text=True, **kwargs)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL `proc` and every process under it (torchrun starts each worker in a session of its own)."""
-    try:
-        root = psutil.Process(proc.pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait(timeout=30)
-
-
 def _launch(out: Path, files: Path, nproc: int = 2, timeout: float = 300) -> list[dict]:
-    """Run the worker under `torchrun --standalone` and read every rank's report; on a timeout or a failure kill it
-    and its workers and fail, so no process outlives the test."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(WORKER), str(out), str(files)]  # fmt: skip
-    proc = _start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        output, _ = proc.communicate()
-        pytest.fail(f"the sharded loads did not finish within {timeout} s:\n{(output or '')[-6000:]}")
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{(output or '')[-6000:]}")
+    """Run the worker under `torchrun --standalone` and read every rank's report."""
+    proc = start(torchrun_command(nproc, str(WORKER), str(out), str(files)), stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT)  # fmt: skip
+    finish(proc, timeout, "the sharded loads")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
 
 

@@ -39,6 +39,30 @@ from .tiny import (  # noqa: F401  (re-exported)
 )
 
 
+# diffusers' key -> Wan's original key: the inverse of diffusers' `convert_wan_transformer_to_diffusers` (tested in
+# tests/test_formats.py), for writing community files (Wan, ComfyUI, GGUF names) from a diffusers state dict.
+_TO_WAN = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"), ("attn2", "cross_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
+    (".to_v.", ".v."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
+]  # fmt: skip
+
+
+def wan_key(key: str) -> str:
+    """Wan's original name of a diffusers transformer key: `blocks.0.attn1.to_q.weight` ->
+    `blocks.0.self_attn.q.weight`."""
+    for new, old in _TO_WAN:
+        key = key.replace(new, old)
+    key = key.replace("norm2", "norm__x").replace("norm3", "norm2").replace("norm__x", "norm3")
+    if key == "scale_shift_table":
+        return "head.modulation"
+    return key.replace("scale_shift_table", "modulation")
+
+
 def tiny_pipeline(
     two_experts: bool = True, torch_dtype: torch.dtype | None = None, call_defaults: dict[str, int] | None = None
 ) -> BerniniPipeline:

@@ -241,6 +241,11 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
                 events.clear()
                 out = run(pipe, all_cases[case])
                 phase["cases"][case] = {"max_abs_diff": (out - expected).abs().max().item(), "events": list(events)}
+            # after a call diffusers puts its offload hooks back (`maybe_free_model_hooks`): still ours in front
+            phase["after_call"] = {
+                name: [hasattr(c, "_hf_hook"), [type(h).__name__ for h in c._forward_pre_hooks.values()][:1]]
+                for name, c in (("transformer", pipe.transformer), ("text_encoder", pipe.text_encoder))
+            }
         finally:
             parallel.device_of, parallel.place_sharded_expert = originals
         phases.append(phase)

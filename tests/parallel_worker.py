@@ -265,6 +265,18 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
     except ValueError as err:
         order["fp8_after"] = str(err)
     phases.append(order)
+    # A turbo LoRA loaded into sharded experts (as `--turbo_lora` with `--shard_weights` does): peft's adapters stay
+    # whole on every rank around the gathered base weights, so the output is one process's with the same LoRA.
+    from test_acceleration import lightning_lora
+
+    loras = (lightning_lora(1), lightning_lora(2))
+    single = make_pipeline(args, device)
+    single.load_turbo_lora(*loras)
+    pipe = make_pipeline(args, device)
+    pipe.enable_parallelism(ulysses_degree=1, branch_degree=2, shard_weights=True)
+    pipe.load_turbo_lora(*loras)
+    lora = run(pipe, all_cases["t2v"]) - run(single, all_cases["t2v"])
+    phases.append({"profile": "turbo LoRA", "cases": {"t2v": {"max_abs_diff": lora.abs().max().item()}}})
     return phases
 
 

@@ -424,11 +424,13 @@ def test_sharded_experts_take_fp8_storage_and_expert_offload(cpu_reports):
     """Sharded experts with the fp8 profiles store their shards in float8 (1 / N of the fp8 expert per rank) and equal
     one process running the fp8 profile; with expert_offload each forward, and each gather-only pass of an idle
     branch group, first offloads the other expert and then moves its own shards, in a hook that runs before FSDP2's
-    all-gather (accelerate's, which would run after it, is gone), and the outputs do not change."""
+    all-gather (accelerate's, which would run after it, is gone), and the outputs do not change. A turbo LoRA loaded
+    into sharded experts gives one process's output with that LoRA."""
     from parallel_worker import SHARDED_PROFILE_PHASES
 
     for report in cpu_reports:
-        *phases, order = report["sharded_profile_phases"]
+        *phases, order, lora = report["sharded_profile_phases"]
+        assert lora["profile"] == "turbo LoRA" and lora["cases"]["t2v"]["max_abs_diff"] <= ATOL
         # expert_offload applied before the sharding: the same placement; fp8 after it is refused
         assert order["profile"] == "expert_offload first" and order["cases"]["r2v"]["max_abs_diff"] <= ATOL
         assert order["first_pre_hook"] == ["ShardPlacement"] and order["accelerate_hook"] is False

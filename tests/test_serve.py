@@ -15,6 +15,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 
 from bernini_diffusers.testing import make_test_image
@@ -338,6 +340,47 @@ def test_two_data_parallel_groups_share_the_store(tmp_path):
     finally:
         srv.stop()
 
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sharded_weights_serve_a_job(tmp_path):
+    """torchrun with 2 processes, --ulysses 2 --shard_weights: one group whose ranks each hold half of the experts and
+    of the text encoder runs the job, and its video is the one a single process makes."""
+    single = Server(tmp_path / "single").start()
+    try:
+        expected = single.wait(single.http("POST", "/v1/videos", json={"prompt": "a kite", "seed": 3, **SMALL}).json()["id"])
+        reference = single.http("GET", f"/v1/videos/{expected['id']}/content").content
+    finally:
+        single.stop()
+    srv = Server(tmp_path / "jobs", "--ulysses", "2", "--shard_weights", processes=2).start()
+    try:
+        assert srv.http("GET", "/v1/status").json()["workers"] == 1
+        job = srv.wait(srv.http("POST", "/v1/videos", json={"prompt": "a kite", "seed": 3, **SMALL}).json()["id"])
+        assert job["status"] == "completed", job
+        video = srv.http("GET", f"/v1/videos/{job['id']}/content").content
+        frames = [iio.imread(data, index=None, extension=".mp4") for data in (reference, video)]
+        assert frames[0].shape == frames[1].shape
+        assert np.abs(frames[0].astype(np.int16) - frames[1].astype(np.int16)).max() <= 2  # Ulysses sums reordered
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--shard_weights"], "--shard_weights shards the experts across the --ulysses x --branch_parallel ranks"),
+        (["--shard_weights", "--ulysses", "2", "--memory_profile", "group_offload"],
+         "--memory_profile='group_offload' cannot be combined with --shard_weights"),
+    ],
+)  # fmt: skip
+def test_serve_checks_shard_weights_before_loading(tmp_path, capsys, flags, message):
+    from bernini_diffusers import cli
+
+    argv = ["serve", "--model", "tiny", "--jobs_dir", str(tmp_path / "jobs"), *flags]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
 
 
 def _add(store, n: int = 0, max_queue=None):

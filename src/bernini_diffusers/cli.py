@@ -29,7 +29,6 @@ from .constants import (
     MAX_TOKENS_ENV,
     DTYPES,
     MAX_WINDOWED_FRAMES,
-    SHARDED_PROFILE_NAMES,
     TINY_MODEL,
     written_as_path,
 )
@@ -42,8 +41,10 @@ from .options import (
     add_debug_argument,
     add_model_arguments,
     add_prompt_enhancer_arguments,
+    add_shard_argument,
     add_size_arguments,
     check_environment,
+    check_shard_flags,
     known_rope_length,
     load_pipeline,
     load_prompt_enhancer,
@@ -202,11 +203,7 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parallel.add_argument(
         "--branch_parallel", type=int, default=1, help="rank groups computing a step's guidance branches at once"
     )
-    parallel.add_argument(
-        "--shard_weights", action="store_true",
-        help="shard both experts (FSDP2) across the --ulysses x --branch_parallel ranks of a clip; each rank reads "
-        "only its shards (docs/parallel.md)",
-    )  # fmt: skip
+    add_shard_argument(parallel)
     plan = parser.add_argument_group("memory plan")
     plan.add_argument(
         "--plan", action="store_true",
@@ -325,18 +322,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"`{name}`={getattr(args, name)} must be >= 1.")
     group, world = args.ulysses * args.branch_parallel, _world_size()
-    if args.shard_weights and group == 1:
-        raise ValueError(
-            "`shard_weights` shards the experts across the --ulysses x --branch_parallel ranks of a clip, but both "
-            "are 1; add e.g. --ulysses 2 (with torchrun --nproc-per-node 2)."
-        )
-    profile = "expert_offload" if getattr(args, "enable_model_cpu_offload", False) else args.memory_profile
-    if args.shard_weights and profile not in (None, *SHARDED_PROFILE_NAMES):
-        raise ValueError(
-            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
-            f"blocks and experts, FSDP2 places the shards); use --memory_profile {', '.join(SHARDED_PROFILE_NAMES)}, "
-            "or drop --shard_weights."
-        )
+    check_shard_flags(args)
     if world % group and not getattr(args, "plan", False):  # a plan prices a launch that has not started
         raise ValueError(
             f"`ulysses`={args.ulysses} x `branch_parallel`={args.branch_parallel} needs a multiple of {group} "

@@ -31,6 +31,7 @@ from .constants import (
     PE_RETRIES_ENV,
     PE_TIMEOUT,
     PE_TIMEOUT_ENV,
+    SHARDED_PROFILE_NAMES,
     TINY_CALL_DEFAULTS,
     TINY_MODEL,
     WAN22_BASE,
@@ -239,6 +240,34 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         help="spread the ids of more than --max_trained_src_id sources over [1, max] instead of extrapolating",
     )
     parser.add_argument("--max_trained_src_id", type=int, default=5, help="largest source id seen in training")
+
+
+def add_shard_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--shard_weights`, which `bernini generate` and `bernini serve` share (checked by `check_shard_flags`)."""
+    parser.add_argument(
+        "--shard_weights", action="store_true",
+        help="shard both experts and the text encoder (FSDP2) across the --ulysses x --branch_parallel ranks of a "
+        "clip; each rank reads only its expert shards (docs/parallel.md)",
+    )  # fmt: skip
+
+
+def check_shard_flags(args: argparse.Namespace) -> None:
+    """`--shard_weights` needs a clip of several ranks and a memory profile sharded experts take; checked before
+    the model loads."""
+    if not getattr(args, "shard_weights", False):
+        return
+    if args.ulysses * args.branch_parallel == 1:
+        raise ValueError(
+            "`shard_weights` shards the experts across the --ulysses x --branch_parallel ranks of a clip, but both "
+            "are 1; add e.g. --ulysses 2 (with torchrun --nproc-per-node 2)."
+        )
+    profile = "expert_offload" if getattr(args, "enable_model_cpu_offload", False) else args.memory_profile
+    if profile not in (None, *SHARDED_PROFILE_NAMES):
+        raise ValueError(
+            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
+            f"blocks and experts, FSDP2 places the shards); use --memory_profile {', '.join(SHARDED_PROFILE_NAMES)}, "
+            "or drop --shard_weights."
+        )
 
 
 def add_prompt_enhancer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -460,7 +489,6 @@ def load_pipeline(args: argparse.Namespace):
     """The pipeline the model flags describe (see `add_model_arguments`), on its device, ready to call."""
     from . import tiny
     from .memory import get_memory_profile
-    from .parallel import SHARDED_PROFILES
     from .pipeline_bernini import BerniniPipeline
 
     model, checkpoints = resolve_model(args)
@@ -472,11 +500,11 @@ def load_pipeline(args: argparse.Namespace):
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
     shard = bool(getattr(args, "shard_weights", False))
-    if shard and profile not in (None, *SHARDED_PROFILES):
+    if shard and profile not in (None, *SHARDED_PROFILE_NAMES):
         raise ValueError(
             f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
-            f"blocks and experts, FSDP2 places the shards); use --memory_profile {', '.join(SHARDED_PROFILES)}, or "
-            "drop --shard_weights."
+            f"blocks and experts, FSDP2 places the shards); use --memory_profile "
+            f"{', '.join(SHARDED_PROFILE_NAMES)}, or drop --shard_weights."
         )
     if shard and getattr(args, "compile", False):
         raise ValueError("`compile` cannot be combined with `shard_weights` yet; drop one of them.")

@@ -26,7 +26,8 @@ _EPILOG = """
 The SDK: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none").videos.create_and_poll(prompt=...,
   seconds="5", size="848x480", extra_body={"num_inference_steps": 40, "seed": 1})`. See docs/serving.md.
 Many GPUs: `torchrun --nproc-per-node 8 -m bernini_diffusers.cli serve --model M --ulysses 4` serves 2 jobs at a
-  time (two data-parallel groups of Ulysses 4); rank 0 answers HTTP.
+  time (two data-parallel groups of Ulysses 4); rank 0 answers HTTP. `--shard_weights` shards the weights across
+  each group's ranks (FSDP2), as `bernini generate --shard_weights` does.
 """
 
 
@@ -72,6 +73,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--branch_parallel", "--branch_degree", dest="branch_parallel", type=int, default=1,
         help="rank groups computing a step's guidance branches at once",
     )  # fmt: skip
+    options.add_shard_argument(parallel)
     parallel.add_argument(
         "--data_parallel", type=int,
         help="jobs run at once (each by ulysses x branch_parallel ranks); default: WORLD_SIZE / (ulysses x "
@@ -93,6 +95,7 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"`{name}`={getattr(args, name)} must be > 0.")
     if args.poll_after_ms < 1:
         raise ValueError(f"`poll_after_ms`={args.poll_after_ms} must be >= 1.")
+    options.check_shard_flags(args)
     group, world = args.ulysses * args.branch_parallel, int(os.environ.get("WORLD_SIZE", "1"))
     if world % group:
         raise ValueError(
@@ -108,6 +111,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def _enable_parallelism(pipe, args: argparse.Namespace):
     """This rank's parallel state (as `bernini generate`), None for one process."""
+    if pipe.parallel_state is not None:  # loaded with --shard_weights: already enabled
+        return pipe.parallel_state
     if args.ulysses == 1 and args.branch_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     return pipe.enable_parallelism(ulysses_degree=args.ulysses, branch_degree=args.branch_parallel)

@@ -122,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Check the flags, load the pipeline once, and serve until interrupted (rank 0 answers HTTP; every rank works)."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for uploads)
+        import python_multipart  # noqa: F401  (for uploads)
         import uvicorn
     except ImportError as err:
         raise ImportError(

@@ -205,13 +205,13 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
         experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
         name_of = {id(e): n for n, e in experts.items()}
         events: list[tuple[str, str]] = []
-        originals = (parallel.device_of, parallel.place_sharded_expert)
+        originals = (parallel.device_of, parallel.place_sharded_module)
         if profile.placement == "expert_offload":
 
             def device_of(model, inner=originals[0]):
                 return torch.device("meta") if id(model) in name_of else inner(model)
 
-            def place_sharded_expert(model, device, offload_others, inner=originals[1]):
+            def place_sharded_module(model, device, offload_others, inner=originals[1]):
                 def recorded(active):
                     events.append(("activate", name_of[id(active)]))
                     offload_others(active)
@@ -221,7 +221,7 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
             for expert_name, expert in experts.items():
                 expert.to = lambda *a, expert_name=expert_name, inner=expert.to, **k: (
                     events.append(("to", expert_name)), inner(*a, **k))[1]  # fmt: skip
-            parallel.device_of, parallel.place_sharded_expert = device_of, place_sharded_expert
+            parallel.device_of, parallel.place_sharded_module = device_of, place_sharded_module
         try:
             pipe._shard_weights(ulysses, branch, profile)
             pipe._apply_sharded_profile(profile, device)
@@ -247,7 +247,7 @@ def sharded_profile_phases(args, device, all_cases: dict, reference: dict, world
                 for name, c in (("transformer", pipe.transformer), ("text_encoder", pipe.text_encoder))
             }
         finally:
-            parallel.device_of, parallel.place_sharded_expert = originals
+            parallel.device_of, parallel.place_sharded_module = originals
         phases.append(phase)
     # The other order: expert_offload applied to the whole pipeline, then `enable_parallelism(shard_weights=True)`;
     # and the fp8 profile asked of a pipeline already sharded (refused: it is chosen with the sharding).

@@ -29,6 +29,8 @@ import torch
 from accelerate import init_empty_weights
 from diffusers.hooks import apply_group_offloading
 
+from .constants import SHARDED_PROFILE_NAMES
+
 logger = logging.getLogger(__name__)
 
 FP8_STORAGE_DTYPE = torch.float8_e4m3fn
@@ -105,6 +107,18 @@ def get_memory_profile(name: str) -> MemoryProfile:
     if profile is None:
         names = ", ".join(MEMORY_PROFILES)
         raise ValueError(f"`memory_profile`={name!r} is not a memory profile; choose one of {names}.")
+    return profile
+
+
+def check_sharded_profile(name: str) -> MemoryProfile:
+    """The profile called `name` if sharded experts take it (`constants.SHARDED_PROFILE_NAMES`: their shards stay on
+    the device or, with `expert_offload`, the idle one's on the CPU); a `ValueError` otherwise."""
+    profile = get_memory_profile(name)
+    if profile.name not in SHARDED_PROFILE_NAMES:
+        raise ValueError(
+            f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (its hooks move or read "
+            f"whole blocks and experts, FSDP2 places the shards); use one of {', '.join(SHARDED_PROFILE_NAMES)}."
+        )
     return profile
 
 

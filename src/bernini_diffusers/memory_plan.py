@@ -55,11 +55,10 @@ from .constants import (
     GGUF_BLOCKS,
     KNOWN_MODELS,
     PLAIN_FORMATS,
-    SHARDED_PROFILE_NAMES,
     UMT5_XXL_CONFIG,
     WAN_VAE_CONFIG,
 )
-from .memory import FP8_STORAGE_DTYPE, get_memory_profile, parameter_bytes
+from .memory import FP8_STORAGE_DTYPE, check_sharded_profile, get_memory_profile, parameter_bytes
 from .transformer_bernini import BerniniTransformer3DModel
 
 GB = 1e9
@@ -459,11 +458,8 @@ def estimate_memory(
     profile = get_memory_profile(memory_profile)
     configs = model_configs(model)
     shard_degree = _positive("shard_degree", shard_degree, int)
-    if shard_degree > 1 and profile.name not in SHARDED_PROFILE_NAMES:
-        raise ValueError(
-            f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (`shard_degree`={shard_degree}); "
-            f"sharded experts take {', '.join(SHARDED_PROFILE_NAMES)}."
-        )
+    if shard_degree > 1:
+        check_sharded_profile(profile.name)
     gpu_memory, ram = _positive("gpu_memory", gpu_memory), _positive("ram", ram)
     try:
         device = torch.device(device)

@@ -35,7 +35,6 @@ from .constants import (
     TINY_CALL_DEFAULTS,
     TINY_MODEL,
     WAN22_BASE,
-    written_as_path,
 )
 
 # Size flags whose default depends on the model: the official values for real weights, seconds-long runs for the
@@ -500,12 +499,7 @@ def load_pipeline(args: argparse.Namespace):
         raise ValueError(f"`max_trained_src_id`={max_src_id!r} must be an integer >= 1.")
 
     shard = bool(getattr(args, "shard_weights", False))
-    if shard and profile not in (None, *SHARDED_PROFILE_NAMES):
-        raise ValueError(
-            f"`memory_profile`={profile!r} cannot be combined with `shard_weights` (its hooks move or read whole "
-            f"blocks and experts, FSDP2 places the shards); use --memory_profile "
-            f"{', '.join(SHARDED_PROFILE_NAMES)}, or drop --shard_weights."
-        )
+    check_shard_flags(args)
     if shard and getattr(args, "compile", False):
         raise ValueError("`compile` cannot be combined with `shard_weights` yet; drop one of them.")
     at_load = profile is not None and get_memory_profile(profile).at_load

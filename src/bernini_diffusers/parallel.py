@@ -503,8 +503,8 @@ def shard_model(
 
     Args:
         model (`torch.nn.Module`):
-            An expert with `blocks`, or a T5 encoder (`encoder.block`); its parameters may be on the meta device (then load them with
-            `torch.distributed.checkpoint.state_dict.set_model_state_dict` afterwards).
+            An expert with `blocks`, or a T5 encoder (`encoder.block`); its parameters may be on the meta device
+            (then load them with `torch.distributed.checkpoint.state_dict.set_model_state_dict` afterwards).
         group (`torch.distributed.ProcessGroup`):
             The ranks that share the weights. They must run the same forwards in the same order (see
             [`gather_pass`]).
@@ -615,11 +615,11 @@ class ShardPlacement:
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
 
-def place_sharded_expert(
+def place_sharded_module(
     model: torch.nn.Module, device: torch.device, offload_others: Callable[[torch.nn.Module], None]
 ) -> ShardPlacement:
-    """Give the sharded `model` (an expert or the text encoder) a [`ShardPlacement`] (replacing an earlier one, and any accelerate offload hook, whose
-    move would come after FSDP2's all-gather); returns it."""
+    """Give the sharded `model` (an expert or the text encoder) a [`ShardPlacement`], replacing an earlier one and
+    any accelerate offload hook (whose move would come after FSDP2's all-gather); returns it."""
     if not is_sharded(model):
         raise ValueError(f"{type(model).__name__} is not sharded; its placement is diffusers' model offload.")
     remove_hook_from_module(model)
@@ -804,12 +804,6 @@ def init_parallel_state(ulysses_degree: int = 1, branch_degree: int = 1) -> Para
     return state
 
 
-# The memory profiles a sharded pipeline takes: the experts whole in the device's memory (as shards) or, with
-# expert_offload, the idle one's shards on the CPU; fp8 storage of the shards is chosen at load (see
-# `BerniniPipeline.from_pretrained_sharded`). group_offload and low_ram move or read whole blocks and experts.
-SHARDED_PROFILES = SHARDED_PROFILE_NAMES
-
-
 def enable_parallelism(
     pipe,
     ulysses_degree: int = 1,
@@ -845,7 +839,7 @@ def enable_parallelism(
         )
         raise ValueError(
             f"`shard_weights`=True cannot be combined with the memory profile {profile!r} applied to this pipeline: "
-            f"{how}. Sharded experts take {', '.join(SHARDED_PROFILES)}; load the pipeline again."
+            f"{how}. Sharded experts take {', '.join(SHARDED_PROFILE_NAMES)}; load the pipeline again."
         )
     if shard_weights and profile == "resident" and getattr(pipe, "_all_hooks", None):
         raise ValueError(

@@ -15,6 +15,7 @@ import torch._inductor  # compile: inductor's modes
 
 from . import acceleration, memory, memory_plan, parallel
 from .attention import set_attention_backend
+from .constants import SHARDED_PROFILE_NAMES
 from .parallel import ParallelState
 from .pipeline_inputs import check_device
 
@@ -202,11 +203,11 @@ class BerniniFeaturesMixin:
         Returns:
             `MemoryProfile`: the profile applied (`name`, `placement`, `fp8`, `description`).
         """
-        sharded = any(parallel.is_sharded(e) for e in (self.transformer, self.transformer_2) if e is not None)
+        sharded = bool(self._sharded_components())
         if sharded and getattr(self, "_memory_profile", None) is None and name not in ("resident", "expert_offload"):
             how = (
                 "fp8 storage of sharded experts is chosen at load (`from_pretrained_sharded(..., memory_profile=...)`)"
-                if name in parallel.SHARDED_PROFILES
+                if name in SHARDED_PROFILE_NAMES
                 else "its hooks move or read whole blocks and experts, FSDP2 places the shards"
             )
             raise ValueError(
@@ -219,16 +220,17 @@ class BerniniFeaturesMixin:
         r"""
         diffusers' model offload (one component on the device at a time); sharded experts and text encoder
         (`shard_weights=True`) are placed by their own [`~parallel.ShardPlacement`] instead of accelerate's hook,
-        which would move them after FSDP2 has gathered their weights. See [`~diffusers.DiffusionPipeline.enable_model_cpu_offload`].
+        which would move them after FSDP2 has gathered their weights. See
+        [`~diffusers.DiffusionPipeline.enable_model_cpu_offload`].
         """
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
-        self._place_sharded_experts()
+        self._place_sharded_components()
 
-    def _place_sharded_experts(self) -> None:
+    def _place_sharded_components(self) -> None:
         """Under model offload, give each sharded component (the experts, the text encoder) a placement hook that
         offloads whatever else is on the device and brings its shards, before FSDP2 gathers them."""
-        experts = self._sharded_components()
-        if not experts or not getattr(self, "_all_hooks", None):
+        components = self._sharded_components()
+        if not components or not getattr(self, "_all_hooks", None):
             return
         pipe = weakref.ref(self)  # the experts' hooks must not keep the pipeline alive
 
@@ -237,8 +239,8 @@ class BerniniFeaturesMixin:
                 if hook.model is not model and parallel.device_of(hook.model) not in (None, torch.device("cpu")):
                     hook.offload()
 
-        for expert in experts:
-            parallel.place_sharded_expert(expert, self._offload_device, offload_others)
+        for component in components:
+            parallel.place_sharded_module(component, self._offload_device, offload_others)
 
     @classmethod
     def estimate_memory(
@@ -347,8 +349,8 @@ class BerniniFeaturesMixin:
                 Shard every block of both experts, and their other weights, and the text encoder, with torch's
                 FSDP2 across the `ulysses_degree x branch_degree` processes of each data group (needs that product
                 above 1): each process keeps 1 / (U x B) of each, on `state.device`, and all-gathers a block just
-                before it runs. The sharding stays for the pipeline's life: load it again to change the layout; every process
-                of a data group must keep making the same calls (docs/parallel.md).
+                before it runs. The sharding stays for the pipeline's life: load it again to change the layout;
+                every process of a data group must keep making the same calls (docs/parallel.md).
 
         Returns:
             [`~parallel.ParallelState`]: this process's ranks (`data_rank`, `branch_rank`, `ulysses_rank`), degrees
@@ -359,14 +361,14 @@ class BerniniFeaturesMixin:
             self, ulysses_degree=ulysses_degree, branch_degree=branch_degree, shard_weights=shard_weights
         )
         if shard_weights:
-            self._offload_sharded_experts()
+            self._offload_sharded_components()
         return self._parallel_state
 
-    def _offload_sharded_experts(self) -> None:
+    def _offload_sharded_components(self) -> None:
         """After sharding under expert_offload (applied before it): the sharded components (the experts and the text
         encoder) get their placement hooks and their shards go to the CPU until they run."""
         if getattr(self, "_all_hooks", None):
-            self._place_sharded_experts()
+            self._place_sharded_components()
             for component in self._sharded_components():
                 component.to("cpu")
 
@@ -393,11 +395,8 @@ class BerniniFeaturesMixin:
         real or still on the meta device, are stored in float8 first and their shards all-gathered in the experts'
         dtype. Returns each expert's compute dtype for float8 storage (None otherwise); apply the profile's
         placement with `_apply_sharded_profile` once the weights are in."""
-        if profile is not None and profile.name not in parallel.SHARDED_PROFILES:
-            raise ValueError(
-                f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (its hooks move or read "
-                f"whole blocks and experts, FSDP2 places the shards); use one of {', '.join(parallel.SHARDED_PROFILES)}."
-            )
+        if profile is not None:
+            memory.check_sharded_profile(profile.name)
         experts = {n: e for n in ("transformer", "transformer_2") if (e := getattr(self, n, None)) is not None}
         compute = {name: None for name in experts}
         if profile is not None and profile.fp8:
@@ -408,7 +407,7 @@ class BerniniFeaturesMixin:
         self._parallel_state = parallel.enable_parallelism(
             self, ulysses_degree, branch_degree, shard_weights=True, float8_compute_dtype=next(iter(dtypes), None)
         )
-        self._offload_sharded_experts()
+        self._offload_sharded_components()
         return compute
 
     def _apply_sharded_profile(self, profile: memory.MemoryProfile, device: str | torch.device | None = None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline
@@ -16,6 +17,15 @@ from .hub_export.remote_code import add_remote_code
 from .loading import component_dtypes, finish_load, pipeline_index, prepare_load, upload_saved
 from .parallel import ParallelState
 from .scheduling import default_scheduler
+
+
+def _memory_profile_kwargs(kwargs: dict, profile_of: Callable[[str], memory.MemoryProfile]):
+    """Pop `memory_profile` (read with `profile_of`, which refuses what the load cannot take) and its `device`."""
+    profile, device = kwargs.pop("memory_profile", None), kwargs.pop("device", None)
+    profile = None if profile is None else profile_of(profile)
+    if device is not None and profile is None:
+        raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
+    return profile, device
 
 
 class BerniniLoadingMixin:
@@ -80,10 +90,7 @@ class BerniniLoadingMixin:
 
         Only safetensors are read; a pickle file where weights are expected is an error naming it.
         """
-        profile, device = kwargs.pop("memory_profile", None), kwargs.pop("device", None)
-        profile = None if profile is None else memory.get_memory_profile(profile)
-        if device is not None and profile is None:
-            raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
+        profile, device = _memory_profile_kwargs(kwargs, memory.get_memory_profile)
         # low_ram reads the experts itself (checkpoints too): prepare_load leaves them unread
         at_load = profile is not None and profile.at_load
         prepared = prepare_load(cls, pretrained_model_name_or_path, kwargs, build_experts=not at_load)
@@ -149,15 +156,7 @@ class BerniniLoadingMixin:
         for name in ("transformer", "transformer_2", "quantization_config", "device_map"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"`{name}` cannot be given to from_pretrained_sharded: it reads and shards the experts.")
-        profile, device = kwargs.pop("memory_profile", None), kwargs.pop("device", None)
-        profile = None if profile is None else memory.get_memory_profile(profile)
-        if profile is not None and profile.name not in parallel.SHARDED_PROFILES:
-            raise ValueError(
-                f"`memory_profile`={profile.name!r} cannot be combined with sharded weights (its hooks move or read "
-                f"whole blocks and experts, FSDP2 places the shards); use one of {', '.join(parallel.SHARDED_PROFILES)}."
-            )
-        if device is not None and profile is None:
-            raise ValueError(f"`device`={device!r} goes with `memory_profile`; without one, call `pipe.to(device)`.")
+        profile, device = _memory_profile_kwargs(kwargs, memory.check_sharded_profile)
         device = None if device is None else memory.checked_device(device)
         checkpoints = sharded_load.checkpoint_kwargs(kwargs)
         plans = sharded_load.plan_experts(pretrained_model_name_or_path, checkpoints)

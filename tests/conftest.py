@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from model_guard import model_work  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
@@ -18,6 +20,22 @@ def tiny_pipe():
     from bernini_diffusers.testing import tiny_pipeline
 
     return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def guarded_pipe():
+    """A fresh tiny pipeline whose experts, text encoder and VAE fail the test (`model_guard.MODEL_WORK`) if they
+    ever run: a call refused with a ValueError was refused before any model work."""
+    from bernini_diffusers.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    patch = pytest.MonkeyPatch()
+    for module in (pipe.transformer, pipe.transformer_2, pipe.text_encoder):
+        patch.setattr(module, "forward", model_work)
+    patch.setattr(pipe.vae, "encode", model_work)
+    patch.setattr(pipe.vae, "decode", model_work)
+    yield pipe
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

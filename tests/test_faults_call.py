@@ -17,28 +17,10 @@ from bernini_diffusers import pipeline_bernini as pb
 from bernini_diffusers.constants import GUIDANCE_RANGES, MAX_BATCH_SIZE
 from bernini_diffusers.pipeline_bernini import NonFiniteOutputError
 
-MODEL_WORK = "model work started"
+from model_guard import MODEL_WORK
+
 SMALL = dict(prompt="a boat", height=32, width=32, num_frames=5, num_inference_steps=2, output_type="latent")
 TINY = ["--model", "tiny", "--num_frames", "5", "--height", "32", "--width", "32", "--num_inference_steps", "2"]
-
-
-def _model_work(*args, **kwargs):
-    raise AssertionError(MODEL_WORK)
-
-
-@pytest.fixture(scope="module")
-def guarded_pipe():
-    """A tiny pipeline whose experts, text encoder and VAE fail the test if they ever run."""
-    from bernini_diffusers.testing import tiny_pipeline
-
-    pipe = tiny_pipeline()
-    patch = pytest.MonkeyPatch()
-    for module in (pipe.transformer, pipe.transformer_2, pipe.text_encoder):
-        patch.setattr(module, "forward", _model_work)
-    patch.setattr(pipe.vae, "encode", _model_work)
-    patch.setattr(pipe.vae, "decode", _model_work)
-    yield pipe
-    patch.undo()
 
 
 def _refused(pipe, argument: str, **kwargs) -> str:

@@ -14,27 +14,9 @@ import torch
 
 from bernini_diffusers import BerniniPipeline
 
-MODEL_WORK = "model work started"
+from model_guard import MODEL_WORK
+
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2, output_type="latent")
-
-
-def _model_work(*args, **kwargs):
-    raise AssertionError(MODEL_WORK)
-
-
-@pytest.fixture(scope="module")
-def guarded_pipe():
-    """A fresh tiny pipeline whose transformers, text encoder and VAE fail the test if they are ever called."""
-    from bernini_diffusers.testing import tiny_pipeline
-
-    pipe = tiny_pipeline()
-    patch = pytest.MonkeyPatch()
-    for module in (pipe.transformer, pipe.transformer_2, pipe.text_encoder):
-        patch.setattr(module, "forward", _model_work)
-    patch.setattr(pipe.vae, "encode", _model_work)
-    patch.setattr(pipe.vae, "decode", _model_work)
-    yield pipe
-    patch.undo()
 
 
 @pytest.fixture(scope="module")

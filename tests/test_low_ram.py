@@ -32,6 +32,26 @@ def _runs(seen):
     return [state for i, state in enumerate(seen) if i == 0 or seen[i - 1] != state]
 
 
+def _record_loaded(pipe) -> list:
+    """The returned list gets, at each forward of either expert, what the `low_ram` store holds then."""
+    seen, store = [], pipe._low_ram
+    for expert in (pipe.transformer, pipe.transformer_2):
+        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
+    return seen
+
+
+def _one_expert_at_a_time(pipe, media_dir, reference: torch.Tensor, calls: int = 2) -> list[dict]:
+    """Make `calls` calls, each equal to `reference` and each forward with its expert alone in memory (the high-noise
+    one's steps, then the low-noise one's); returns the store's read counts after each call."""
+    seen, loads = _record_loaded(pipe), []
+    for _ in range(calls):
+        seen.clear()
+        assert torch.equal(_call(pipe, media_dir, output_type="latent"), reference)
+        assert _runs(seen) == [("transformer",), ("transformer_2",)]
+        loads.append(dict(pipe._low_ram.loads))
+    return loads
+
+
 def _weights(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -44,9 +64,7 @@ def test_low_ram_equals_resident_and_holds_one_expert(folder, media_dir):
     assert store.loaded() == [] and store.loads == {"text_encoder": 1, "transformer": 1, "transformer_2": 1}
     assert _weights(low.transformer) == _weights(low.transformer_2) == 0
     assert low.transformer.dtype == resident.transformer.dtype and low._execution_device == torch.device("cpu")
-    seen = []
-    for expert in (low.transformer, low.transformer_2):
-        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
+    seen = _record_loaded(low)
     reference = _call(resident, media_dir, output_type="latent")
     assert torch.equal(_call(low, media_dir, output_type="latent"), reference)
     # every forward (one per guidance branch) ran with its expert alone in memory: never both, never the text encoder

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 from test_formats import _scaled, _write_gguf
-from test_low_ram import _call, _runs, _weights
+from test_low_ram import _call, _one_expert_at_a_time, _weights
 
 from bernini_diffusers import BerniniPipeline
 from bernini_diffusers.testing import save_tiny_pretrained
@@ -35,16 +35,10 @@ def test_low_ram_rebuilds_checkpoint_experts(checkpoints, media_dir):
     store = pipe._low_ram
     assert store.loaded() == [] and store.loads == {"text_encoder": 1, "transformer": 1, "transformer_2": 1}
     assert _weights(pipe.transformer) == _weights(pipe.transformer_2) == 0
-    seen = []
-    for expert in (pipe.transformer, pipe.transformer_2):
-        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
     reference = _call(resident, media_dir, output_type="latent")
-    for call in (1, 2):
-        seen.clear()
-        assert torch.equal(_call(pipe, media_dir, output_type="latent"), reference)
-        # each forward ran with its expert alone in memory, each expert built again from its file once per call
-        assert _runs(seen) == [("transformer",), ("transformer_2",)]
-        assert store.loads == {"text_encoder": 1 + call, "transformer": 1 + call, "transformer_2": 1 + call}
+    # each forward ran with its expert alone in memory, each expert built again from its file once per call
+    loads = _one_expert_at_a_time(pipe, media_dir, reference)
+    assert loads == [{"text_encoder": 1 + call, "transformer": 1 + call, "transformer_2": 1 + call} for call in (1, 2)]
     assert pipe.transformer_2.blocks[0].attn1.to_q.weight.quant_type == Q.Q8_0  # GGUF stays quantized
     assert pipe.transformer.config._name_or_path == str(high)
 
@@ -71,19 +65,11 @@ def test_low_ram_group_offload_equals_low_ram(checkpoints, media_dir, source):
     folder = save_tiny_pretrained(base.parent / "diffusers", layout="diffusers") if source == "folder" else base
     plain = BerniniPipeline.from_pretrained(folder, **files, memory_profile="low_ram", device="cpu")
     pipe = BerniniPipeline.from_pretrained(folder, **files, memory_profile="low_ram+group_offload", device="cpu")
-    store = pipe._low_ram
     assert pipe._memory_profile == ("low_ram+group_offload", torch.device("cpu"))
     for expert in (pipe.transformer, pipe.transformer_2):
         assert HookRegistry.check_if_exists_or_initialize(expert.blocks[0]).get_hook("group_offloading") is not None
-    seen = []
-    for expert in (pipe.transformer, pipe.transformer_2):
-        expert.register_forward_hook(lambda *_: seen.append(tuple(store.loaded())))
-    reference = _call(plain, media_dir, output_type="latent")
-    for call in (1, 2):
-        seen.clear()
-        assert torch.equal(_call(pipe, media_dir, output_type="latent"), reference)
-        assert _runs(seen) == [("transformer",), ("transformer_2",)]
-        assert store.loads["transformer"] == store.loads["transformer_2"] == 1 + call
+    loads = _one_expert_at_a_time(pipe, media_dir, _call(plain, media_dir, output_type="latent"))
+    assert [(n["transformer"], n["transformer_2"]) for n in loads] == [(1 + call, 1 + call) for call in (1, 2)]
 
 
 def test_plan_prices_low_ram_group_offload():

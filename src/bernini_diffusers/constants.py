@@ -64,7 +64,7 @@ MEMORY_PROFILE_NAMES: tuple[str, ...] = (
     "resident", "expert_offload", "group_offload", "fp8", "fp8+expert_offload", "fp8+group_offload", "low_ram",
     "fp8+low_ram", "low_ram+group_offload",
 )  # fmt: skip
-# The memory profiles sharded experts take (`parallel.SHARDED_PROFILES`): the others move or read whole blocks.
+# The memory profiles sharded experts take (`memory.check_sharded_profile`): the others move or read whole blocks.
 SHARDED_PROFILE_NAMES: tuple[str, ...] = ("resident", "expert_offload", "fp8", "fp8+expert_offload")
 # The step-cache presets of `acceleration.CACHE_PRESETS` that need no calibration (the ones a flag can name).
 CACHE_PRESET_NAMES: tuple[str, ...] = ("fbc-safe", "fbc-fast", "taylorseer")
